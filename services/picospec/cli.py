@@ -1,0 +1,141 @@
+"""The ``picospec`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from picospec import __version__
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verifier", default="smollm2", help="target model (hub id, dir, .gguf)")
+    p.add_argument("--drafter", default="smollm2", help="draft model (hub id, dir, .gguf)")
+    p.add_argument(
+        "--quantize-draft",
+        choices=["none", "int8"],
+        default="none",
+        help="quantise the draft model on load (int8 dynamic, CPU)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, …")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def _load_pair(args: argparse.Namespace, need_draft: bool) -> tuple[Any, Any]:
+    from picospec.models import LanguageModel
+
+    target = LanguageModel.load(
+        args.verifier, device=args.device, dtype=args.dtype, threads=args.threads
+    )
+    if not need_draft:
+        return target, None
+    if args.drafter == args.verifier and args.quantize_draft == "none":
+        return target, target  # one set of weights; each session still has its own KV caches
+    draft = LanguageModel.load(
+        args.drafter, device=args.device, dtype=args.dtype, quantize=args.quantize_draft
+    )
+    return target, draft
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from picospec.config import Mode, SpecConfig
+    from picospec.engine import generate
+    from picospec.protocol.codec import ValueCodec
+    from picospec.sampling import SamplingParams
+    from picospec.text import cut_at_stop
+
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    spec = SpecConfig(
+        mode=Mode(args.mode),
+        draft_len=args.draft_len,
+        lookahead=args.lookahead,
+        top_k=args.compress_k,
+        value_codec=ValueCodec(args.value_codec),
+    )
+    target, draft = _load_pair(args, spec.mode.speculative)
+    if args.raw:
+        prompt = target.encode(args.prompt)
+    else:
+        prompt = target.encode_chat([{"role": "user", "content": args.prompt}])
+    stops = args.stop or []
+
+    def stopped(ids: list[int]) -> bool:
+        return bool(stops) and cut_at_stop(target.decode(ids), stops)[1]
+
+    result = generate(target, draft, prompt, params, spec, args.max_tokens, stopped)
+    text = cut_at_stop(target.decode(result.tokens), stops)[0]
+    if args.json:
+        print(json.dumps({"text": text, **result.summary()}))
+    else:
+        print(text)
+        s = result.summary()
+        print(
+            f"\n[{s['mode']}] {s['tokens']} tokens in {s['elapsed_s']:.2f}s "
+            f"({s['tokens_per_s']:.1f} tok/s), acceptance {s['acceptance_rate']}, "
+            f"rounds {s['rounds']}, rollbacks {s['rollbacks']}, "
+            f"bytes up/down {s['bytes_up']}/{s['bytes_down']}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_tvd(args: argparse.Namespace) -> int:
+    from picospec.analysis import tvd_table
+
+    print(tvd_table(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="picospec", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"picospec {__version__}")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text with every role in this process")
+    g.add_argument("prompt")
+    g.add_argument("--mode", choices=["ar", "vanilla", "dssd", "picospec"], default="picospec")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--draft-len", type=int, default=4, help="γ, draft tokens per block")
+    g.add_argument("--lookahead", type=int, default=3, help="draft blocks in flight (picospec)")
+    g.add_argument("--compress-k", type=int, default=64, help="K entries of p_j at a rejection")
+    g.add_argument("--value-codec", choices=["f32", "f16", "u8"], default="f32")
+    g.add_argument("--raw", action="store_true", help="no chat template: plain completion")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("tvd", help="measure output TVD against compression K on real models")
+    t.add_argument("--ks", default="1,4,16,64,256,1024,4096,49152")
+    t.add_argument("--positions", type=int, default=64)
+    t.add_argument("--text", default=None, help="text file whose positions are measured")
+    _add_model_args(t)
+    t.set_defaults(func=cmd_tvd, quantize_draft="int8")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except (ValueError, RuntimeError) as e:  # model, vocabulary and parameter errors
+        print(f"picospec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,280 @@
+"""The drafter's session state machine: transport-free, one per request.
+
+The drafter owns the truth: ``committed`` (prompt + accepted output) lives here, so any verifier
+can pick the session up again by re-prefill. Ahead of ``committed`` run the *speculative* tokens:
+blocks in flight to the verifier, tagged ``(epoch, seq, pos)``, plus the block being drafted.
+
+Cycle of the pipelined mode (``picospec``):
+
+1. :meth:`draft_step` drafts one token (optimistically assuming everything in flight passes) and
+   returns a :class:`DraftBlock` whenever ``draft_len`` tokens are ready; drafting pauses once
+   ``max_inflight`` blocks are in flight (the bounded look-ahead).
+2. :meth:`on_verdict` applies the verifier's verdict on the oldest block in flight: accepted
+   tokens become committed; on a rejection it returns either the cloud's correction (greedy) or a
+   :class:`SampleRequest` for the sampler, whose answer goes to :meth:`on_correction`.
+3. A rejection rolls back: every speculative token after it is discarded, the draft KV cache is
+   cropped to the committed length, and a new epoch starts whose first block carries the
+   correction token as ``prefix``. Verdicts of stale epochs are ignored.
+
+The synchronous modes are the same machine with one block in flight and a bonus token.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from picospec.config import Mode, SpecConfig
+from picospec.models import LanguageModel
+from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict, VerdictStatus
+from picospec.sampling import (
+    STREAM_DRAFT,
+    STREAM_SAMPLER,
+    SamplingParams,
+    generator,
+    pick,
+    probs_from_logits,
+)
+
+
+class ProtocolError(RuntimeError):
+    """A verdict that does not fit this session's state (wrong block, bad status)."""
+
+
+@dataclass
+class _Spec:
+    """Speculative tokens of one block: drafted ids, their draft dists and q(x)."""
+
+    block: DraftBlock | None  # None while still being drafted
+    tokens: list[int] = field(default_factory=list)
+    dists: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class DrafterStats:
+    drafted: int = 0  # draft tokens sent for verification
+    accepted: int = 0  # draft tokens the verifier accepted
+    rounds: int = 0  # verdicts applied
+    rollbacks: int = 0  # rejections (each starts a new epoch)
+    wasted: int = 0  # drafted tokens thrown away (rejected, or drafted after a rejection)
+    draft_forwards: int = 0
+    blocks: int = 0
+    tail_mass: float = 0.0  # sum over sampled rejections of the compressed p_j's tail mass
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Tokens a verdict (or correction) committed; ``done`` once the session has finished."""
+
+    tokens: list[int]
+    done: bool
+
+
+class DrafterSession:
+    def __init__(
+        self,
+        model: LanguageModel,
+        session: bytes,
+        prompt: list[int],
+        params: SamplingParams,
+        spec: SpecConfig,
+        max_new_tokens: int,
+        eos_ids: frozenset[int] = frozenset(),
+    ) -> None:
+        if spec.mode is Mode.AR:
+            raise ValueError("the ar mode has no drafter session")
+        if not prompt:
+            raise ValueError("a session needs a non-empty prompt")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        self.model = model
+        self.session = session
+        self.params = params
+        self.spec = spec
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = eos_ids
+        self.committed: list[int] = list(prompt)
+        self.n_prompt = len(prompt)
+        self.epoch = 0
+        self.finish_reason: str | None = None
+        self.stats = DrafterStats(accepted_per_pos=[0] * spec.draft_len)
+        self._seq = 0
+        self._cache = model.new_cache()
+        self._pending: list[int] = list(prompt)  # fed to the draft model before the next draw
+        self._specs: deque[_Spec] = deque()  # blocks in flight, then the one being drafted
+        self._unsent: list[int] = []  # committed tokens the verifier has not seen yet
+        self._awaiting_sample: int | None = None  # accepted count of a rejection being sampled
+        self._gen = generator(params.seed, STREAM_DRAFT)
+        self._sample_seeds = np.random.default_rng([params.seed, STREAM_SAMPLER])
+
+    # --- views ----------------------------------------------------------------------------
+    @property
+    def generated(self) -> list[int]:
+        return self.committed[self.n_prompt :]
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def inflight(self) -> int:
+        return sum(1 for s in self._specs if s.block is not None)
+
+    def _n_spec(self) -> int:
+        return sum(len(s.tokens) for s in self._specs)
+
+    def _drafted_eos(self) -> bool:
+        return any(t in self.eos_ids for s in self._specs for t in s.tokens)
+
+    def can_draft(self) -> bool:
+        """May :meth:`draft_step` run now? (Not done, look-ahead not exhausted, budget left.)"""
+        if self.done or self._awaiting_sample is not None or self._drafted_eos():
+            return False
+        if len(self.generated) + self._n_spec() >= self.max_new_tokens:
+            return False
+        building = self._specs and self._specs[-1].block is None
+        return building or self.inflight < self.spec.max_inflight
+
+    # --- drafting -------------------------------------------------------------------------
+    def draft_step(self) -> DraftBlock | None:
+        """Draft one token; return a block to send when one is complete."""
+        if not self.can_draft():
+            raise ProtocolError("draft_step() called while drafting is not allowed")
+        logits = self._cache.extend(self._pending)[-1]
+        self.stats.draft_forwards += 1
+        q = probs_from_logits(logits, self.params)
+        token = pick(q, self.params, self._gen)
+        self._pending = [token]
+        if not self._specs or self._specs[-1].block is not None:
+            self._specs.append(_Spec(block=None))
+        cur = self._specs[-1]
+        cur.tokens.append(token)
+        cur.dists.append(q)
+        full = len(cur.tokens) >= self.spec.draft_len
+        budget_spent = len(self.generated) + self._n_spec() >= self.max_new_tokens
+        if full or budget_spent or token in self.eos_ids:
+            return self._seal(cur)
+        return None
+
+    def _seal(self, cur: _Spec) -> DraftBlock:
+        pos = (
+            len(self.committed)
+            - len(self._unsent)
+            + sum(len(s.tokens) for s in self._specs if s is not cur)
+        )
+        dense = torch.stack(cur.dists).numpy() if self.spec.mode.dense_q else None
+        block = DraftBlock(
+            session=self.session,
+            epoch=self.epoch,
+            seq=self._seq,
+            pos=pos,
+            prefix=tuple(self._unsent),
+            tokens=tuple(cur.tokens),
+            q=tuple(max(float(d[t]), 1e-30) for d, t in zip(cur.dists, cur.tokens, strict=True)),
+            dense_q=dense,
+            vocab_size=self.model.vocab_size,
+        )
+        self._seq = (self._seq + 1) % 2**32
+        self._unsent = []
+        cur.block = block
+        self.stats.drafted += len(cur.tokens)
+        self.stats.blocks += 1
+        return block
+
+    # --- verdicts -------------------------------------------------------------------------
+    def on_verdict(self, verdict: Verdict) -> Committed | SampleRequest | None:
+        """Apply a verdict. Returns what it committed, a request for the sampler (sampled
+        rejection), or None for a stale verdict (older epoch), which changes nothing."""
+        if verdict.session != self.session:
+            raise ProtocolError("verdict for another session")
+        if verdict.epoch < self.epoch:
+            return None
+        if verdict.status is not VerdictStatus.OK:
+            raise ProtocolError(f"verifier refused the block: {verdict.status.name}")
+        if self._awaiting_sample is not None:
+            raise ProtocolError("a verdict arrived while a correction is being sampled")
+        if not self._specs or self._specs[0].block is None:
+            raise ProtocolError("verdict with no block in flight")
+        head = self._specs[0]
+        assert head.block is not None
+        if verdict.epoch != self.epoch or verdict.seq != head.block.seq:
+            raise ProtocolError(
+                f"verdict for (epoch {verdict.epoch}, seq {verdict.seq}) but the oldest block in "
+                f"flight is (epoch {self.epoch}, seq {head.block.seq})"
+            )
+        n = verdict.accepted
+        if n > len(head.tokens):
+            raise ProtocolError(f"verdict accepts {n} of {len(head.tokens)} tokens")
+        self.stats.rounds += 1
+        self.stats.accepted += n
+        for i in range(n):
+            self.stats.accepted_per_pos[i] += 1
+        if n == len(head.tokens):
+            self._specs.popleft()
+            before = len(self.committed)
+            self.committed.extend(head.tokens)
+            return self._commit(before, [] if verdict.token is None else [verdict.token])
+        if verdict.token is not None:
+            return self._reject(n, verdict.token)
+        if verdict.sparse is None:
+            raise ProtocolError("a rejection carries neither a correction nor p_j")
+        self.stats.tail_mass += verdict.sparse.tail_mass
+        self._awaiting_sample = n
+        q_j = head.dists[n].numpy().astype(np.float32)
+        seed = int(self._sample_seeds.integers(0, 2**63))
+        return SampleRequest(sparse=verdict.sparse, q=q_j, seed=seed)
+
+    def on_correction(self, token: int) -> Committed:
+        """The sampler's correction token for the pending sampled rejection."""
+        if self._awaiting_sample is None:
+            raise ProtocolError("no rejection is waiting for a correction")
+        if not 0 <= token < self.model.vocab_size:
+            raise ProtocolError(f"correction token {token} is outside the vocabulary")
+        n, self._awaiting_sample = self._awaiting_sample, None
+        return self._reject(n, token)
+
+    def _reject(self, n: int, correction: int) -> Committed:
+        head = self._specs.popleft()
+        accepted = head.tokens[:n]
+        self.stats.rollbacks += 1
+        self.stats.wasted += len(head.tokens) - n + self._n_spec()
+        self._specs.clear()
+        before = len(self.committed)
+        self.committed.extend(accepted)
+        self.epoch += 1
+        return self._commit(before, [correction])
+
+    def _commit(self, before: int, extra: list[int]) -> Committed:
+        """Finish a commit: ``committed[before:]`` holds the accepted tokens; ``extra`` are
+        tokens the cloud or sampler decided (correction, bonus) that the verifier has not seen."""
+        if extra:
+            # speculation beyond an extra token is void: roll the draft cache back to history
+            self.committed.extend(extra)
+            self._unsent = list(extra)
+            self.stats.wasted += self._n_spec()
+            self._specs.clear()
+            keep = min(self._cache.length, len(self.committed) - 1)
+            self._cache.crop(keep)
+            self._pending = self.committed[keep:]
+        self._check_finished()
+        return Committed(tokens=self.committed[before:], done=self.done)
+
+    def _check_finished(self) -> None:
+        gen = self.generated
+        for i, t in enumerate(gen):
+            if t in self.eos_ids:
+                del self.committed[self.n_prompt + i + 1 :]
+                self.finish_reason = "stop"
+                return
+        if len(gen) >= self.max_new_tokens:
+            del self.committed[self.n_prompt + self.max_new_tokens :]
+            self.finish_reason = "length"
+
+    def finish(self, reason: str) -> None:
+        """End the session early (a stop string matched, the client went away)."""
+        if not self.done:
+            self.finish_reason = reason

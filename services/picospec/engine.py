@@ -1,0 +1,158 @@
+"""One-process runner: drafter, verifier and sampler sessions wired back to back.
+
+It is what ``picospec generate`` uses without ``--url``: the same session state machines as the
+services, with every message passed through the binary codec (so byte counts are the real wire
+sizes) but no network. It holds no decoding logic of its own: it only moves messages.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from picospec.config import Mode, SpecConfig
+from picospec.drafter.session import Committed, DrafterSession
+from picospec.models import LanguageModel, check_vocabulary
+from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict, decode_as, encode
+from picospec.sampler import sample
+from picospec.sampling import SamplingParams
+from picospec.verifier.session import VerifierSession
+
+M = TypeVar("M", DraftBlock, Verdict, SampleRequest)
+
+
+@dataclass
+class Wire:
+    """Byte counters per link direction; every message is really encoded and decoded."""
+
+    up: int = 0  # edge -> cloud (draft blocks)
+    down: int = 0  # cloud -> edge (verdicts, ar tokens)
+    edge: int = 0  # edge-local (sampler requests and replies)
+
+    def carry(self, msg: M, direction: str) -> M:
+        buf = encode(msg)
+        setattr(self, direction, getattr(self, direction) + len(buf))
+        return decode_as(buf, type(msg))
+
+
+@dataclass
+class Result:
+    mode: Mode
+    prompt_tokens: int
+    tokens: list[int]
+    finish_reason: str
+    elapsed_s: float
+    wire: Wire
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    rollbacks: int = 0
+    wasted: int = 0
+    verifier_forwards: int = 0
+    tail_mass: float = 0.0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.tokens)
+        return {
+            "mode": self.mode.value,
+            "prompt_tokens": self.prompt_tokens,
+            "tokens": n,
+            "finish_reason": self.finish_reason,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+            "mean_accepted_len": 1 + self.accepted / self.rounds if self.rounds else None,
+            "rounds": self.rounds,
+            "rollbacks": self.rollbacks,
+            "wasted_tokens": self.wasted,
+            "verifier_forwards": self.verifier_forwards,
+            "tail_mass": self.tail_mass,
+            "accepted_per_pos": self.accepted_per_pos,
+            "bytes_up": self.wire.up,
+            "bytes_down": self.wire.down,
+            "bytes_edge_local": self.wire.edge,
+            "elapsed_s": self.elapsed_s,
+            "tokens_per_s": n / self.elapsed_s if self.elapsed_s > 0 else None,
+        }
+
+
+def generate(
+    target: LanguageModel,
+    draft: LanguageModel | None,
+    prompt: list[int],
+    params: SamplingParams,
+    spec: SpecConfig,
+    max_new_tokens: int,
+    stop: Callable[[list[int]], bool] | None = None,
+) -> Result:
+    """Generate up to ``max_new_tokens`` after ``prompt``; ``stop(generated)`` may end it early."""
+    session = os.urandom(16)
+    eos = target.eos_ids
+    wire = Wire()
+    t0 = time.perf_counter()
+    verifier = VerifierSession(target, session, prompt, params, spec)
+    if spec.mode is Mode.AR:
+        tokens: list[int] = []
+        reason = "length"
+        while len(tokens) < max_new_tokens:
+            tokens.append(verifier.ar_step())
+            wire.down += 4  # one token id streamed to the edge
+            if tokens[-1] in eos:
+                reason = "stop"
+                break
+            if stop and stop(tokens):
+                reason = "stop"
+                break
+        return Result(
+            spec.mode,
+            len(prompt),
+            tokens,
+            reason,
+            time.perf_counter() - t0,
+            wire,
+            verifier_forwards=verifier.stats.forwards,
+        )
+    if draft is None:
+        raise ValueError(f"mode {spec.mode.value} needs a draft model")
+    check_vocabulary(draft, target)
+    drafter = DrafterSession(draft, session, prompt, params, spec, max_new_tokens, eos)
+    to_cloud: deque[DraftBlock] = deque()
+    while not drafter.done:
+        while drafter.can_draft():
+            block = drafter.draft_step()
+            if block is not None:
+                to_cloud.append(wire.carry(block, "up"))
+        if not to_cloud:
+            raise RuntimeError("drafter stalled with nothing in flight")  # a bug, never input
+        for verdict in verifier.submit(to_cloud.popleft()):
+            got = drafter.on_verdict(wire.carry(verdict, "down"))
+            if isinstance(got, SampleRequest):
+                reply = sample(wire.carry(got, "edge"))
+                wire.edge += len(encode(reply))
+                got = drafter.on_correction(reply.token)
+            if isinstance(got, Committed) and not got.done and stop and stop(drafter.generated):
+                drafter.finish("stop")
+            if drafter.done:
+                break
+    s = drafter.stats
+    return Result(
+        spec.mode,
+        len(prompt),
+        drafter.generated,
+        drafter.finish_reason or "length",
+        time.perf_counter() - t0,
+        wire,
+        drafted=s.drafted,
+        accepted=s.accepted,
+        rounds=s.rounds,
+        rollbacks=s.rollbacks,
+        wasted=s.wasted,
+        verifier_forwards=verifier.stats.forwards,
+        tail_mass=s.tail_mass,
+        accepted_per_pos=s.accepted_per_pos,
+    )

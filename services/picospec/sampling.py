@@ -1,0 +1,251 @@
+"""Sampling maths: logits processing, standard and separate rejection sampling, correction draws.
+
+Pure functions over torch tensors; no transport, no models. Every rule that decides which token
+comes out lives here, so the drafter, verifier and sampler (and the one-process engine) cannot
+disagree.
+
+Notation: ``p`` is the target (verifier) distribution, ``q`` the draft distribution, both *after*
+the same processing (temperature, top-k, top-p, min-p) by :func:`probs_from_logits`.
+
+* **Standard rejection sampling** (:func:`standard_verify`, the ``vanilla`` baseline): the cloud
+  holds full ``p`` and ``q``; accept ``x`` with ``min(1, p(x)/q(x))``; on the first rejection draw
+  from the residual ``norm(max(0, p - q))``; when every draft is accepted, draw a bonus token from
+  the next ``p``.
+* **Separate rejection sampling** (the PicoSpec path), split in two halves:
+
+  - :func:`verify_separate` runs at the verifier with ``p`` and only the scalars ``q(x)`` of the
+    drafted tokens. It returns the accepted count and, at the first rejection ``j``, either the
+    greedy correction id or ``p_j`` compressed to its top-K entries.
+  - :func:`sample_correction` runs at the sampler (edge) with the compressed ``p_j`` and the full
+    ``q_j`` and draws the correction token from the residual.
+
+Tail mass (the part of ``p_j`` outside the top-K) — how it is treated:
+    The sampler computes the residual over the K transmitted ids only and drops the tail.
+    When ``p_j``'s support fits in K entries (top-k/top-p/min-p already cut it, or K = vocab)
+    the tail is exactly 0 and the output distribution equals the target's exactly. Otherwise the
+    total-variation distance of that position's output distribution from the target is at most
+    ``sum_tail max(0, p - q) <= tail_mass`` (see :func:`correction_distribution`), and the tail mass
+    travels with every compressed ``p_j`` so it is counted per rejection (a metric) and measured
+    by ``picospec tvd``. If no residual is left on the top-K ids (all the residual lies in the
+    tail), the tail mass is spread uniformly over the non-transmitted ids and the residual taken
+    against ``q`` there; if that is empty too, the renormalised top-K ``p`` is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from picospec.protocol.codec import SparseDist, ValueCodec, sparse_from_probs
+
+
+class SamplingParams(BaseModel):
+    """How tokens are chosen. ``temperature == 0`` means greedy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 disables")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int = Field(0, ge=0, lt=2**63)
+
+    @model_validator(mode="after")
+    def _finite(self) -> SamplingParams:
+        if not all(np.isfinite([self.temperature, self.top_p, self.min_p])):
+            raise ValueError("sampling parameters must be finite")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def generator(seed: int, stream: int) -> torch.Generator:
+    """An independent, reproducible random stream ``stream`` of a session seeded with ``seed``."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + stream * 7_919 + 12_345) % (2**63))
+    return g
+
+
+# Random streams of one session: each role draws from its own so they stay independent.
+STREAM_DRAFT, STREAM_VERIFY, STREAM_SAMPLER = 1, 2, 3
+
+
+def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Turn logits ``[..., V]`` into processed probabilities (float32), identically for p and q."""
+    logits = logits.float()
+    if params.greedy:
+        out = torch.zeros_like(logits)
+        out.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        return out
+    scores = logits / params.temperature
+    vocab = scores.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        cum = sorted_p.cumsum(dim=-1)
+        # drop a token when the mass strictly before it already reaches top_p (keeps at least one)
+        drop_sorted = (cum - sorted_p) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    if params.min_p > 0.0:
+        cutoff = params.min_p * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < cutoff, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def draw(probs: torch.Tensor, gen: torch.Generator) -> int:
+    """One token from a 1-D probability vector."""
+    return int(torch.multinomial(probs.double(), 1, generator=gen).item())
+
+
+def uniform(gen: torch.Generator) -> float:
+    return float(torch.rand((), generator=gen, dtype=torch.float64).item())
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``norm(max(0, p - q))``; falls back to ``p`` in the degenerate case ``p <= q`` everywhere."""
+    r = (p.double() - q.double()).clamp_min(0.0)
+    total = r.sum()
+    if total <= 0:
+        return p.double() / p.double().sum()
+    return r / total
+
+
+def pick(probs: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """A token from processed probabilities: argmax when greedy, else a draw."""
+    if params.greedy:
+        return int(probs.argmax().item())
+    return draw(probs, gen)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The verifier's decision on one block of draft tokens."""
+
+    accepted: int
+    rejected: bool = False
+    token: int | None = None  # greedy correction, or a token the cloud sampled (vanilla / bonus)
+    sparse: SparseDist | None = None  # compressed p_j at a sampled rejection
+
+
+def standard_verify(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    tokens: list[int],
+    params: SamplingParams,
+    gen: torch.Generator,
+    bonus_p: torch.Tensor | None = None,
+) -> Outcome:
+    """Standard speculative sampling with full ``p [n, V]`` and ``q [n, V]`` (the vanilla path).
+
+    Returns the accepted count and the correction token (drawn from the residual) at the first
+    rejection, or a bonus token drawn from ``bonus_p`` when all are accepted and it is given.
+    """
+    for i, x in enumerate(tokens):
+        px, qx = float(p[i, x]), float(q[i, x])
+        if params.greedy:
+            ok = px > 0.5
+        else:
+            ok = qx > 0 and uniform(gen) < min(1.0, px / qx)
+        if not ok:
+            token = pick(p[i], params, gen) if params.greedy else draw(residual(p[i], q[i]), gen)
+            return Outcome(accepted=i, token=token, rejected=True)
+    token = pick(bonus_p, params, gen) if bonus_p is not None else None
+    return Outcome(accepted=len(tokens), token=token)
+
+
+def verify_separate(
+    p: torch.Tensor,
+    tokens: list[int],
+    q_x: list[float],
+    params: SamplingParams,
+    gen: torch.Generator,
+    top_k: int,
+    value_codec: ValueCodec = ValueCodec.F32,
+    bonus_p: torch.Tensor | None = None,
+) -> Outcome:
+    """The verifier's half of separate rejection sampling.
+
+    ``p [n, V]`` are the target distributions at the drafted positions, ``q_x`` the draft
+    probabilities of the drafted tokens (scalars). At the first rejection ``j`` a greedy run
+    returns ``argmax p_j``; a sampled run returns ``p_j`` compressed to its ``top_k`` largest
+    entries for the sampler. ``bonus_p`` (synchronous modes) yields a bonus token when all pass.
+    """
+    for i, x in enumerate(tokens):
+        px = float(p[i, x])
+        if params.greedy:
+            if px > 0.5:
+                continue
+            return Outcome(accepted=i, token=int(p[i].argmax().item()), rejected=True)
+        if uniform(gen) < min(1.0, px / q_x[i]):
+            continue
+        return Outcome(
+            accepted=i, sparse=sparse_from_probs(p[i], top_k, value_codec), rejected=True
+        )
+    token = pick(bonus_p, params, gen) if bonus_p is not None else None
+    return Outcome(accepted=len(tokens), token=token)
+
+
+def correction_distribution(sparse: SparseDist, q: torch.Tensor) -> torch.Tensor:
+    """The distribution the sampler draws the correction from, given compressed ``p_j`` and ``q_j``.
+
+    Exactly ``norm(max(0, p_j - q_j))`` when the sparse ``p_j`` holds all of ``p_j``'s support;
+    otherwise the tail treatment documented in this module's docstring.
+    """
+    vocab = q.shape[-1]
+    if sparse.vocab_size != vocab:
+        raise ValueError(f"compressed p has vocabulary {sparse.vocab_size}, q has {vocab}")
+    q64 = q.double()
+    ids = torch.from_numpy(np.asarray(sparse.ids, dtype=np.int64))
+    p_top = torch.from_numpy(np.asarray(sparse.probs, dtype=np.float64))
+    out = torch.zeros(vocab, dtype=torch.float64)
+    r = (p_top - q64[ids]).clamp_min(0.0)
+    if r.sum() > 0:
+        out[ids] = r
+        return out / out.sum()
+    n_tail = vocab - len(ids)
+    if sparse.tail_mass > 0 and n_tail > 0:
+        tail = torch.full((vocab,), sparse.tail_mass / n_tail, dtype=torch.float64)
+        tail[ids] = 0.0
+        r_tail = (tail - q64).clamp_min(0.0)
+        r_tail[ids] = 0.0
+        if r_tail.sum() > 0:
+            return r_tail / r_tail.sum()
+    if p_top.sum() <= 0:
+        raise ValueError("compressed p carries no probability mass")
+    out[ids] = p_top
+    return out / out.sum()
+
+
+def sample_correction(sparse: SparseDist, q: torch.Tensor, gen: torch.Generator) -> int:
+    """The sampler's half: the correction token from compressed ``p_j`` and full ``q_j``."""
+    return draw(correction_distribution(sparse, q), gen)
+
+
+def output_distribution(
+    p: torch.Tensor, q: torch.Tensor, top_k: int, value_codec: ValueCodec = ValueCodec.F32
+) -> torch.Tensor:
+    """Exact distribution of one token produced by separate rejection sampling with top-K ``p``.
+
+    ``P(y) = min(p, q)(y) + (1 - sum min(p, q)) * c(y)`` with ``c`` the sampler's correction
+    distribution. Equals ``p`` when lossless; used to measure the loss of truncated settings.
+    """
+    p64, q64 = p.double(), q.double()
+    accept = torch.minimum(p64, q64)
+    reject_mass = 1.0 - float(accept.sum())
+    if reject_mass <= 1e-15:
+        return accept
+    c = correction_distribution(sparse_from_probs(p, top_k, value_codec), q)
+    return accept + reject_mass * c
+
+
+def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 0.5 * float((a.double() - b.double()).abs().sum())

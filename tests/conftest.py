@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny Llama models built from a config, and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from picospec.models import LanguageModel
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_model(
+    vocab: int = 8, seed: int = 0, sharpness: float = 1.5, layers: int = 2
+) -> LanguageModel:
+    """A 2-layer Llama with a tiny vocabulary and random weights.
+
+    ``sharpness`` sets the spread (std) of the logits so distributions are far from uniform
+    (random init alone gives near-uniform logits, which would make acceptance trivially high).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, sharpness / cfg.hidden_size**0.5)
+    return LanguageModel(model=model, tokenizer=None, name=f"tiny-v{vocab}-s{seed}")
+
+
+@pytest.fixture(scope="session")
+def target() -> LanguageModel:
+    return tiny_model(seed=1)
+
+
+@pytest.fixture(scope="session")
+def draft() -> LanguageModel:
+    return tiny_model(seed=2)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LanguageModel:
+    return LanguageModel.load("smollm2", threads=2)

@@ -1,0 +1,158 @@
+"""End to end through the session state machines: speculative output == target output.
+
+Greedy: token-identical to the target decoding alone, recomputed from scratch without any KV
+cache (so the reference shares no code path with what it checks). Sampled: the empirical
+distribution of whole continuations over many seeds matches the exact target distribution,
+enumerated from the target's conditionals (chi-square).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from conftest import tiny_model
+from picospec.config import Mode, SpecConfig
+from picospec.engine import generate
+from picospec.models import LanguageModel, VocabularyMismatch
+from picospec.sampling import SamplingParams, probs_from_logits
+
+PROMPTS = [[1, 2, 3], [4], [0, 7, 7, 5, 1, 6, 2]]
+SPECS = [
+    SpecConfig(mode=Mode.VANILLA, draft_len=3),
+    SpecConfig(mode=Mode.DSSD, draft_len=3),
+    SpecConfig(mode=Mode.PICOSPEC, draft_len=3, lookahead=3),
+    SpecConfig(mode=Mode.PICOSPEC, draft_len=1, lookahead=4),
+    SpecConfig(mode=Mode.PICOSPEC, draft_len=5, lookahead=2),
+]
+
+
+@torch.inference_mode()
+def _full_logits(model: LanguageModel, ids: list[int]) -> torch.Tensor:
+    """Next-token logits from a fresh forward over the whole sequence (no cache)."""
+    return model.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+def _reference_greedy(model: LanguageModel, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(_full_logits(model, ids).argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.mode.value}-g{s.draft_len}")
+def test_greedy_is_token_identical_to_the_target_alone(
+    target: LanguageModel, draft: LanguageModel, spec: SpecConfig
+) -> None:
+    params = SamplingParams(temperature=0.0)
+    rollbacks = 0
+    for prompt in PROMPTS:
+        want = _reference_greedy(target, prompt, 24)
+        got = generate(target, draft, prompt, params, spec, 24)
+        assert got.tokens == want
+        assert got.finish_reason == "length"
+        rollbacks += got.rollbacks
+        assert got.accepted <= got.drafted and got.rounds > 0
+    assert rollbacks > 0, "the draft must disagree sometimes, or nothing was tested"
+
+
+def test_ar_mode_is_the_target_alone(target: LanguageModel) -> None:
+    params = SamplingParams(temperature=0.0)
+    got = generate(target, None, PROMPTS[0], params, SpecConfig(mode=Mode.AR), 16)
+    assert got.tokens == _reference_greedy(target, PROMPTS[0], 16)
+    assert got.verifier_forwards == 16
+
+
+def test_greedy_with_the_target_as_its_own_draft_accepts_everything(target: LanguageModel) -> None:
+    got = generate(
+        target, target, PROMPTS[2], SamplingParams(temperature=0.0), SpecConfig(draft_len=4), 20
+    )
+    assert got.rollbacks == 0 and got.accepted == got.drafted == 20
+    assert got.tokens == _reference_greedy(target, PROMPTS[2], 20)
+
+
+# --- sampled: exact distributional equality --------------------------------------------
+
+VOCAB, LENGTH = 5, 3
+N_RUNS = 2500
+
+
+def _exact_sequence_distribution(
+    model: LanguageModel, prompt: list[int], params: SamplingParams
+) -> dict[tuple[int, ...], float]:
+    probs: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(LENGTH):
+        nxt: dict[tuple[int, ...], float] = {}
+        for seq, pr in probs.items():
+            if pr == 0.0:
+                continue
+            p = probs_from_logits(_full_logits(model, prompt + list(seq)), params).double()
+            for t in range(VOCAB):
+                nxt[seq + (t,)] = pr * float(p[t])
+        probs = nxt
+    return probs
+
+
+@pytest.mark.parametrize(
+    ("spec", "params"),
+    [
+        (SpecConfig(mode=Mode.PICOSPEC, draft_len=1, lookahead=3, top_k=VOCAB), SamplingParams()),
+        (
+            SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=2, top_k=3),
+            SamplingParams(temperature=0.8, top_k=3),
+        ),  # top-k already cuts p to K: lossless
+        (SpecConfig(mode=Mode.DSSD, draft_len=2, top_k=VOCAB), SamplingParams(temperature=1.3)),
+        (SpecConfig(mode=Mode.VANILLA, draft_len=2), SamplingParams(temperature=0.9, top_p=0.9)),
+    ],
+    ids=["picospec-g1", "picospec-topk", "dssd", "vanilla-topp"],
+)
+def test_sampled_continuations_follow_the_target_distribution(
+    spec: SpecConfig, params: SamplingParams
+) -> None:
+    target, draft = tiny_model(VOCAB, seed=11), tiny_model(VOCAB, seed=12)
+    prompt = [1, 3]
+    exact = _exact_sequence_distribution(target, prompt, params)
+    outcomes = list(itertools.product(range(VOCAB), repeat=LENGTH))
+    index = {o: i for i, o in enumerate(outcomes)}
+    counts = np.zeros(len(outcomes))
+    rollbacks = 0
+    for seed in range(N_RUNS):
+        run = generate(
+            target, draft, prompt, params.model_copy(update={"seed": seed}), spec, LENGTH
+        )
+        counts[index[tuple(run.tokens)]] += 1
+        rollbacks += run.rollbacks
+    assert rollbacks > N_RUNS // 4, "draft and target must disagree often for the test to bite"
+    expected = np.array([exact.get(o, 0.0) for o in outcomes]) * N_RUNS
+    assert counts[expected == 0].sum() == 0, "produced a continuation the target never would"
+    # pool rare outcomes so every chi-square cell expects at least 5
+    order = np.argsort(expected)
+    small = order[np.cumsum(expected[order]) < 5 * 2]
+    keep = np.setdiff1d(np.nonzero(expected > 0)[0], small)
+    obs = np.append(counts[keep], counts[small].sum())
+    exp = np.append(expected[keep], expected[small].sum())
+    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-4
+
+
+def test_a_wrong_draft_distribution_is_detected() -> None:
+    """Power check: sampling from the *draft* alone must fail the same test."""
+    target, draft = tiny_model(VOCAB, seed=11), tiny_model(VOCAB, seed=12)
+    prompt, params = [1, 3], SamplingParams()
+    exact = _exact_sequence_distribution(target, prompt, params)
+    wrong = _exact_sequence_distribution(draft, prompt, params)
+    outcomes = list(exact)
+    rng = np.random.default_rng(0)
+    w = np.array([wrong[o] for o in outcomes])
+    draws = rng.choice(len(outcomes), N_RUNS, p=w / w.sum())
+    counts = np.bincount(draws, minlength=len(outcomes))
+    expected = np.array([exact[o] for o in outcomes]) * N_RUNS
+    assert chisquare(counts, expected * counts.sum() / expected.sum()).pvalue < 1e-6
+
+
+def test_vocabulary_mismatch_is_refused(target: LanguageModel) -> None:
+    with pytest.raises(VocabularyMismatch, match="shared"):
+        generate(target, tiny_model(vocab=9), [1], SamplingParams(), SpecConfig(), 4)

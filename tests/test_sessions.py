@@ -1,0 +1,202 @@
+"""The session state machines, driven by shuttling messages between them by hand."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from picospec.config import Mode, SpecConfig
+from picospec.drafter.session import Committed, DrafterSession, ProtocolError
+from picospec.models import LanguageModel
+from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict
+from picospec.sampler import sample
+from picospec.sampling import SamplingParams
+from picospec.verifier.session import BlockRefused, VerifierSession
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPT = [1, 2, 3, 4]
+
+
+def _pair(
+    target: LanguageModel,
+    draft: LanguageModel,
+    spec: SpecConfig,
+    n: int = 40,
+    params: SamplingParams = GREEDY,
+) -> tuple[DrafterSession, VerifierSession]:
+    sid = os.urandom(16)
+    return (
+        DrafterSession(draft, sid, PROMPT, params, spec, n),
+        VerifierSession(target, sid, PROMPT, params, spec),
+    )
+
+
+def _draft_all(d: DrafterSession) -> list[DraftBlock]:
+    blocks = []
+    while d.can_draft():
+        b = d.draft_step()
+        if b is not None:
+            blocks.append(b)
+    return blocks
+
+
+def test_pipeline_keeps_lookahead_blocks_in_flight_and_drops_stale_epochs(
+    target: LanguageModel, draft: LanguageModel
+) -> None:
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=3)
+    d, v = _pair(target, draft, spec)
+    while not d.done:
+        blocks = _draft_all(d)
+        assert 0 < d.inflight <= 3
+        # deliver every block in flight; after a rejection the later ones are stale
+        for b in blocks:
+            for verdict in v.submit(b):
+                got = d.on_verdict(verdict)
+                if isinstance(got, SampleRequest):
+                    got = d.on_correction(sample(got).token)
+    assert len(d.generated) == 40 and d.finish_reason == "length"
+    assert d.stats.rollbacks > 0 and v.stats.dropped_stale > 0
+    assert d.stats.accepted + d.stats.rollbacks >= 40 - 1
+
+
+def test_verifier_refuses_replays_and_future_epochs_and_buffers_early_blocks(
+    target: LanguageModel, draft: LanguageModel
+) -> None:
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=3)
+    d, v = _pair(target, target, spec)  # same model: all accepted
+    b1, b2, b3 = _draft_all(d)
+    assert (b1.pos, b2.pos, b3.pos) == (4, 6, 8)
+    assert v.submit(b3) == [] and v.submit(b2) == []  # early: buffered
+    verdicts = v.submit(b1)
+    assert [x.seq for x in verdicts] == [b1.seq, b2.seq, b3.seq]
+    assert all(x.accepted == 2 for x in verdicts)
+    with pytest.raises(BlockRefused) as e:
+        v.submit(b1)
+    assert e.value.reason == "replayed"
+    future = b1.model_copy(update={"epoch": 5, "pos": v.cache.length})
+    with pytest.raises(BlockRefused) as e:
+        v.submit(future)
+    assert e.value.reason == "future_epoch"
+    other = b1.model_copy(update={"session": os.urandom(16)})
+    with pytest.raises(BlockRefused):
+        v.submit(other)
+    assert v.cache.length == 10, "refused blocks changed nothing"
+
+
+def test_rollback_leaves_the_verifier_exactly_where_a_fresh_prefill_would(
+    target: LanguageModel, draft: LanguageModel
+) -> None:
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=4, lookahead=1)
+    d, v = _pair(target, draft, spec)
+    for _ in range(6):
+        (b,) = _draft_all(d)
+        (verdict,) = v.submit(b)
+        d.on_verdict(verdict)
+        if verdict.accepted < len(b.tokens):
+            break
+    else:
+        pytest.fail("no rejection happened")
+    # the verifier holds the committed history minus the unsent correction
+    history = d.committed[: len(d.committed) - 1]
+    assert v.cache.length == len(history)
+    fresh = target.new_cache().extend(history)[-1]
+    assert torch.allclose(v.next_logits, fresh, atol=1e-4)
+    # ... and the drafter's cache holds a prefix of the committed tokens only
+    assert d._cache.length <= len(d.committed) - 1
+
+
+def test_verdicts_out_of_order_or_for_other_sessions_are_protocol_errors(
+    target: LanguageModel, draft: LanguageModel
+) -> None:
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=2)
+    d, v = _pair(target, target, spec)
+    b1, b2 = _draft_all(d)
+    v1, v2 = v.submit(b1) + v.submit(b2)
+    with pytest.raises(ProtocolError, match="oldest block"):
+        d.on_verdict(v2)
+    with pytest.raises(ProtocolError, match="another session"):
+        d.on_verdict(v1.model_copy(update={"session": os.urandom(16)}))
+    with pytest.raises(ProtocolError, match="accepts"):
+        d.on_verdict(v1.model_copy(update={"accepted": 3}))
+    assert d.committed == PROMPT, "refused verdicts changed nothing"
+    assert isinstance(d.on_verdict(v1), Committed)
+
+
+def test_verdicts_of_a_stale_epoch_are_ignored(target: LanguageModel, draft: LanguageModel) -> None:
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=4, lookahead=2)
+    d, v = _pair(target, draft, spec)
+    for _ in range(10):
+        b1, b2 = _draft_all(d)[-2:] if d.inflight == 0 else (None, None)
+        (v1,) = v.submit(b1)
+        d.on_verdict(v1)
+        if v1.accepted < 4:
+            break
+        for verdict in v.submit(b2):
+            d.on_verdict(verdict)
+    else:
+        pytest.fail("no rejection")
+    assert v.submit(b2) == [], "the verifier drops the block drafted before the rejection"
+    committed = list(d.committed)
+    stale = Verdict(
+        session=d.session, epoch=b2.epoch, seq=b2.seq, accepted=4, vocab_size=target.vocab_size
+    )
+    assert d.on_verdict(stale) is None and d.committed == committed
+
+
+def test_sampled_rejection_goes_through_the_sampler(
+    target: LanguageModel, draft: LanguageModel
+) -> None:
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=3, lookahead=1, top_k=4)
+    d, v = _pair(target, draft, spec, params=SamplingParams(seed=3))
+    for _ in range(20):
+        (b,) = _draft_all(d)
+        (verdict,) = v.submit(b)
+        got = d.on_verdict(verdict)
+        if isinstance(got, SampleRequest):
+            assert verdict.token is None and verdict.sparse is not None
+            assert len(verdict.sparse.ids) <= 4
+            assert not d.can_draft(), "drafting waits for the correction"
+            with pytest.raises(ProtocolError):
+                d.on_verdict(verdict)
+            before = len(d.committed)
+            done = d.on_correction(sample(got).token)
+            assert len(d.committed) == before + verdict.accepted + 1
+            assert done.tokens == d.committed[before:]
+            return
+    pytest.fail("no sampled rejection in 20 blocks")
+
+
+def test_stops_at_eos_and_trims_to_max_tokens(target: LanguageModel) -> None:
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=4, lookahead=2)
+    sid = os.urandom(16)
+    # learn what the target says greedily, then declare its 3rd token EOS
+    probe = DrafterSession(target, sid, PROMPT, GREEDY, spec, 8)
+    v = VerifierSession(target, sid, PROMPT, GREEDY, spec)
+    while not probe.done:
+        for b in _draft_all(probe):
+            for verdict in v.submit(b):
+                probe.on_verdict(verdict)
+    assert probe.finish_reason == "length" and len(probe.generated) == 8
+    eos = probe.generated[2]
+    first = probe.generated.index(eos)
+    d = DrafterSession(target, sid, PROMPT, GREEDY, spec, 8, frozenset({eos}))
+    v = VerifierSession(target, sid, PROMPT, GREEDY, spec)
+    while not d.done:
+        for b in _draft_all(d):
+            for verdict in v.submit(b):
+                d.on_verdict(verdict)
+    assert d.finish_reason == "stop" and d.generated == probe.generated[: first + 1]
+
+
+def test_vanilla_sends_full_distributions_and_gets_bonus_tokens(target: LanguageModel) -> None:
+    spec = SpecConfig(mode=Mode.VANILLA, draft_len=3)
+    d, v = _pair(target, target, spec, n=7)
+    (b,) = _draft_all(d)
+    assert b.dense_q is not None and b.dense_q.shape == (3, target.vocab_size)
+    (verdict,) = v.submit(b)
+    got = d.on_verdict(verdict)
+    assert isinstance(got, Committed) and len(got.tokens) == 4  # 3 accepted + bonus
+    (b2,) = _draft_all(d)
+    assert b2.prefix == (got.tokens[-1],) and b2.pos == len(PROMPT) + 3
