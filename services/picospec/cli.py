@@ -26,8 +26,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_pair(args: argparse.Namespace, need_draft: bool) -> tuple[Any, Any]:
-    from picospec.models import LanguageModel
+    from picospec.models import LanguageModel, resolve
 
+    for name in (args.verifier, args.drafter) if need_draft else (args.verifier,):
+        resolve(name)  # fail on a bad path before spending time loading the other model
     target = LanguageModel.load(
         args.verifier, device=args.device, dtype=args.dtype, threads=args.threads
     )
@@ -92,6 +94,13 @@ def cmd_tvd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_draft_report(args: argparse.Namespace) -> int:
+    from picospec.analysis import draft_report
+
+    print(draft_report(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="picospec", description=__doc__)
     parser.add_argument("--version", action="version", version=f"picospec {__version__}")
@@ -109,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--draft-len", type=int, default=4, help="γ, draft tokens per block")
     g.add_argument("--lookahead", type=int, default=3, help="draft blocks in flight (picospec)")
-    g.add_argument("--compress-k", type=int, default=64, help="K entries of p_j at a rejection")
+    g.add_argument("--compress-k", type=int, default=256, help="K entries of p_j at a rejection")
     g.add_argument("--value-codec", choices=["f32", "f16", "u8"], default="f32")
     g.add_argument("--raw", action="store_true", help="no chat template: plain completion")
     g.add_argument("--json", action="store_true", help="print one JSON object")
@@ -122,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text", default=None, help="text file whose positions are measured")
     _add_model_args(t)
     t.set_defaults(func=cmd_tvd, quantize_draft="int8")
+
+    r = sub.add_parser("draft-report", help="int8 vs fp32 draft: speed and acceptance")
+    r.add_argument("--max-tokens", type=int, default=48)
+    _add_model_args(r)
+    r.set_defaults(func=cmd_draft_report)
     return parser
 
 

@@ -41,7 +41,7 @@ class SpecConfig(BaseModel):
     lookahead: int = Field(
         3, ge=1, le=64, description="blocks the pipelined drafter may have in flight"
     )
-    top_k: int = Field(64, ge=1, description="entries of p_j sent at a sampled rejection (K)")
+    top_k: int = Field(256, ge=1, description="entries of p_j sent at a sampled rejection (K)")
     value_codec: ValueCodec = ValueCodec.F32
 
     @property

@@ -204,8 +204,8 @@ def correction_distribution(sparse: SparseDist, q: torch.Tensor) -> torch.Tensor
     if sparse.vocab_size != vocab:
         raise ValueError(f"compressed p has vocabulary {sparse.vocab_size}, q has {vocab}")
     q64 = q.double()
-    ids = torch.from_numpy(np.asarray(sparse.ids, dtype=np.int64))
-    p_top = torch.from_numpy(np.asarray(sparse.probs, dtype=np.float64))
+    ids = torch.tensor(np.asarray(sparse.ids), dtype=torch.int64)
+    p_top = torch.tensor(np.asarray(sparse.probs), dtype=torch.float64)
     out = torch.zeros(vocab, dtype=torch.float64)
     r = (p_top - q64[ids]).clamp_min(0.0)
     if r.sum() > 0:

@@ -12,5 +12,5 @@ def sample(request: SampleRequest) -> SampleReply:
     """Draw the correction token from ``norm(max(0, p_j - q_j))``, reproducibly from its seed."""
     gen = torch.Generator(device="cpu")
     gen.manual_seed(request.seed % 2**63)
-    token = sample_correction(request.sparse, torch.from_numpy(request.q), gen)
+    token = sample_correction(request.sparse, torch.tensor(request.q), gen)
     return SampleReply(token=token)
