@@ -101,6 +101,46 @@ def cmd_draft_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_settings_args(p: argparse.ArgumentParser) -> None:
+    """One flag per setting (``--nats-url`` for ``PICOSPEC_NATS_URL``); flags beat env vars."""
+    from picospec.config import Settings
+
+    for name, f in Settings.model_fields.items():
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=f"set_{name}",
+            default=None,
+            metavar=name.upper(),
+            help=f.description,
+        )
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from picospec.config import Settings
+
+    return Settings(
+        **{k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
+    )
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from picospec.serving import run, setup_logging
+
+    settings = _settings(args)
+    setup_logging(args.command, args.log_level if args.log_level != "WARNING" else "INFO")
+    if args.command == "verifier":
+        from picospec.verifier.service import main as verifier_main
+
+        return verifier_main(settings)
+    if args.command == "sampler":
+        from picospec.sampler.service import main as sampler_main
+
+        return sampler_main(settings)
+    from picospec.drafter.api import main as drafter_main
+
+    return run(lambda stop: drafter_main(settings, stop))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="picospec", description=__doc__)
     parser.add_argument("--version", action="version", version=f"picospec {__version__}")
@@ -136,6 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tokens", type=int, default=48)
     _add_model_args(r)
     r.set_defaults(func=cmd_draft_report)
+
+    for role, text in (
+        ("drafter", "edge: the OpenAI API, draft model, pipeline"),
+        ("verifier", "cloud: holds sessions' KV caches, verifies blocks"),
+        ("sampler", "edge: draws correction tokens"),
+    ):
+        sp = sub.add_parser(
+            role,
+            help=text,
+            description=f"{text}. Every flag can also be set as a PICOSPEC_* environment variable.",
+        )
+        _add_settings_args(sp)
+        sp.set_defaults(func=cmd_service)
+
+    try:
+        from picospec.stack import register
+    except ImportError:  # pragma: no cover - the stack package is optional at import time
+        pass
+    else:
+        register(sub)
     return parser
 
 

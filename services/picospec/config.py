@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from picospec.protocol.codec import MAX_DRAFT_TOKENS, ValueCodec
 
@@ -54,3 +55,58 @@ class SpecConfig(BaseModel):
         """Synchronous modes take a bonus token from the verifier when a whole block passes;
         the pipeline does not (the next block already drafts that position)."""
         return not self.mode.pipelined
+
+
+class Settings(BaseSettings):
+    """Service configuration: ``PICOSPEC_*`` environment variables or command-line flags.
+
+    The same names appear in the Helm values. One class for all roles; each uses its part.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="PICOSPEC_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    # NATS
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_creds: str | None = Field(None, description="NATS credentials file (JWT + NKey)")
+    nats_timeout_s: float = Field(10.0, gt=0, description="timeout of every NATS request")
+    # models
+    model: str = Field("smollm2", description="this role's model: hub id, dir, .gguf, smollm2")
+    quantize: str = Field("none", pattern="^(none|int8)$")
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = Field(None, ge=1)
+    # speculation defaults (requests may override draft_len and mode)
+    mode: Mode = Mode.PICOSPEC
+    draft_len: int = Field(4, ge=1, le=MAX_DRAFT_TOKENS)
+    lookahead: int = Field(3, ge=1, le=64)
+    compress_k: int = Field(256, ge=1)
+    value_codec: ValueCodec = ValueCodec.F32
+    # serving
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="HTTP: the API (drafter), or health")
+    replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    max_sessions: int = Field(64, ge=1, description="verifier: sessions held at once")
+    idle_timeout_s: float = Field(120.0, gt=0, description="verifier: free idle sessions")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="drafter: cloud unreachable past this -> 503"
+    )
+    verify_timeout_s: float = Field(
+        5.0, gt=0, description="drafter: no verdict this long -> move the session elsewhere"
+    )
+    served_model_name: str = Field("picospec", description="the model id the API serves")
+    max_tokens_limit: int = Field(4096, ge=1, description="drafter: largest max_tokens accepted")
+    drain_grace_s: float = Field(20.0, ge=0, description="verifier: SIGTERM drain deadline")
+    site: str = Field("local", description="edge site label for metrics")
+
+    def spec(self, mode: Mode | None = None, draft_len: int | None = None) -> SpecConfig:
+        return SpecConfig(
+            mode=mode or self.mode,
+            draft_len=draft_len or self.draft_len,
+            lookahead=self.lookahead,
+            top_k=self.compress_k,
+            value_codec=self.value_codec,
+        )

@@ -55,7 +55,8 @@ class _Spec:
 
 @dataclass
 class DrafterStats:
-    drafted: int = 0  # draft tokens sent for verification
+    sent: int = 0  # draft tokens sent for verification
+    drafted: int = 0  # draft tokens in blocks whose verdict was applied (acceptance denominator)
     accepted: int = 0  # draft tokens the verifier accepted
     rounds: int = 0  # verdicts applied
     rollbacks: int = 0  # rejections (each starts a new epoch)
@@ -181,7 +182,7 @@ class DrafterSession:
         self._seq = (self._seq + 1) % 2**32
         self._unsent = []
         cur.block = block
-        self.stats.drafted += len(cur.tokens)
+        self.stats.sent += len(cur.tokens)
         self.stats.blocks += 1
         return block
 
@@ -210,6 +211,7 @@ class DrafterSession:
         if n > len(head.tokens):
             raise ProtocolError(f"verdict accepts {n} of {len(head.tokens)} tokens")
         self.stats.rounds += 1
+        self.stats.drafted += len(head.tokens)
         self.stats.accepted += n
         for i in range(n):
             self.stats.accepted_per_pos[i] += 1
@@ -273,6 +275,18 @@ class DrafterSession:
         if len(gen) >= self.max_new_tokens:
             del self.committed[self.n_prompt + self.max_new_tokens :]
             self.finish_reason = "length"
+
+    def rebase(self) -> None:
+        """The session moves to another verifier, which re-prefills ``committed``: forget all
+        speculation and start a new epoch (verdicts of the old replica become stale)."""
+        self.stats.wasted += self._n_spec()
+        self._specs.clear()
+        self._unsent = []
+        self._awaiting_sample = None
+        self.epoch += 1
+        keep = min(self._cache.length, len(self.committed) - 1)
+        self._cache.crop(keep)
+        self._pending = self.committed[keep:]
 
     def finish(self, reason: str) -> None:
         """End the session early (a stop string matched, the client went away)."""

@@ -59,6 +59,7 @@ class VerifierSession:
         prompt: list[int],
         params: SamplingParams,
         spec: SpecConfig,
+        epoch: int = 0,
     ) -> None:
         if not prompt:
             raise ValueError("a session needs a non-empty prompt")
@@ -68,7 +69,7 @@ class VerifierSession:
         self.session = session
         self.params = params
         self.spec = spec
-        self.epoch = 0
+        self.epoch = epoch  # a re-opened session continues the drafter's epoch count
         self.cache = model.new_cache()
         self.next_logits = self.cache.extend(prompt)[-1]
         self.stats = VerifierStats(forwards=1)

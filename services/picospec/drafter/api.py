@@ -1,0 +1,465 @@
+"""The OpenAI-compatible HTTP API the drafter serves (aiohttp).
+
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``; streaming with
+server-sent events ending in ``data: [DONE]``; errors in OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``. Extensions: ``top_k``, ``mode``,
+``draft_len`` in requests; a ``picospec`` object (acceptance, rounds, bytes…) in responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from picospec import metrics
+from picospec.config import Mode, Settings
+from picospec.drafter.service import BadRequest, DrafterService, Generation, Unavailable
+from picospec.models import LanguageModel, ModelError
+from picospec.protocol.codec import MAX_DRAFT_TOKENS
+from picospec.sampling import SamplingParams
+from picospec.serving import event
+from picospec.text import TextStream
+
+MAX_BODY_BYTES = 4 << 20
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class _Request(BaseModel):
+    """Fields common to both endpoints. Unknown fields are refused (400), not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    # PicoSpec extensions
+    mode: Mode | None = None
+    draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (len(stops) > 4 or any(len(s) > 256 for s in stops)):
+            raise ValueError("at most 4 stop strings of at most 256 characters")
+        return stops
+
+    def sampling(self) -> SamplingParams:
+        seed = self.seed if self.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7])
+        return SamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            seed=seed,
+        )
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Request):
+    prompt: str
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+
+    def response(self) -> web.Response:
+        return web.json_response(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            },
+            status=self.status,
+        )
+
+
+def _invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param)
+
+
+class Api:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.svc: DrafterService | None = None
+        self.model: LanguageModel | None = None
+
+    def attach(self, svc: DrafterService, model: LanguageModel) -> None:
+        self.svc, self.model = svc, model
+
+    @property
+    def ready(self) -> bool:
+        return self.svc is not None and self.model is not None
+
+    def _require_ready(self) -> tuple[DrafterService, LanguageModel]:
+        if self.svc is None or self.model is None:
+            raise ApiError(
+                503,
+                "the server is starting or stopping; retry shortly",
+                "service_unavailable",
+                code="not_ready",
+            )
+        return self.svc, self.model
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/v1/models", self.models),
+            web.post("/v1/chat/completions", self.chat),
+            web.post("/v1/completions", self.completions),
+        ]
+
+    async def models(self, _: web.Request) -> web.Response:
+        try:
+            _, model = self._require_ready()
+        except ApiError as e:
+            return e.response()
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.settings.served_model_name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "picospec",
+                        "max_model_len": model.max_context,
+                    }
+                ],
+            }
+        )
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, ChatRequest, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, CompletionRequest, chat=False)
+
+    # --- request handling ---------------------------------------------------------------
+    async def _parse(self, request: web.Request, cls: type[_Request]) -> _Request:
+        if request.content_length and request.content_length > MAX_BODY_BYTES:
+            raise ApiError(
+                413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error"
+            )
+        raw = await request.content.read(MAX_BODY_BYTES + 1)
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(
+                413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error"
+            )
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _invalid(f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise _invalid("the body must be a JSON object")
+        try:
+            req = cls.model_validate(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise _invalid(f"{param}: {first['msg']}", param) from None
+        if req.model != self.settings.served_model_name:
+            raise ApiError(
+                404,
+                f"the model '{req.model}' does not exist; this server serves "
+                f"'{self.settings.served_model_name}'",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
+        return req
+
+    @staticmethod
+    def _prompt(model: LanguageModel, req: _Request) -> list[int]:
+        try:
+            if isinstance(req, ChatRequest):
+                msgs = [{"role": m.role, "content": m.content} for m in req.messages]
+                ids = model.encode_chat(msgs)
+            else:
+                assert isinstance(req, CompletionRequest)
+                ids = model.encode(req.prompt)
+        except ModelError as e:
+            raise _invalid(str(e)) from None
+        if not ids:
+            raise _invalid("the prompt is empty", "prompt")
+        return ids
+
+    async def _handle(
+        self, request: web.Request, cls: type[_Request], chat: bool
+    ) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        mode = self.settings.mode
+        try:
+            svc, model = self._require_ready()
+            req = await self._parse(request, cls)
+            mode = req.mode or self.settings.mode
+            prompt = self._prompt(model, req)
+            limit = model.max_context
+            max_tokens = (
+                getattr(req, "max_completion_tokens", None)
+                or req.max_tokens
+                or min(self.settings.max_tokens_limit, limit - len(prompt))
+            )
+            if max_tokens > self.settings.max_tokens_limit:
+                raise _invalid(
+                    f"max_tokens {max_tokens} is over this server's limit "
+                    f"{self.settings.max_tokens_limit}",
+                    "max_tokens",
+                )
+            if len(prompt) + max_tokens > limit:
+                raise _invalid(
+                    f"the prompt ({len(prompt)} tokens) plus max_tokens "
+                    f"({max_tokens}) exceeds the context of {limit} tokens",
+                    "messages" if chat else "prompt",
+                )
+            gen = svc.generation(
+                prompt, req.sampling(), self.settings.spec(mode, req.draft_len), max_tokens
+            )
+            metrics.PROMPT_TOKENS.labels(mode.value).inc(len(prompt))
+            if req.stream:
+                return await self._stream(request, req, gen, chat, t0, model)
+            return await self._complete(req, gen, chat, t0, model)
+        except ApiError as e:
+            metrics.REQUESTS.labels(mode.value, str(e.status)).inc()
+            return e.response()
+
+    async def _run(
+        self, gen: Generation, req: _Request, t0: float, model: LanguageModel
+    ) -> AsyncIterator[str]:
+        """Yield text deltas; maps cloud failures to API errors."""
+        text = TextStream(model.decode, req.stop or [])  # type: ignore[arg-type]
+        last = None
+        mode = gen.spec.mode.value
+        try:
+            async for ids in gen.tokens():
+                now = time.perf_counter()
+                if last is None:
+                    metrics.TTFT.labels(mode).observe(now - t0)
+                else:
+                    for _ in ids:
+                        metrics.ITL.labels(mode).observe((now - last) / len(ids))
+                last = now
+                metrics.GENERATED.labels(mode).inc(len(ids))
+                delta = text.push(ids)
+                if text.stopped:
+                    gen.stop()
+                if delta:
+                    yield delta
+                if text.stopped:
+                    break
+        except Unavailable as e:
+            raise ApiError(
+                503,
+                f"the cloud verifier is unreachable: {e}",
+                "service_unavailable",
+                code="cloud_unreachable",
+            ) from None
+        except BadRequest as e:
+            raise _invalid(str(e)) from None
+        tail = text.finish()
+        if tail:
+            yield tail
+        if text.stopped:
+            gen.finish_reason = "stop"
+        metrics.E2E.labels(mode).observe(time.perf_counter() - t0)
+
+    def _usage(self, gen: Generation) -> dict[str, int]:
+        n = len(gen.generated)
+        return {
+            "prompt_tokens": len(gen.prompt),
+            "completion_tokens": n,
+            "total_tokens": len(gen.prompt) + n,
+        }
+
+    async def _complete(
+        self, req: _Request, gen: Generation, chat: bool, t0: float, model: LanguageModel
+    ) -> web.Response:
+        parts = [d async for d in self._run(gen, req, t0, model)]
+        text = "".join(parts)
+        metrics.REQUESTS.labels(gen.spec.mode.value, "200").inc()
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": gen.finish_reason or "stop",
+            "logprobs": None,
+        }
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        body = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{gen.sid.hex()}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+            "choices": [choice],
+            "usage": self._usage(gen),
+            "picospec": gen.stats.as_dict(),
+        }
+        event(
+            "request_done",
+            mode=gen.spec.mode.value,
+            tokens=len(gen.generated),
+            elapsed_s=round(gen.stats.elapsed_s, 3),
+        )
+        return web.json_response(body, headers={"X-Picospec-Mode": gen.spec.mode.value})
+
+    async def _stream(
+        self,
+        request: web.Request,
+        req: _Request,
+        gen: Generation,
+        chat: bool,
+        t0: float,
+        model: LanguageModel,
+    ) -> web.StreamResponse:
+        # wait for the first text before answering, so a cloud that cannot be reached at all
+        # still gets a plain 503 (or 400) instead of an event stream holding an error
+        deltas = self._run(gen, req, t0, model)
+        first_delta = await anext(deltas, "")
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Picospec-Mode": gen.spec.mode.value,
+            }
+        )
+        await resp.prepare(request)
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{gen.sid.hex()}"
+        created = int(time.time())
+
+        def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+            if chat:
+                d: dict[str, str] = {"role": "assistant"} if first else {}
+                if delta is not None:
+                    d["content"] = delta
+                choice["delta"] = d
+            else:
+                choice["text"] = delta or ""
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created,
+                "model": req.model,
+                "choices": [choice],
+            }
+
+        async def send(obj: dict[str, Any] | str) -> None:
+            data = obj if isinstance(obj, str) else json.dumps(obj)
+            await resp.write(f"data: {data}\n\n".encode())
+
+        status = "200"
+        try:
+            if chat:
+                await send(chunk("", None, first=True))
+            if first_delta:
+                await send(chunk(first_delta, None))
+            async for delta in deltas:
+                await send(chunk(delta, None))
+            final = chunk(None if chat else "", gen.finish_reason or "stop")
+            final["usage"] = self._usage(gen)
+            final["picospec"] = gen.stats.as_dict()
+            await send(final)
+            await send("[DONE]")
+        except ApiError as e:
+            status = str(e.status)
+            await send(
+                {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+            )
+            await send("[DONE]")
+        except (ConnectionResetError, asyncio.CancelledError):
+            status = "499"  # the client went away; the session is closed in tokens()' finally
+            gen.stop()
+            raise
+        finally:
+            metrics.REQUESTS.labels(gen.spec.mode.value, status).inc()
+        await resp.write_eof()
+        event(
+            "request_done",
+            level=logging.INFO,
+            mode=gen.spec.mode.value,
+            tokens=len(gen.generated),
+            status=status,
+        )
+        return resp
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    from picospec.serving import connect_nats, health_routes, serve_http
+
+    api = Api(settings)
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app.add_routes(health_routes(lambda: api.ready))
+    app.add_routes(api.routes())
+    runner = await serve_http(app, settings.host, settings.port)  # /health while loading
+    model = await asyncio.get_running_loop().run_in_executor(
+        None,
+        lambda: LanguageModel.load(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            threads=settings.threads,
+            quantize=settings.quantize,
+        ),
+    )
+    nc = await connect_nats(settings, "drafter")
+    svc = DrafterService(settings, nc, model)
+    await svc.start()
+    metrics.set_build_info("drafter", model.name, svc.id, settings.site)
+    api.attach(svc, model)
+    event(
+        "ready", drafter=svc.id, model=model.name, url=f"http://{settings.host}:{settings.port}/v1"
+    )
+    await stop.wait()
+    api.svc = None  # not ready: new requests get 503 while in-flight ones finish
+    await runner.shutdown()
+    await runner.cleanup()
+    await nc.drain()

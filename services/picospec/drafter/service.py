@@ -1,0 +1,404 @@
+"""The drafter service: drives :class:`DrafterSession` over NATS for many requests at once.
+
+One :class:`Generation` per request. It opens the session on whichever verifier the queue
+group picks, drafts on a model thread (off the event loop), publishes blocks to that replica's
+subject, applies verdicts as they arrive on this drafter's subject, asks the edge-local sampler
+for corrections, and yields committed tokens. When its verifier is lost (no verdict within
+``verify_timeout_s``), drains (``DRAINING``) or forgot the session (``UNKNOWN_SESSION``), it
+re-opens the session elsewhere with the committed tokens (re-prefill) and carries on; if the
+cloud stays unreachable for ``request_timeout_s`` it fails with :class:`Unavailable`, having
+yielded only committed (verified) tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from picospec import metrics
+from picospec.config import Mode, Settings, SpecConfig
+from picospec.drafter.session import Committed, DrafterSession, ProtocolError
+from picospec.models import LanguageModel
+from picospec.protocol import subjects
+from picospec.protocol.codec import (
+    CodecError,
+    SampleReply,
+    SampleRequest,
+    Verdict,
+    VerdictStatus,
+    decode_as,
+    encode,
+)
+from picospec.protocol.control import CloseSession, ErrorReply, OpenReply, OpenSession
+from picospec.sampling import SamplingParams
+from picospec.serving import event, headers
+
+ROLE = "drafter"
+
+
+class Unavailable(RuntimeError):
+    """The cloud (verifiers or samplers) could not be reached in time: HTTP 503."""
+
+
+class BadRequest(ValueError):
+    """The verifier refused the request itself (e.g. prompt too long): HTTP 400."""
+
+
+@dataclass
+class Stats:
+    """What the API reports in its ``picospec`` object."""
+
+    mode: str
+    prompt_tokens: int = 0
+    tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    rollbacks: int = 0
+    wasted: int = 0
+    migrations: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    tail_mass: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    elapsed_s: float = 0.0
+    verifier: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+            "mean_accepted_len": 1 + self.accepted / self.rounds if self.rounds else None,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "rounds": self.rounds,
+            "rollbacks": self.rollbacks,
+            "wasted_tokens": self.wasted,
+            "migrations": self.migrations,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "tail_mass": self.tail_mass,
+            "ttft_s": self.first_token_s,
+            "elapsed_s": self.elapsed_s,
+            "tokens_per_s": self.tokens / self.elapsed_s if self.elapsed_s > 0 else None,
+            "verifier": self.verifier,
+        }
+
+
+class DrafterService:
+    def __init__(self, settings: Settings, nc: NATS, model: LanguageModel) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.model = model
+        self.id = f"drafter-{os.urandom(6).hex()}"
+        self.verdict_subject = subjects.verdicts(self.id)
+        self.inbox: dict[bytes, asyncio.Queue[Verdict]] = {}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="draft")
+
+    async def start(self) -> None:
+        await self.nc.subscribe(self.verdict_subject, cb=self.on_verdict)
+
+    async def on_verdict(self, msg: Msg) -> None:
+        try:
+            verdict = decode_as(msg.data, Verdict, max_vocab=self.model.vocab_size)
+        except CodecError as e:
+            metrics.REJECTED.labels(ROLE, "malformed").inc()
+            event("message_rejected", logging.WARNING, reason="malformed", error=str(e)[:200])
+            return
+        queue = self.inbox.get(verdict.session)
+        if queue is None:
+            metrics.REJECTED.labels(ROLE, "unknown_session").inc()
+            return
+        metrics.LINK_BYTES.labels("downlink").inc(len(msg.data))
+        metrics.LINK_MESSAGES.labels("downlink").inc()
+        queue.put_nowait(verdict)
+
+    def generation(
+        self, prompt: list[int], params: SamplingParams, spec: SpecConfig, max_tokens: int
+    ) -> Generation:
+        return Generation(self, prompt, params, spec, max_tokens)
+
+
+class Generation:
+    """One request's session, driven to completion. Iterate :meth:`tokens` for committed ids."""
+
+    def __init__(
+        self,
+        svc: DrafterService,
+        prompt: list[int],
+        params: SamplingParams,
+        spec: SpecConfig,
+        max_tokens: int,
+    ) -> None:
+        self.svc = svc
+        self.prompt = prompt
+        self.params = params
+        self.spec = spec
+        self.max_tokens = max_tokens
+        self.sid = os.urandom(16)
+        self.stats = Stats(mode=spec.mode.value, prompt_tokens=len(prompt))
+        self.finish_reason: str | None = None
+        self.generated: list[int] = []
+        self.verifier: str | None = None
+        self._queue: asyncio.Queue[Verdict] = asyncio.Queue()
+        self._stop_requested = False
+        self._sent_at: dict[int, float] = {}
+
+    def stop(self) -> None:
+        """Stop after the current step (a stop string matched, or the client went away)."""
+        self._stop_requested = True
+
+    # --- cloud plumbing ----------------------------------------------------------------
+    async def _open(self, committed: list[int], epoch: int) -> None:
+        """Open (or re-open) the session on any verifier, retrying until the deadline."""
+        s = self.svc.settings
+        req = OpenSession(
+            session=self.sid.hex(),
+            prompt=committed,
+            params=self.params,
+            spec=self.spec,
+            vocab_size=self.svc.model.vocab_size,
+            reply_to=self.svc.verdict_subject,
+            max_new_tokens=max(1, self.max_tokens - len(self.generated)),
+            eos_ids=sorted(self.svc.model.eos_ids),
+            epoch=epoch,
+        )
+        body = req.model_dump_json().encode()
+        deadline = time.monotonic() + s.request_timeout_s
+        last = "no verifier answered"
+        while time.monotonic() < deadline:
+            timeout = max(0.1, min(s.nats_timeout_s, deadline - time.monotonic()))
+            try:
+                msg = await self.svc.nc.request(
+                    subjects.SESSIONS_OPEN,
+                    body,
+                    timeout=timeout,
+                    headers=headers(subjects.CT_JSON),
+                )
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.errors.ConnectionClosedError,
+                nats.errors.ConnectionReconnectingError,
+            ) as e:
+                last = f"{type(e).__name__}"
+                await asyncio.sleep(0.2)
+                continue
+            self._count_up(len(body))
+            if msg.headers and msg.headers.get(subjects.H_ERROR):
+                err = ErrorReply.model_validate_json(msg.data)
+                if err.reason in ("bad_prompt", "bad_open"):
+                    raise BadRequest(err.error)
+                last = err.error
+                await asyncio.sleep(0.2)  # draining, full, mismatched replica: try another
+                continue
+            reply = OpenReply.model_validate_json(msg.data)
+            self.verifier = self.stats.verifier = reply.verifier
+            return
+        raise Unavailable(
+            f"no verifier could take the session within {s.request_timeout_s:.0f}s ({last})"
+        )
+
+    async def _close(self) -> None:
+        if self.verifier is None:
+            return
+        body = CloseSession(session=self.sid.hex()).model_dump_json().encode()
+        try:
+            await self.svc.nc.publish(
+                subjects.close(self.verifier), body, headers=headers(subjects.CT_JSON)
+            )
+        except Exception:  # noqa: BLE001 - closing is best effort; the idle timeout frees it
+            pass
+
+    def _count_up(self, n: int) -> None:
+        self.stats.bytes_up += n
+        metrics.LINK_BYTES.labels("uplink").inc(n)
+        metrics.LINK_MESSAGES.labels("uplink").inc()
+
+    async def _next_verdict(self) -> Verdict | None:
+        """The next verdict, or None when the verifier has gone quiet for too long."""
+        try:
+            v = await asyncio.wait_for(
+                self._queue.get(), timeout=self.svc.settings.verify_timeout_s
+            )
+        except TimeoutError:
+            return None
+        self.stats.bytes_down += len(encode(v))
+        return v
+
+    async def _migrate(self, reason: str, committed: list[int], epoch: int) -> None:
+        metrics.MIGRATIONS.labels(reason).inc()
+        self.stats.migrations += 1
+        event(
+            "session_migrating", session=self.sid.hex()[:8], reason=reason, verifier=self.verifier
+        )
+        await self._close()
+        self.verifier = None
+        await self._open(committed, epoch)
+
+    async def _sample(self, req: SampleRequest) -> int:
+        body = encode(req)
+        deadline = time.monotonic() + self.svc.settings.request_timeout_s
+        while True:
+            t0 = time.perf_counter()
+            try:
+                msg = await self.svc.nc.request(
+                    subjects.SAMPLE,
+                    body,
+                    headers=headers(),
+                    timeout=min(
+                        self.svc.settings.nats_timeout_s, self.svc.settings.request_timeout_s
+                    ),
+                )
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.errors.ConnectionReconnectingError,
+            ) as e:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"no sampler answered ({type(e).__name__})") from e
+                await asyncio.sleep(0.2)
+                continue
+            metrics.SAMPLER_LATENCY.observe(time.perf_counter() - t0)
+            if msg.headers and msg.headers.get(subjects.H_ERROR):
+                raise Unavailable(f"sampler refused the request: {msg.data[:200]!r}")
+            return decode_as(msg.data, SampleReply).token
+
+    # --- the loop ---------------------------------------------------------------------------
+    async def tokens(self) -> AsyncIterator[list[int]]:
+        self.svc.inbox[self.sid] = self._queue
+        try:
+            await self._open(self.prompt, 0)
+            if self.spec.mode is Mode.AR:
+                async for chunk in self._ar():
+                    yield chunk
+            else:
+                async for chunk in self._speculate():
+                    yield chunk
+        finally:
+            self.svc.inbox.pop(self.sid, None)
+            await self._close()
+            self.stats.tokens = len(self.generated)
+            self.stats.elapsed_s = time.perf_counter() - self.stats.started
+
+    def _emitted(self, new: list[int]) -> list[int]:
+        if new and self.stats.first_token_s is None:
+            self.stats.first_token_s = time.perf_counter() - self.stats.started
+        self.generated.extend(new)
+        return new
+
+    async def _ar(self) -> AsyncIterator[list[int]]:
+        eos = self.svc.model.eos_ids
+        last_progress = time.monotonic()
+        while len(self.generated) < self.max_tokens and not self._stop_requested:
+            v = await self._next_verdict()
+            if v is None or v.status is not VerdictStatus.OK:
+                if time.monotonic() - last_progress > self.svc.settings.request_timeout_s:
+                    raise Unavailable("the verifier stopped streaming")
+                await self._migrate(
+                    "lost" if v is None else v.status.name.lower(), self.prompt + self.generated, 0
+                )
+                continue
+            if v.token is None or v.seq != len(self.generated) % 2**32 and v.seq != 0:
+                continue
+            last_progress = time.monotonic()
+            yield self._emitted([v.token])
+            if v.token in eos:
+                self.finish_reason = "stop"
+                return
+        self.finish_reason = "stop" if self._stop_requested else "length"
+
+    async def _speculate(self) -> AsyncIterator[list[int]]:
+        svc, loop = self.svc, asyncio.get_running_loop()
+        session = DrafterSession(
+            svc.model,
+            self.sid,
+            self.prompt,
+            self.params,
+            self.spec,
+            self.max_tokens,
+            svc.model.eos_ids,
+        )
+        metrics.DRAFT_LEN.labels(self.spec.mode.value).set(self.spec.draft_len)
+        mode = self.spec.mode.value
+        last_progress = time.monotonic()
+        while not session.done and not self._stop_requested:
+            # apply every verdict that has arrived, then draft while allowed, else wait
+            verdict: Verdict | None
+            if not self._queue.empty():
+                verdict = self._queue.get_nowait()
+                self.stats.bytes_down += len(encode(verdict))
+            elif session.can_draft():
+                block = await loop.run_in_executor(svc.pool, session.draft_step)
+                if block is not None:
+                    data = encode(block)
+                    self._sent_at[block.seq] = time.perf_counter()
+                    await svc.nc.publish(
+                        subjects.verify(self.verifier or "-"),
+                        data,
+                        reply=svc.verdict_subject,
+                        headers=headers(),
+                    )
+                    self._count_up(len(data))
+                continue
+            else:
+                verdict = await self._next_verdict()
+            if verdict is None or verdict.status is not VerdictStatus.OK:
+                if verdict is not None and verdict.epoch < session.epoch:
+                    continue  # an old replica talking about an old epoch
+                if time.monotonic() - last_progress > svc.settings.request_timeout_s:
+                    raise Unavailable(
+                        f"no verdict from the cloud within {svc.settings.request_timeout_s:.0f}s"
+                    )
+                session.rebase()
+                await self._migrate(
+                    "lost" if verdict is None else verdict.status.name.lower(),
+                    session.committed,
+                    session.epoch,
+                )
+                continue
+            st = session.stats
+            before = st.drafted, st.accepted, st.rollbacks, st.wasted
+            try:
+                got = session.on_verdict(verdict)
+            except ProtocolError as e:
+                metrics.REJECTED.labels(ROLE, "protocol").inc()
+                event("verdict_ignored", logging.WARNING, error=str(e))
+                continue
+            if got is None:
+                continue
+            sent = self._sent_at.pop(verdict.seq, None)
+            if sent is not None:
+                metrics.VERIFY_RTT.labels(mode).observe(time.perf_counter() - sent)
+            if isinstance(got, SampleRequest):
+                self.stats.tail_mass += got.sparse.tail_mass
+                metrics.TAIL_MASS.inc(got.sparse.tail_mass)
+                got = session.on_correction(await self._sample(got))
+            self._count_round(session, before)
+            last_progress = time.monotonic()
+            if isinstance(got, Committed) and got.tokens:
+                yield self._emitted(got.tokens)
+        self.finish_reason = session.finish_reason or "stop"
+
+    def _count_round(self, session: DrafterSession, before: tuple[int, int, int, int]) -> None:
+        mode, s = self.spec.mode.value, session.stats
+        drafted, accepted = s.drafted - before[0], s.accepted - before[1]
+        metrics.DRAFTS.labels(mode).inc()
+        metrics.DRAFT_TOKENS.labels(mode).inc(drafted)
+        metrics.ACCEPTED_TOKENS.labels(mode).inc(accepted)
+        for i in range(accepted):
+            metrics.ACCEPTED_PER_POS.labels(mode, str(i)).inc()
+        metrics.ROLLBACKS.labels(mode).inc(s.rollbacks - before[2])
+        metrics.WASTED.labels(mode).inc(s.wasted - before[3])
+        self.stats.drafted, self.stats.accepted = s.drafted, s.accepted
+        self.stats.rounds, self.stats.rollbacks, self.stats.wasted = s.rounds, s.rollbacks, s.wasted

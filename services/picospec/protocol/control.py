@@ -1,0 +1,43 @@
+"""Control messages (JSON, low rate): opening and closing sessions, error replies."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from picospec.config import SpecConfig
+from picospec.protocol.codec import MAX_PREFIX_TOKENS
+from picospec.sampling import SamplingParams
+
+MAX_CONTROL_BYTES = 8 << 20
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class OpenSession(_Strict):
+    """Drafter -> any verifier: prefill ``prompt`` (the committed tokens) and hold the session."""
+
+    session: str = Field(pattern=r"^[0-9a-f]{32}$")
+    prompt: list[int] = Field(min_length=1, max_length=MAX_PREFIX_TOKENS)
+    params: SamplingParams
+    spec: SpecConfig
+    vocab_size: int = Field(ge=1)
+    reply_to: str = Field(min_length=1, max_length=256, description="the drafter's verdict subject")
+    max_new_tokens: int = Field(ge=1, description="ar mode: tokens to stream")
+    eos_ids: list[int] = Field(default_factory=list, max_length=64)
+    epoch: int = Field(0, ge=0, lt=2**32, description="first epoch (re-opened sessions)")
+
+
+class OpenReply(_Strict):
+    verifier: str
+    session: str
+
+
+class CloseSession(_Strict):
+    session: str = Field(pattern=r"^[0-9a-f]{32}$")
+
+
+class ErrorReply(_Strict):
+    error: str
+    reason: str

@@ -1,0 +1,328 @@
+"""The verifier service: a thin asyncio shell around :class:`VerifierSession` on NATS.
+
+* ``picospec.v1.sessions.open`` (queue group ``verifiers``): prefill a session and reply with
+  this replica's id; later blocks of the session come to ``picospec.v1.verify.<id>``.
+* Blocks are decoded, queued and verified by one worker in arrival order (so each session's
+  blocks stay in order); verdicts go to the drafter's subject given at open (and per block as
+  the NATS reply subject).
+* Sessions are freed on close, after ``idle_timeout_s``, and — least recently used first — when
+  ``max_sessions`` would be exceeded (the drafter then re-prefills elsewhere).
+* SIGTERM drains: the replica leaves the queue group, tells each session's drafter to move
+  (``DRAINING`` verdict) and exits once they are gone or the grace period ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from picospec import metrics
+from picospec.config import Mode, Settings
+from picospec.models import LanguageModel
+from picospec.protocol import subjects
+from picospec.protocol.codec import (
+    CodecError,
+    DraftBlock,
+    Verdict,
+    VerdictStatus,
+    decode_as,
+    encode,
+)
+from picospec.protocol.control import CloseSession, ErrorReply, OpenReply, OpenSession
+from picospec.serving import connect_nats, event, headers, health_routes, serve_http
+from picospec.verifier.session import BlockRefused, VerifierSession
+
+ROLE = "verifier"
+
+
+@dataclass
+class Held:
+    session: VerifierSession
+    reply_to: str
+    open_req: OpenSession
+    last_used: float = field(default_factory=time.monotonic)
+    ar_task: asyncio.Task[None] | None = None
+
+
+def _reject(reason: str, **fields: object) -> None:
+    metrics.REJECTED.labels(ROLE, reason).inc()
+    event("message_rejected", logging.WARNING, reason=reason, **fields)
+
+
+class VerifierService:
+    def __init__(self, settings: Settings, model: LanguageModel | None = None) -> None:
+        self.settings = settings
+        self.model: LanguageModel = model  # type: ignore[assignment]  # loaded in main()
+        self.id = settings.replica_id or f"{socket.gethostname()[:40]}-{os.urandom(3).hex()}"
+        self.id = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.id)[:64]
+        self.sessions: dict[bytes, Held] = {}
+        self.queue: asyncio.Queue[tuple[float, bytes, DraftBlock]] = asyncio.Queue()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="verify")
+        self.ready = False
+        self.draining = False
+        self._open_sub = None
+
+    # --- NATS handlers ---------------------------------------------------------------
+    async def on_open(self, msg: Msg) -> None:
+        try:
+            req = OpenSession.model_validate_json(msg.data)
+        except ValidationError as e:
+            _reject("bad_open")
+            await self._reply_error(msg, "bad_open", f"invalid open request: {e.errors()[:3]}")
+            return
+        if self.draining:
+            await self._reply_error(msg, "draining", "this verifier is draining")
+            return
+        if req.vocab_size != self.model.vocab_size:
+            await self._reply_error(
+                msg,
+                "vocab_mismatch",
+                f"drafter vocabulary {req.vocab_size} != verifier {self.model.vocab_size}",
+            )
+            return
+        if len(req.prompt) >= self.model.max_context or max(req.prompt) >= self.model.vocab_size:
+            await self._reply_error(msg, "bad_prompt", "prompt too long or ids out of vocabulary")
+            return
+        sid = bytes.fromhex(req.session)
+        self._make_room()
+        loop = asyncio.get_running_loop()
+        try:
+            vs = await loop.run_in_executor(
+                self.pool,
+                VerifierSession,
+                self.model,
+                sid,
+                req.prompt,
+                req.params,
+                req.spec,
+                req.epoch,
+            )
+        except ValueError as e:
+            await self._reply_error(msg, "bad_prompt", str(e))
+            return
+        old = self.sessions.pop(sid, None)
+        if old and old.ar_task:
+            old.ar_task.cancel()
+        held = Held(vs, req.reply_to, req)
+        self.sessions[sid] = held
+        self._gauges()
+        if req.spec.mode is Mode.AR:
+            held.ar_task = asyncio.create_task(self._ar_stream(sid, held))
+        await msg.respond(
+            OpenReply(verifier=self.id, session=req.session).model_dump_json().encode(),
+        )
+        event(
+            "session_opened",
+            session=req.session[:8],
+            mode=req.spec.mode.value,
+            prompt_tokens=len(req.prompt),
+        )
+
+    async def on_block(self, msg: Msg) -> None:
+        try:
+            block = decode_as(msg.data, DraftBlock, max_vocab=self.model.vocab_size)
+        except CodecError as e:
+            _reject("malformed", error=str(e)[:200])
+            return
+        held = self.sessions.get(block.session)
+        if held is None:
+            _reject("unknown_session")
+            if msg.reply:
+                await self._publish(
+                    msg.reply,
+                    Verdict(
+                        session=block.session,
+                        epoch=block.epoch,
+                        seq=block.seq,
+                        status=VerdictStatus.UNKNOWN_SESSION,
+                        accepted=0,
+                        vocab_size=self.model.vocab_size,
+                    ),
+                )
+            return
+        held.last_used = time.monotonic()
+        self.queue.put_nowait((time.monotonic(), block.session, block))
+        metrics.QUEUE_DEPTH.set(self.queue.qsize())
+
+    async def on_close(self, msg: Msg) -> None:
+        try:
+            req = CloseSession.model_validate_json(msg.data)
+        except ValidationError:
+            _reject("bad_close")
+            return
+        self._free(bytes.fromhex(req.session), "closed")
+
+    # --- verification worker -----------------------------------------------------------
+    async def worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            metrics.QUEUE_DEPTH.set(0)
+            metrics.BATCH_SIZE.observe(len(batch))
+            now = time.monotonic()
+            for t_in, _, _ in batch:
+                metrics.QUEUE_WAIT.observe(now - t_in)
+            work = [(self.sessions.get(sid), block) for _, sid, block in batch]
+            t0 = time.perf_counter()
+            results = await loop.run_in_executor(self.pool, self._verify_batch, work)
+            metrics.VERIFY_FORWARD.observe(time.perf_counter() - t0)
+            for held, verdicts in results:
+                for v in verdicts:
+                    await self._publish(held.reply_to, v)
+            self._gauges()
+
+    @staticmethod
+    def _verify_batch(
+        work: list[tuple[Held | None, DraftBlock]],
+    ) -> list[tuple[Held, list[Verdict]]]:
+        """Verify the blocks that were ready together (in arrival order, so per session order
+        holds). Runs on the model thread."""
+        out = []
+        for held, block in work:
+            if held is None:  # closed or evicted while queued
+                continue
+            try:
+                out.append((held, held.session.submit(block)))
+            except BlockRefused as e:
+                _reject(e.reason, error=str(e))
+        return out
+
+    async def _ar_stream(self, sid: bytes, held: Held) -> None:
+        """Cloud-only baseline: decode with the target alone and stream each token."""
+        loop = asyncio.get_running_loop()
+        eos = set(held.open_req.eos_ids)
+        for i in range(held.open_req.max_new_tokens):
+            if self.sessions.get(sid) is not held:
+                return
+            token = await loop.run_in_executor(self.pool, held.session.ar_step)
+            held.last_used = time.monotonic()
+            await self._publish(
+                held.reply_to,
+                Verdict(
+                    session=sid,
+                    epoch=0,
+                    seq=i % 2**32,
+                    accepted=0,
+                    token=token,
+                    vocab_size=self.model.vocab_size,
+                ),
+            )
+            if token in eos:
+                return
+
+    # --- housekeeping ---------------------------------------------------------------------
+    def _free(self, sid: bytes, reason: str) -> None:
+        held = self.sessions.pop(sid, None)
+        if held is None:
+            return
+        if held.ar_task:
+            held.ar_task.cancel()
+        if reason != "closed":
+            metrics.EVICTIONS.labels(reason).inc()
+        event("session_freed", session=sid.hex()[:8], reason=reason)
+        self._gauges()
+
+    def _make_room(self) -> None:
+        while len(self.sessions) >= self.settings.max_sessions:
+            lru = min(self.sessions, key=lambda s: self.sessions[s].last_used)
+            self._free(lru, "memory_cap")
+
+    async def sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.settings.idle_timeout_s / 2))
+            cutoff = time.monotonic() - self.settings.idle_timeout_s
+            for sid in [s for s, h in self.sessions.items() if h.last_used < cutoff]:
+                self._free(sid, "idle")
+
+    def _gauges(self) -> None:
+        metrics.ACTIVE_SESSIONS.set(len(self.sessions))
+        metrics.KV_BYTES.set(sum(h.session.cache.nbytes() for h in self.sessions.values()))
+
+    async def _publish(self, subject: str, verdict: Verdict) -> None:
+        try:
+            await self.nc.publish(subject, encode(verdict), headers=headers())
+        except Exception as e:  # noqa: BLE001 - a bad reply subject must not kill the worker
+            _reject("bad_reply_subject", error=str(e)[:200])
+
+    async def _reply_error(self, msg: Msg, reason: str, message: str) -> None:
+        if msg.reply:
+            body = ErrorReply(error=message, reason=reason).model_dump_json().encode()
+            await self.nc.publish(
+                msg.reply, body, headers=headers(subjects.CT_JSON, **{subjects.H_ERROR: reason})
+            )
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def drain(self) -> None:
+        """Leave the queue group, move every session away, wait for them to go."""
+        self.draining = True
+        self.ready = False
+        if self._open_sub is not None:
+            await self._open_sub.unsubscribe()
+        event("draining", sessions=len(self.sessions))
+        for sid, held in list(self.sessions.items()):
+            await self._publish(
+                held.reply_to,
+                Verdict(
+                    session=sid,
+                    epoch=held.session.epoch,
+                    seq=0,
+                    status=VerdictStatus.DRAINING,
+                    accepted=0,
+                    vocab_size=self.model.vocab_size,
+                ),
+            )
+        deadline = time.monotonic() + self.settings.drain_grace_s
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        event("drained", left=len(self.sessions))
+
+    async def main(self, stop: asyncio.Event) -> None:
+        app = web.Application()
+        app.add_routes(health_routes(lambda: self.ready))
+        runner = await serve_http(app, self.settings.host, self.settings.port)
+        if self.model is None:  # load after /health is up, so startup probes see a live process
+            st = self.settings
+            self.model = await asyncio.get_running_loop().run_in_executor(
+                self.pool,
+                lambda: LanguageModel.load(
+                    st.model,
+                    device=st.device,
+                    dtype=st.dtype,
+                    threads=st.threads,
+                    quantize=st.quantize,
+                ),
+            )
+        metrics.set_build_info(ROLE, self.model.name, self.id, self.settings.site)
+        self.nc = await connect_nats(self.settings, f"verifier-{self.id}")
+        self._open_sub = await self.nc.subscribe(
+            subjects.SESSIONS_OPEN, queue=subjects.VERIFIERS_QUEUE, cb=self.on_open
+        )
+        await self.nc.subscribe(subjects.verify(self.id), cb=self.on_block)
+        await self.nc.subscribe(subjects.close(self.id), cb=self.on_close)
+        tasks = [asyncio.create_task(self.worker()), asyncio.create_task(self.sweeper())]
+        self.ready = True
+        event("ready", replica=self.id, model=self.model.name)
+        await stop.wait()
+        await self.drain()
+        for t in tasks:
+            t.cancel()
+        await self.nc.drain()
+        await runner.cleanup()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def main(settings: Settings) -> int:
+    from picospec.serving import run
+
+    return run(VerifierService(settings).main)

@@ -1,0 +1,59 @@
+"""Tiny models saved to disk with a real (character-level) tokenizer and chat template.
+
+The service processes load models by path like any Hugging Face model, so integration tests
+build these once per session: two 2-layer Llamas with different random weights (target and
+draft) sharing one tokenizer.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
+CHARS = list(string.ascii_letters + string.digits + " \n.,!?'-:;()")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tokenizer():  # type: ignore[no-untyped-def]
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+        bos_token=None, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build(path: Path, seed: int, sharpness: float = 2.0) -> Path:
+    """Save a tiny Llama + the shared tokenizer to ``path``; return it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer()
+    torch.manual_seed(seed)
+    vocab = len(SPECIALS) + len(CHARS)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, sharpness / cfg.hidden_size**0.5)
+        model.lm_head.weight[tok.eos_token_id] -= 0.5  # long enough answers
+    model.generation_config.eos_token_id = tok.eos_token_id
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
