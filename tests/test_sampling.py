@@ -11,6 +11,7 @@ from scipy.stats import chisquare
 
 from picospec.protocol.codec import ValueCodec, sparse_from_probs
 from picospec.sampling import (
+    Rng,
     SamplingParams,
     correction_distribution,
     output_distribution,
@@ -37,7 +38,8 @@ def _one_token(p: torch.Tensor, q: torch.Tensor, gen: torch.Generator, k: int) -
     """Draft x ~ q, verify on the 'cloud' with q(x) only, correct on the 'edge'."""
     x = int(torch.multinomial(q, 1, generator=gen))
     params = SamplingParams(temperature=1.0)
-    out = verify_separate(p[None], [x], [float(q[x])], params, gen, top_k=k)
+    rng = Rng(int(torch.randint(0, 2**62, (), generator=gen)))
+    out = verify_separate(p[None], [x], [float(q[x])], params, rng, 0, top_k=k)
     if out.accepted == 1:
         return x
     assert out.sparse is not None and out.token is None
@@ -114,9 +116,9 @@ def test_standard_rejection_sampling_reproduces_target(case: int) -> None:
     gen = torch.Generator().manual_seed(case)
     params = SamplingParams(temperature=1.0)
     out = []
-    for _ in range(N_SAMPLES):
+    for i in range(N_SAMPLES):
         x = int(torch.multinomial(q, 1, generator=gen))
-        o = standard_verify(p[None], q[None], [x], params, gen)
+        o = standard_verify(p[None], q[None], [x], params, Rng(i), 0)
         out.append(x if o.accepted == 1 else o.token)
     assert _chi2_pvalue(_counts(out, vocab), p) > P_MIN
 
@@ -173,10 +175,9 @@ def test_correction_with_all_residual_in_the_tail_still_returns_a_valid_token() 
 def test_greedy_separate_sends_no_vocabulary() -> None:
     params = SamplingParams(temperature=0.0)
     p = probs_from_logits(torch.tensor([[0.1, 3.0, 0.2], [2.0, 0.0, 0.1]]), params)
-    gen = torch.Generator().manual_seed(0)
-    ok = verify_separate(p, [1, 0], [1.0, 1.0], params, gen, top_k=2)
+    ok = verify_separate(p, [1, 0], [1.0, 1.0], params, Rng(0), 5, top_k=2)
     assert ok.accepted == 2 and not ok.rejected and ok.sparse is None
-    bad = verify_separate(p, [1, 2], [1.0, 1.0], params, gen, top_k=2)
+    bad = verify_separate(p, [1, 2], [1.0, 1.0], params, Rng(0), 5, top_k=2)
     assert (bad.accepted, bad.token, bad.sparse) == (1, 0, None)
 
 
@@ -188,3 +189,10 @@ def test_quantised_values_cost_little(codec: ValueCodec) -> None:
     lossy = total_variation(output_distribution(p, q, 64, codec), p)
     assert exact < 1e-6
     assert 0 < lossy < (0.01 if codec is ValueCodec.F16 else 0.1)
+
+
+def test_randomness_is_a_function_of_seed_stream_and_position() -> None:
+    a, b = Rng(1), Rng(1)
+    assert a.uniform(2, 10) == b.uniform(2, 10)
+    draws = {Rng(1).uniform(s, p) for s in (1, 2) for p in range(50)} | {Rng(2).uniform(1, 0)}
+    assert len(draws) == 101, "streams, positions and seeds are all independent"

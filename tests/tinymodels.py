@@ -35,8 +35,13 @@ def tokenizer():  # type: ignore[no-untyped-def]
     )
 
 
-def build(path: Path, seed: int, sharpness: float = 2.0) -> Path:
-    """Save a tiny Llama + the shared tokenizer to ``path``; return it."""
+def build(path: Path, seed: int, sharpness: float = 2.0, like: Path | None = None,
+          noise: float = 0.0) -> Path:
+    """Save a tiny Llama + the shared tokenizer to ``path``; return it.
+
+    With ``like``, start from that model's weights plus Gaussian ``noise`` (relative): a draft
+    that agrees with its target often but not always, as a real small/large pair does.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tokenizer()
@@ -50,8 +55,13 @@ def build(path: Path, seed: int, sharpness: float = 2.0) -> Path:
     )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, sharpness / cfg.hidden_size**0.5)
-        model.lm_head.weight[tok.eos_token_id] -= 0.5  # long enough answers
+        if like is not None:
+            model = LlamaForCausalLM.from_pretrained(like).eval()
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * noise * p.std())
+        else:
+            model.lm_head.weight.normal_(0.0, sharpness / cfg.hidden_size**0.5)
+            model.lm_head.weight[tok.eos_token_id] = 0.0  # EOS rare: answers run to max_tokens
     model.generation_config.eos_token_id = tok.eos_token_id
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

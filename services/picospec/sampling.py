@@ -33,6 +33,7 @@ Tail mass (the part of ``p_j`` outside the top-K) — how it is treated:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,15 +65,35 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0
 
 
-def generator(seed: int, stream: int) -> torch.Generator:
-    """An independent, reproducible random stream ``stream`` of a session seeded with ``seed``."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed((seed * 1_000_003 + stream * 7_919 + 12_345) % (2**63))
-    return g
+# Random streams: each use of randomness draws from its own stream, keyed by the absolute
+# position of the token it decides.
+STREAM_DRAFT, STREAM_ACCEPT, STREAM_DRAW, STREAM_SAMPLER = 1, 2, 3, 4
 
 
-# Random streams of one session: each role draws from its own so they stay independent.
-STREAM_DRAFT, STREAM_VERIFY, STREAM_SAMPLER = 1, 2, 3
+@dataclass(frozen=True)
+class Rng:
+    """Position-indexed randomness of one session.
+
+    Every random number is a pure function of ``(seed, stream, position)``. The committed token
+    at position ``i`` depends only on the numbers at ``i`` and the committed prefix, which never
+    depends on them, so speculative sampling stays exactly lossless; and because nothing depends
+    on how many tokens were drafted ahead or when verdicts arrived, a seeded request gives the
+    same output through the asynchronous services as in one process.
+    """
+
+    seed: int
+
+    def seed_for(self, stream: int, pos: int) -> int:
+        key = f"{self.seed}:{stream}:{pos}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest()) >> 1
+
+    def gen(self, stream: int, pos: int) -> torch.Generator:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(self.seed_for(stream, pos))
+        return g
+
+    def uniform(self, stream: int, pos: int) -> float:
+        return float(torch.rand((), generator=self.gen(stream, pos), dtype=torch.float64))
 
 
 def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -106,10 +127,6 @@ def draw(probs: torch.Tensor, gen: torch.Generator) -> int:
     return int(torch.multinomial(probs.double(), 1, generator=gen).item())
 
 
-def uniform(gen: torch.Generator) -> float:
-    return float(torch.rand((), generator=gen, dtype=torch.float64).item())
-
-
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``norm(max(0, p - q))``; falls back to ``p`` in the degenerate case ``p <= q`` everywhere."""
     r = (p.double() - q.double()).clamp_min(0.0)
@@ -119,11 +136,11 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return r / total
 
 
-def pick(probs: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    """A token from processed probabilities: argmax when greedy, else a draw."""
+def pick(probs: torch.Tensor, params: SamplingParams, rng: Rng, stream: int, pos: int) -> int:
+    """The token at ``pos`` from processed probabilities: argmax when greedy, else a draw."""
     if params.greedy:
         return int(probs.argmax().item())
-    return draw(probs, gen)
+    return draw(probs, rng.gen(stream, pos))
 
 
 @dataclass(frozen=True)
@@ -141,25 +158,31 @@ def standard_verify(
     q: torch.Tensor,
     tokens: list[int],
     params: SamplingParams,
-    gen: torch.Generator,
+    rng: Rng,
+    pos: int,
     bonus_p: torch.Tensor | None = None,
 ) -> Outcome:
     """Standard speculative sampling with full ``p [n, V]`` and ``q [n, V]`` (the vanilla path).
 
-    Returns the accepted count and the correction token (drawn from the residual) at the first
-    rejection, or a bonus token drawn from ``bonus_p`` when all are accepted and it is given.
+    ``tokens[i]`` sits at absolute position ``pos + i``. Returns the accepted count and the
+    correction token (drawn from the residual) at the first rejection, or a bonus token drawn
+    from ``bonus_p`` when all are accepted and it is given.
     """
     for i, x in enumerate(tokens):
         px, qx = float(p[i, x]), float(q[i, x])
         if params.greedy:
             ok = px > 0.5
         else:
-            ok = qx > 0 and uniform(gen) < min(1.0, px / qx)
+            ok = qx > 0 and rng.uniform(STREAM_ACCEPT, pos + i) < min(1.0, px / qx)
         if not ok:
-            token = pick(p[i], params, gen) if params.greedy else draw(residual(p[i], q[i]), gen)
+            if params.greedy:
+                token = int(p[i].argmax().item())
+            else:
+                token = draw(residual(p[i], q[i]), rng.gen(STREAM_DRAW, pos + i))
             return Outcome(accepted=i, token=token, rejected=True)
-    token = pick(bonus_p, params, gen) if bonus_p is not None else None
-    return Outcome(accepted=len(tokens), token=token)
+    n = len(tokens)
+    token = None if bonus_p is None else pick(bonus_p, params, rng, STREAM_DRAW, pos + n)
+    return Outcome(accepted=n, token=token)
 
 
 def verify_separate(
@@ -167,17 +190,19 @@ def verify_separate(
     tokens: list[int],
     q_x: list[float],
     params: SamplingParams,
-    gen: torch.Generator,
+    rng: Rng,
+    pos: int,
     top_k: int,
     value_codec: ValueCodec = ValueCodec.F32,
     bonus_p: torch.Tensor | None = None,
 ) -> Outcome:
     """The verifier's half of separate rejection sampling.
 
-    ``p [n, V]`` are the target distributions at the drafted positions, ``q_x`` the draft
-    probabilities of the drafted tokens (scalars). At the first rejection ``j`` a greedy run
-    returns ``argmax p_j``; a sampled run returns ``p_j`` compressed to its ``top_k`` largest
-    entries for the sampler. ``bonus_p`` (synchronous modes) yields a bonus token when all pass.
+    ``p [n, V]`` are the target distributions at the drafted positions ``pos, pos+1, …``, ``q_x``
+    the draft probabilities of the drafted tokens (scalars). At the first rejection ``j`` a
+    greedy run returns ``argmax p_j``; a sampled run returns ``p_j`` compressed to its ``top_k``
+    largest entries for the sampler. ``bonus_p`` (synchronous modes) yields a bonus token when
+    all pass.
     """
     for i, x in enumerate(tokens):
         px = float(p[i, x])
@@ -185,13 +210,13 @@ def verify_separate(
             if px > 0.5:
                 continue
             return Outcome(accepted=i, token=int(p[i].argmax().item()), rejected=True)
-        if uniform(gen) < min(1.0, px / q_x[i]):
+        if rng.uniform(STREAM_ACCEPT, pos + i) < min(1.0, px / q_x[i]):
             continue
-        return Outcome(
-            accepted=i, sparse=sparse_from_probs(p[i], top_k, value_codec), rejected=True
-        )
-    token = pick(bonus_p, params, gen) if bonus_p is not None else None
-    return Outcome(accepted=len(tokens), token=token)
+        sparse = sparse_from_probs(p[i], top_k, value_codec)
+        return Outcome(accepted=i, sparse=sparse, rejected=True)
+    n = len(tokens)
+    token = None if bonus_p is None else pick(bonus_p, params, rng, STREAM_DRAW, pos + n)
+    return Outcome(accepted=n, token=token)
 
 
 def correction_distribution(sparse: SparseDist, q: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,8 @@ from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict, VerdictS
 from picospec.sampling import (
     STREAM_DRAFT,
     STREAM_SAMPLER,
+    Rng,
     SamplingParams,
-    generator,
     pick,
     probs_from_logits,
 )
@@ -109,8 +109,7 @@ class DrafterSession:
         self._specs: deque[_Spec] = deque()  # blocks in flight, then the one being drafted
         self._unsent: list[int] = []  # committed tokens the verifier has not seen yet
         self._awaiting_sample: int | None = None  # accepted count of a rejection being sampled
-        self._gen = generator(params.seed, STREAM_DRAFT)
-        self._sample_seeds = np.random.default_rng([params.seed, STREAM_SAMPLER])
+        self._rng = Rng(params.seed)
 
     # --- views ----------------------------------------------------------------------------
     @property
@@ -148,7 +147,7 @@ class DrafterSession:
         logits = self._cache.extend(self._pending)[-1]
         self.stats.draft_forwards += 1
         q = probs_from_logits(logits, self.params)
-        token = pick(q, self.params, self._gen)
+        token = pick(q, self.params, self._rng, STREAM_DRAFT, len(self.committed) + self._n_spec())
         self._pending = [token]
         if not self._specs or self._specs[-1].block is not None:
             self._specs.append(_Spec(block=None))
@@ -227,7 +226,7 @@ class DrafterSession:
         self.stats.tail_mass += verdict.sparse.tail_mass
         self._awaiting_sample = n
         q_j = head.dists[n].numpy().astype(np.float32)
-        seed = int(self._sample_seeds.integers(0, 2**63))
+        seed = self._rng.seed_for(STREAM_SAMPLER, len(self.committed) + n)
         return SampleRequest(sparse=verdict.sparse, q=q_j, seed=seed)
 
     def on_correction(self, token: int) -> Committed:

@@ -24,9 +24,9 @@ from picospec.config import Mode, SpecConfig
 from picospec.models import LanguageModel
 from picospec.protocol.codec import DraftBlock, Verdict, VerdictStatus
 from picospec.sampling import (
-    STREAM_VERIFY,
+    STREAM_DRAW,
+    Rng,
     SamplingParams,
-    generator,
     pick,
     probs_from_logits,
     standard_verify,
@@ -73,7 +73,7 @@ class VerifierSession:
         self.cache = model.new_cache()
         self.next_logits = self.cache.extend(prompt)[-1]
         self.stats = VerifierStats(forwards=1)
-        self._gen = generator(params.seed, STREAM_VERIFY)
+        self._rng = Rng(params.seed)
         self._waiting: dict[int, DraftBlock] = {}
         self._ar_pending: int | None = None
 
@@ -131,14 +131,17 @@ class VerifierSession:
             if block.dense_q is None:
                 raise BlockRefused("missing_dense_q", "vanilla blocks carry full draft dists")
             q = torch.tensor(block.dense_q, dtype=torch.float32)
-            outcome = standard_verify(p, q, list(block.tokens), self.params, self._gen, bonus_p)
+            outcome = standard_verify(
+                p, q, list(block.tokens), self.params, self._rng, start + n_pre, bonus_p
+            )
         else:
             outcome = verify_separate(
                 p,
                 list(block.tokens),
                 list(block.q),
                 self.params,
-                self._gen,
+                self._rng,
+                start + n_pre,
                 self.spec.top_k,
                 self.spec.value_codec,
                 bonus_p,
@@ -169,6 +172,7 @@ class VerifierSession:
         if self._ar_pending is not None:
             self.next_logits = self.cache.extend([self._ar_pending])[-1]
             self.stats.forwards += 1
-        token = pick(probs_from_logits(self.next_logits, self.params), self.params, self._gen)
+        probs = probs_from_logits(self.next_logits, self.params)
+        token = pick(probs, self.params, self._rng, STREAM_DRAW, self.cache.length)
         self._ar_pending = token
         return token
