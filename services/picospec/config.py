@@ -14,6 +14,7 @@ class Mode(StrEnum):
     """How a request is decoded. All modes produce target-equivalent output."""
 
     AR = "ar"  # the verifier alone decodes: the cloud-only baseline
+    EDGE = "edge"  # the draft model alone on the edge: unverified, a speed/quality reference
     VANILLA = "vanilla"  # synchronous: draft, send full q, verify (standard RS), wait
     DSSD = "dssd"  # synchronous separate rejection sampling with sparse p_j (no pipeline)
     PICOSPEC = "picospec"  # pipelined drafting + separate rejection sampling + sparse p_j
@@ -29,7 +30,7 @@ class Mode(StrEnum):
 
     @property
     def speculative(self) -> bool:
-        return self is not Mode.AR
+        return self not in (Mode.AR, Mode.EDGE)
 
 
 class SpecConfig(BaseModel):
@@ -101,6 +102,12 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(4096, ge=1, description="drafter: largest max_tokens accepted")
     drain_grace_s: float = Field(20.0, ge=0, description="verifier: SIGTERM drain deadline")
     site: str = Field("local", description="edge site label for metrics")
+    fallback: str = Field(
+        "none",
+        pattern="^(none|edge)$",
+        description="drafter: 'edge' serves from the draft model alone (marked unverified) "
+        "when the cloud is unreachable, instead of failing with 503",
+    )
 
     def spec(self, mode: Mode | None = None, draft_len: int | None = None) -> SpecConfig:
         return SpecConfig(

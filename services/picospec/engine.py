@@ -95,8 +95,12 @@ def generate(
     eos = target.eos_ids
     wire = Wire()
     t0 = time.perf_counter()
+    if spec.mode is Mode.EDGE:  # the draft model decoding alone, through the same machinery
+        if draft is None:
+            raise ValueError("mode edge needs a draft model")
+        target = draft
     verifier = VerifierSession(target, session, prompt, params, spec)
-    if spec.mode is Mode.AR:
+    if not spec.mode.speculative:
         tokens: list[int] = []
         reason = "length"
         while len(tokens) < max_new_tokens:

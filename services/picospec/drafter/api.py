@@ -60,6 +60,7 @@ class _Request(BaseModel):
     # PicoSpec extensions
     mode: Mode | None = None
     draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
+    fallback: Literal["none", "edge"] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -260,8 +261,13 @@ class Api:
                     f"({max_tokens}) exceeds the context of {limit} tokens",
                     "messages" if chat else "prompt",
                 )
+            fallback = (req.fallback or self.settings.fallback) == "edge"
             gen = svc.generation(
-                prompt, req.sampling(), self.settings.spec(mode, req.draft_len), max_tokens
+                prompt,
+                req.sampling(),
+                self.settings.spec(mode, req.draft_len),
+                max_tokens,
+                fallback,
             )
             metrics.PROMPT_TOKENS.labels(mode.value).inc(len(prompt))
             if req.stream:
@@ -311,6 +317,16 @@ class Api:
             gen.finish_reason = "stop"
         metrics.E2E.labels(mode).observe(time.perf_counter() - t0)
 
+    @staticmethod
+    def _headers(gen: Generation) -> dict[str, str]:
+        """``X-Picospec-Verified: false`` marks answers (partly) from the draft model alone. A
+        stream that degrades after its first token says so in its final chunk's ``picospec``."""
+        verified = gen.stats.verified and gen.spec.mode is not Mode.EDGE
+        return {
+            "X-Picospec-Mode": gen.spec.mode.value,
+            "X-Picospec-Verified": "true" if verified else "false",
+        }
+
     def _usage(self, gen: Generation) -> dict[str, int]:
         n = len(gen.generated)
         return {
@@ -349,7 +365,7 @@ class Api:
             tokens=len(gen.generated),
             elapsed_s=round(gen.stats.elapsed_s, 3),
         )
-        return web.json_response(body, headers={"X-Picospec-Mode": gen.spec.mode.value})
+        return web.json_response(body, headers=self._headers(gen))
 
     async def _stream(
         self,
@@ -368,7 +384,7 @@ class Api:
             headers={
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
-                "X-Picospec-Mode": gen.spec.mode.value,
+                **self._headers(gen),
             }
         )
         await resp.prepare(request)

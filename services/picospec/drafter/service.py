@@ -41,6 +41,7 @@ from picospec.protocol.codec import (
 from picospec.protocol.control import CloseSession, ErrorReply, OpenReply, OpenSession
 from picospec.sampling import SamplingParams
 from picospec.serving import event, headers
+from picospec.verifier.session import VerifierSession
 
 ROLE = "drafter"
 
@@ -73,6 +74,7 @@ class Stats:
     first_token_s: float | None = None
     elapsed_s: float = 0.0
     verifier: str = ""
+    verified: bool = True  # False when (part of) the answer came from the draft model alone
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -92,6 +94,7 @@ class Stats:
             "elapsed_s": self.elapsed_s,
             "tokens_per_s": self.tokens / self.elapsed_s if self.elapsed_s > 0 else None,
             "verifier": self.verifier,
+            "verified": self.verified and self.mode != Mode.EDGE.value,
         }
 
 
@@ -124,9 +127,14 @@ class DrafterService:
         queue.put_nowait(verdict)
 
     def generation(
-        self, prompt: list[int], params: SamplingParams, spec: SpecConfig, max_tokens: int
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        spec: SpecConfig,
+        max_tokens: int,
+        fallback_edge: bool = False,
     ) -> Generation:
-        return Generation(self, prompt, params, spec, max_tokens)
+        return Generation(self, prompt, params, spec, max_tokens, fallback_edge)
 
 
 class Generation:
@@ -139,8 +147,10 @@ class Generation:
         params: SamplingParams,
         spec: SpecConfig,
         max_tokens: int,
+        fallback_edge: bool = False,
     ) -> None:
         self.svc = svc
+        self.fallback_edge = fallback_edge
         self.prompt = prompt
         self.params = params
         self.spec = spec
@@ -226,15 +236,36 @@ class Generation:
         metrics.LINK_MESSAGES.labels("uplink").inc()
 
     async def _next_verdict(self) -> Verdict | None:
-        """The next verdict, or None when the verifier has gone quiet for too long."""
+        """The next verdict, or None when the verifier is gone.
+
+        Waiting longer than ``verify_timeout_s`` pings the verifier: a busy replica answers (on
+        its event loop, while its model thread works) and we keep waiting, up to
+        ``request_timeout_s``; a dead one gets no responders at once and the session moves.
+        """
+        s = self.svc.settings
+        deadline = time.monotonic() + s.request_timeout_s
+        while True:
+            try:
+                v = await asyncio.wait_for(self._queue.get(), timeout=s.verify_timeout_s)
+            except TimeoutError:
+                if time.monotonic() > deadline or not await self._verifier_alive():
+                    return None
+                continue
+            self.stats.bytes_down += len(encode(v))
+            return v
+
+    async def _verifier_alive(self) -> bool:
+        if self.verifier is None:
+            return False
         try:
-            v = await asyncio.wait_for(
-                self._queue.get(), timeout=self.svc.settings.verify_timeout_s
+            await self.svc.nc.request(
+                subjects.ping(self.verifier),
+                b"",
+                timeout=min(2.0, self.svc.settings.nats_timeout_s),
             )
-        except TimeoutError:
-            return None
-        self.stats.bytes_down += len(encode(v))
-        return v
+            return True
+        except Exception:  # noqa: BLE001 - no responders, timeout, reconnecting: presume lost
+            return False
 
     async def _migrate(self, reason: str, committed: list[int], epoch: int) -> None:
         metrics.MIGRATIONS.labels(reason).inc()
@@ -278,18 +309,55 @@ class Generation:
     async def tokens(self) -> AsyncIterator[list[int]]:
         self.svc.inbox[self.sid] = self._queue
         try:
-            await self._open(self.prompt, 0)
-            if self.spec.mode is Mode.AR:
-                async for chunk in self._ar():
+            if self.spec.mode is Mode.EDGE:
+                async for chunk in self._edge():
                     yield chunk
-            else:
-                async for chunk in self._speculate():
+                return
+            try:
+                await self._open(self.prompt, 0)
+                inner = self._ar() if self.spec.mode is Mode.AR else self._speculate()
+                async for chunk in inner:
+                    yield chunk
+            except Unavailable as e:
+                if not self.fallback_edge:
+                    raise
+                self.stats.verified = False
+                metrics.DEGRADED.inc()
+                event(
+                    "degraded_to_edge",
+                    logging.WARNING,
+                    session=self.sid.hex()[:8],
+                    committed=len(self.generated),
+                    error=str(e),
+                )
+                async for chunk in self._edge():
                     yield chunk
         finally:
             self.svc.inbox.pop(self.sid, None)
             await self._close()
             self.stats.tokens = len(self.generated)
             self.stats.elapsed_s = time.perf_counter() - self.stats.started
+
+    async def _edge(self) -> AsyncIterator[list[int]]:
+        """The draft model alone continues from the committed tokens (unverified)."""
+        loop, model = asyncio.get_running_loop(), self.svc.model
+        spec = self.spec.model_copy(update={"mode": Mode.EDGE})
+        local = await loop.run_in_executor(
+            self.svc.pool,
+            VerifierSession,
+            model,
+            self.sid,
+            self.prompt + self.generated,
+            self.params,
+            spec,
+        )
+        while len(self.generated) < self.max_tokens and not self._stop_requested:
+            token = await loop.run_in_executor(self.svc.pool, local.ar_step)
+            yield self._emitted([token])
+            if token in model.eos_ids:
+                self.finish_reason = "stop"
+                return
+        self.finish_reason = "stop" if self._stop_requested else "length"
 
     def _emitted(self, new: list[int]) -> list[int]:
         if new and self.stats.first_token_s is None:

@@ -46,6 +46,11 @@ def close(verifier_id: str) -> str:
     return f"{PREFIX}.sessions.close.{_checked(verifier_id)}"
 
 
+def ping(verifier_id: str) -> str:
+    """Liveness of one verifier replica (request/reply, answered on its event loop)."""
+    return f"{PREFIX}.ping.{_checked(verifier_id)}"
+
+
 def verdicts(drafter_id: str) -> str:
     """Verdicts (and cloud-only token streams) for the sessions of one drafter."""
     return f"{PREFIX}.verdict.{_checked(drafter_id)}"
@@ -54,7 +59,7 @@ def verdicts(drafter_id: str) -> str:
 def all_subjects_of(role: str, ident: str) -> list[str]:
     """Subjects a service of ``role`` listens on (for tests and permissions)."""
     return {
-        "verifier": [SESSIONS_OPEN, verify(ident), close(ident)],
+        "verifier": [SESSIONS_OPEN, verify(ident), close(ident), ping(ident)],
         "sampler": [SAMPLE],
         "drafter": [verdicts(ident)],
     }[role]

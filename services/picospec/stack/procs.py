@@ -1,0 +1,100 @@
+"""Small helpers for the child processes of a local stack: spawning, log tails, stopping."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError):
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: ask for SIGTERM when the parent dies."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def child_preexec() -> Callable[[], None] | None:
+    """The ``preexec_fn`` for a child spawned from the calling thread.
+
+    Children run in their own session (so a Ctrl-C in the terminal reaches only the parent,
+    which then stops them in order). On Linux, a child spawned from the main thread also gets
+    SIGTERM if the parent dies outright, so it cannot outlive a killed ``picospec up`` or test
+    run. The kernel ties that signal to the spawning *thread*, so children spawned from other
+    threads (``asyncio.to_thread``, executors) do not get it: they would be killed as soon as
+    that worker thread exits.
+    """
+    if _libc is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return _die_with_parent
+
+
+def log_tail(path: str | os.PathLike[str], lines: int = 40, max_bytes: int = 16384) -> str:
+    """The last ``lines`` lines of a log file (or a note that it is missing)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return f"(no log at {p})"
+    text = data.decode("utf-8", "replace").splitlines()[-lines:]
+    return "\n".join(f"  | {line}" for line in text) if text else f"(empty log {p})"
+
+
+def spawn(
+    argv: list[str], log_path: Path, env: dict[str, str], cwd: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with stdout and stderr appended to ``log_path``, in its own session."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=child_preexec(),
+        )
+
+
+def terminate_all(
+    procs: Iterable[subprocess.Popen[bytes]], timeout: float, sig: int = signal.SIGTERM
+) -> None:
+    """Signal every live process, wait for all up to ``timeout`` seconds, then SIGKILL the rest."""
+    terminate_each([(p, timeout) for p in procs], sig)
+
+
+def terminate_each(
+    procs: Iterable[tuple[subprocess.Popen[bytes], float]], sig: int = signal.SIGTERM
+) -> None:
+    """Signal every live process at once; SIGKILL each one still alive after its own timeout."""
+    live = [(p, t) for p, t in procs if p.poll() is None]
+    for p, _ in live:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(sig)
+    start = time.monotonic()
+    for p, t in sorted(live, key=lambda pt: pt[1]):
+        try:
+            p.wait(max(0.0, start + t - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait()

@@ -1,0 +1,795 @@
+"""``picospec up``: a whole PicoSpec stack on this machine, and the :class:`Stack` behind it.
+
+Topologies:
+
+- ``single``: one nats-server; N verifiers, the sampler and the drafter all connect to it.
+- ``edge-cloud``: a cloud hub nats-server (verifiers connect here) and an edge leaf node
+  (drafter and sampler connect here). The leaf dials the hub's leafnode port, through the WAN
+  link emulator (``picospec.stack.netem``, its own process) when ``rtt_ms`` or
+  ``bandwidth_mbit`` is set. The leaf connection authenticates with a random user/password.
+
+Every child is its own process with its own entrypoint, configured by ``PICOSPEC_*`` variables,
+logging to ``<run_dir>/<name>.log``. :class:`Stack` waits for each service's ``/ready`` and stops
+everything in order: drafter and sampler, verifiers (which drain), the link, the NATS servers.
+
+Use from tests and benchmarks::
+
+    cfg = StackConfig(topology="edge-cloud", verifiers=2, rtt_ms=60).with_free_ports()
+    with Stack(cfg) as stack:
+        api = stack.api_url                  # http://127.0.0.1:<port>/v1
+        stack.kill("verifier-1")             # SIGKILL one replica
+        stack.link.cut(); stack.link.restore()
+        stack.restart_nats("nats-hub")
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from picospec.stack.natsserver import HOST, NatsServer, NatsServerError, free_ports, port_open
+from picospec.stack.netem import CUT_MESSAGE, READY_MESSAGE, RESTORE_MESSAGE
+from picospec.stack.procs import log_tail, spawn, terminate_all, terminate_each
+
+TOPOLOGIES = ("single", "edge-cloud")
+EDGE_STOP_TIMEOUT_S = 10.0
+VERIFIER_STOP_TIMEOUT_S = 25.0  # the verifier drains for up to ~20 s on SIGTERM
+INFRA_STOP_TIMEOUT_S = 5.0
+NOT_READY_STOP_TIMEOUT_S = 3.0  # a service still loading its model has nothing to drain
+
+
+class StackError(RuntimeError):
+    """A component failed to start, exited, or did not become ready."""
+
+
+@dataclass
+class StackConfig:
+    """Everything ``picospec up`` can set. Ports are fixed by default; see :meth:`with_free_ports`.
+
+    ``verifiers=0``, ``sampler=False`` and ``drafter=False`` leave those services out (e.g. to
+    run only the NATS topology and the link). ``emulate_link=None`` starts the link emulator in
+    ``edge-cloud`` exactly when ``rtt_ms`` or ``bandwidth_mbit`` is set; True forces it (so the
+    link can be cut even with no delay), False never starts it.
+    """
+
+    topology: str = "single"
+    verifiers: int = 1
+    sampler: bool = True
+    drafter: bool = True
+    drafter_model: str = "smollm2"
+    verifier_model: str = "smollm2"
+    quantize_draft: str = "none"
+    threads: int | None = None
+    rtt_ms: float | None = None
+    bandwidth_mbit: float | None = None
+    emulate_link: bool | None = None
+    site: str = "edge-1"
+    nats_port: int = 4222  # the single server, or the cloud hub's client port
+    edge_nats_port: int = 4223  # edge-cloud: the leaf node's client port
+    leaf_port: int = 7422  # edge-cloud: the hub's leafnode port
+    link_port: int = 7423  # edge-cloud: the link emulator, in front of leaf_port
+    monitor_port: int = 8222  # nats monitoring of the single server / hub
+    edge_monitor_port: int = 8223  # nats monitoring of the leaf node
+    api_port: int = 8000  # the drafter's OpenAI-compatible API
+    verifier_port: int = 8101  # verifier i listens on verifier_port + i - 1 ...
+    verifier_ports: tuple[int, ...] = ()  # ... unless listed here explicitly
+    sampler_port: int = 8201
+    client_auth: bool = False  # require a random user/password from every NATS client
+    run_dir: Path | None = None
+    ready_timeout: float = 300.0
+    log_level: str = "INFO"
+    env: dict[str, str] = field(default_factory=dict)  # extra variables for every service
+
+    def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}")
+        if self.verifiers < 0:
+            raise ValueError("verifiers must be >= 0")
+        if self.quantize_draft not in ("none", "int8"):
+            raise ValueError("quantize_draft must be none or int8")
+        if self.rtt_ms is not None and self.rtt_ms < 0:
+            raise ValueError("rtt_ms must be >= 0")
+        if self.bandwidth_mbit is not None and self.bandwidth_mbit <= 0:
+            raise ValueError("bandwidth_mbit must be > 0")
+        if self.verifier_ports and len(self.verifier_ports) < self.verifiers:
+            raise ValueError("fewer verifier_ports than verifiers")
+        for key in self.env:
+            if not key or "=" in key:
+                raise ValueError(f"bad environment variable name {key!r}")
+
+    @property
+    def link_enabled(self) -> bool:
+        if self.topology != "edge-cloud":
+            return False
+        if self.emulate_link is not None:
+            return self.emulate_link
+        return self.rtt_ms is not None or self.bandwidth_mbit is not None
+
+    def port_of_verifier(self, i: int) -> int:
+        """The HTTP port of verifier ``i`` (1-based)."""
+        if self.verifier_ports:
+            return self.verifier_ports[i - 1]
+        return self.verifier_port + i - 1
+
+    def with_free_ports(self) -> StackConfig:
+        """A copy where every port is one the OS reports free now (for tests and benchmarks)."""
+        names = (
+            "nats_port",
+            "edge_nats_port",
+            "leaf_port",
+            "link_port",
+            "monitor_port",
+            "edge_monitor_port",
+            "api_port",
+            "sampler_port",
+        )
+        picked = free_ports(len(names) + self.verifiers)
+        ports = dict(zip(names, picked, strict=False))
+        verifier_ports = tuple(picked[len(names) :])
+        return dataclasses.replace(self, verifier_ports=verifier_ports, **ports)
+
+
+@dataclass
+class Service:
+    """One PicoSpec service process (verifier, sampler or drafter)."""
+
+    name: str
+    role: str
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    was_ready: bool = False  # reached /ready since its last start (else nothing to drain)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def argv(self, log_level: str) -> list[str]:
+        return [sys.executable, "-m", "picospec.cli", "--log-level", log_level, self.role]
+
+
+def http_status(url: str, timeout: float = 1.0) -> int | None:
+    """The HTTP status of a GET, or None if nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback
+            return int(resp.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except (OSError, ValueError):
+        return None
+
+
+def _count_lines(path: Path, text: str) -> int:
+    try:
+        return path.read_text(errors="replace").count(text)
+    except OSError:
+        return 0
+
+
+class LinkControl:
+    """Partition and heal the edge-cloud link by signalling the link emulator process."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.proc = proc
+        self.log_path = log_path
+        self.is_cut = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _signal(self, sig: int, marker: str, timeout: float) -> None:
+        if self.proc.poll() is not None:
+            raise StackError(f"the link emulator has exited:\n{log_tail(self.log_path)}")
+        before = _count_lines(self.log_path, marker)
+        self.proc.send_signal(sig)
+        deadline = time.monotonic() + timeout
+        while _count_lines(self.log_path, marker) <= before:
+            if time.monotonic() > deadline:
+                raise StackError(f"the link emulator did not confirm {marker!r}")
+            time.sleep(0.01)
+
+    def cut(self, timeout: float = 5.0) -> None:
+        """Close every connection through the link and refuse new ones (SIGUSR1)."""
+        self._signal(signal.SIGUSR1, CUT_MESSAGE, timeout)
+        self.is_cut = True
+
+    def restore(self, timeout: float = 5.0) -> None:
+        """Accept connections again (SIGUSR2); the leaf node redials within about a second."""
+        self._signal(signal.SIGUSR2, RESTORE_MESSAGE, timeout)
+        self.is_cut = False
+
+
+class Stack:
+    """A running local PicoSpec stack; a context manager (``with Stack(cfg) as stack``).
+
+    Component names: ``nats`` (single) or ``nats-hub`` and ``nats-edge`` (edge-cloud), ``netem``
+    (when the link is emulated), ``verifier-1`` ... ``verifier-N``, ``sampler``, ``drafter``.
+    """
+
+    def __init__(self, config: StackConfig | None = None) -> None:
+        self.config = config or StackConfig()
+        cfg = self.config
+        self.run_dir = Path(cfg.run_dir or tempfile.mkdtemp(prefix="picospec-stack-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.client_user = "picospec" if cfg.client_auth else None
+        self.client_password = secrets.token_hex(16) if cfg.client_auth else None
+        self.leaf_user = "leaf-" + secrets.token_hex(4)
+        self.leaf_password = secrets.token_hex(16)
+        self.nats: dict[str, NatsServer] = {}
+        self.netem: subprocess.Popen[bytes] | None = None
+        self.link: LinkControl | None = None
+        self.services: dict[str, Service] = {}
+        self._stopped_on_purpose: set[str] = set()
+        self._build()
+
+    # -- layout ------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        cfg = self.config
+        common = {"user": self.client_user, "password": self.client_password}
+        if cfg.topology == "single":
+            self.nats["nats"] = NatsServer(
+                cfg.nats_port,
+                name="nats",
+                http_port=cfg.monitor_port,
+                run_dir=self.run_dir,
+                **common,
+            )
+        else:
+            hub = NatsServer(
+                cfg.nats_port,
+                name="nats-hub",
+                http_port=cfg.monitor_port,
+                leaf_port=cfg.leaf_port,
+                leaf_user=self.leaf_user,
+                leaf_password=self.leaf_password,
+                run_dir=self.run_dir,
+                **common,
+            )
+            remote = hub.leaf_remote(via_port=cfg.link_port if cfg.link_enabled else None)
+            self.nats["nats-hub"] = hub
+            self.nats["nats-edge"] = NatsServer(
+                cfg.edge_nats_port,
+                name="nats-edge",
+                http_port=cfg.edge_monitor_port,
+                leaf_remotes=[remote],
+                run_dir=self.run_dir,
+                **common,
+            )
+        cloud_url, edge_url = self.cloud_nats_url, self.nats_url
+        for i in range(1, cfg.verifiers + 1):
+            name = f"verifier-{i}"
+            port = cfg.port_of_verifier(i)
+            env = {
+                "PICOSPEC_NATS_URL": cloud_url,
+                "PICOSPEC_MODEL": cfg.verifier_model,
+                "PICOSPEC_QUANTIZE": "none",
+                "PICOSPEC_PORT": str(port),
+                "PICOSPEC_REPLICA_ID": name,
+            }
+            self.services[name] = self._service(name, "verifier", port, env)
+        if cfg.sampler:
+            env = {
+                "PICOSPEC_NATS_URL": edge_url,
+                "PICOSPEC_MODEL": cfg.drafter_model,
+                "PICOSPEC_PORT": str(cfg.sampler_port),
+                "PICOSPEC_SITE": cfg.site,
+            }
+            self.services["sampler"] = self._service("sampler", "sampler", cfg.sampler_port, env)
+        if cfg.drafter:
+            env = {
+                "PICOSPEC_NATS_URL": edge_url,
+                "PICOSPEC_MODEL": cfg.drafter_model,
+                "PICOSPEC_QUANTIZE": cfg.quantize_draft,
+                "PICOSPEC_PORT": str(cfg.api_port),
+                "PICOSPEC_SITE": cfg.site,
+            }
+            self.services["drafter"] = self._service("drafter", "drafter", cfg.api_port, env)
+
+    def _service(self, name: str, role: str, port: int, env: dict[str, str]) -> Service:
+        cfg = self.config
+        full = dict(os.environ)
+        full["PYTHONUNBUFFERED"] = "1"
+        full["PICOSPEC_HOST"] = HOST
+        if cfg.threads is not None:
+            full["PICOSPEC_THREADS"] = str(cfg.threads)
+        if self.client_user is not None:
+            full["PICOSPEC_NATS_USER"] = self.client_user
+            full["PICOSPEC_NATS_PASSWORD"] = self.client_password or ""
+        full.update(env)
+        full.update(cfg.env)
+        return Service(name, role, port, full, self.run_dir / f"{name}.log")
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    @property
+    def nats_url(self) -> str:
+        """Where edge clients connect: the single server or the edge leaf node."""
+        return (self.nats.get("nats-edge") or self.nats["nats"]).url
+
+    @property
+    def cloud_nats_url(self) -> str:
+        """Where cloud clients (verifiers) connect: the single server or the hub."""
+        return (self.nats.get("nats-hub") or self.nats["nats"]).url
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{HOST}:{self.config.api_port}/v1"
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """PIDs of the running components, by name."""
+        out: dict[str, int] = {}
+        for name, server in self.nats.items():
+            if server.running and server.pid is not None:
+                out[name] = server.pid
+        if self.netem is not None and self.netem.poll() is None:
+            out["netem"] = self.netem.pid
+        for name, svc in self.services.items():
+            if svc.proc is not None and svc.proc.poll() is None:
+                out[name] = svc.proc.pid
+        return out
+
+    @property
+    def urls(self) -> dict[str, str]:
+        """Each component's address, plus ``api`` (the OpenAI-compatible base URL)."""
+        out = {name: server.url for name, server in self.nats.items()}
+        if self.config.link_enabled:
+            out["netem"] = f"tcp://{HOST}:{self.config.link_port}"
+        for name, svc in self.services.items():
+            out[name] = svc.url
+        if "drafter" in self.services:
+            out["api"] = self.api_url
+        return out
+
+    def log_path(self, name: str) -> Path:
+        if name in self.nats:
+            return self.nats[name].log_path
+        if name == "netem":
+            return self.run_dir / "netem.log"
+        return self._get_service(name).log_path
+
+    def summary(self) -> list[str]:
+        """One line per component: name, PID, URL."""
+        pids, urls = self.pids, self.urls
+        lines = []
+        for name in [*self.nats, "netem", *self.services]:
+            if name in urls:
+                pid = pids.get(name)
+                lines.append(f"{name:<12} pid {pid if pid else '-':<8} {urls[name]}")
+        return lines
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Stack:
+        """Start every component and wait until each is ready; on any failure stop them all."""
+        try:
+            self._check_ports()
+            self._start_infra()
+            for name in self.services:
+                self.start_service(name, wait=False)
+            self.wait_ready(timeout=self.config.ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _check_ports(self) -> None:
+        """Fail early and clearly if anything already listens on one of our ports (a service
+        that cannot bind would exit, but another process's /ready could answer for it)."""
+        ports = {p: name for name, server in self.nats.items() for p in server.ports}
+        if self.config.link_enabled:
+            ports[self.config.link_port] = "netem"
+        ports.update({svc.port: name for name, svc in self.services.items()})
+        busy = [f"{p} ({name})" for p, name in ports.items() if port_open(HOST, p, timeout=0.2)]
+        if busy:
+            raise StackError(
+                f"already in use on {HOST}: {', '.join(busy)}; is another stack running? "
+                "(choose other ports)"
+            )
+
+    def _start_infra(self) -> None:
+        cfg = self.config
+        try:
+            if cfg.topology == "single":
+                self.nats["nats"].start()
+                return
+            self.nats["nats-hub"].start()
+            if cfg.link_enabled:
+                self._start_netem()
+            edge = self.nats["nats-edge"].start()
+            edge.wait_leafnodes(1, timeout=15.0 + 4 * (cfg.rtt_ms or 0) / 1000)
+        except NatsServerError as e:
+            raise StackError(str(e)) from e
+
+    def _start_netem(self) -> None:
+        cfg = self.config
+        log_path = self.log_path("netem")
+        argv = [
+            sys.executable,
+            "-m",
+            "picospec.stack.netem",
+            "--listen",
+            str(cfg.link_port),
+            "--target",
+            f"{HOST}:{cfg.leaf_port}",
+            "--rtt-ms",
+            str(cfg.rtt_ms or 0.0),
+        ]
+        if cfg.bandwidth_mbit is not None:
+            argv += ["--bandwidth-mbit", str(cfg.bandwidth_mbit)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        before = _count_lines(log_path, READY_MESSAGE)
+        self.netem = spawn(argv, log_path, env, self.run_dir)
+        self.link = LinkControl(self.netem, log_path)
+        deadline = time.monotonic() + 15.0
+        while _count_lines(log_path, READY_MESSAGE) <= before:
+            if self.netem.poll() is not None:
+                raise StackError(
+                    f"netem exited with code {self.netem.returncode}:\n{log_tail(log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise StackError(f"netem did not start within 15s:\n{log_tail(log_path)}")
+            time.sleep(0.02)
+
+    def _get_service(self, name: str) -> Service:
+        try:
+            return self.services[name]
+        except KeyError:
+            known = ", ".join([*self.nats, "netem", *self.services])
+            raise KeyError(f"no component {name!r} (known: {known})") from None
+
+    def start_service(self, name: str, wait: bool = True, timeout: float | None = None) -> None:
+        """(Re)start one service, e.g. after :meth:`kill`; optionally wait for its /ready."""
+        svc = self._get_service(name)
+        if svc.proc is not None and svc.proc.poll() is None:
+            raise StackError(f"{name} is already running (pid {svc.proc.pid})")
+        self._stopped_on_purpose.discard(name)
+        svc.was_ready = False
+        svc.proc = spawn(svc.argv(self.config.log_level), svc.log_path, svc.env, self.run_dir)
+        if wait:
+            self.wait_ready([name], timeout=timeout or self.config.ready_timeout)
+
+    def wait_ready(self, names: list[str] | None = None, timeout: float = 300.0) -> None:
+        """Poll each service's ``/ready`` until 200; fail on exit or timeout with its log."""
+        pending = list(self.services if names is None else names)
+        deadline = time.monotonic() + timeout
+        while pending:
+            for name in list(pending):
+                svc = self._get_service(name)
+                if svc.proc is None:
+                    raise StackError(f"{name} was not started")
+                if svc.proc.poll() is not None:
+                    raise StackError(
+                        f"{name} exited with code {svc.proc.returncode} before it was ready "
+                        f"(log {svc.log_path}):\n{log_tail(svc.log_path)}"
+                    )
+                if http_status(f"{svc.url}/ready") == 200:
+                    svc.was_ready = True
+                    pending.remove(name)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                tails = "\n".join(
+                    f"{n} (log {self._get_service(n).log_path}):\n"
+                    f"{log_tail(self._get_service(n).log_path, lines=20)}"
+                    for n in pending
+                )
+                raise StackError(f"not ready after {timeout:.0f}s: {', '.join(pending)}\n{tails}")
+            time.sleep(0.2)
+
+    def exited(self) -> dict[str, int]:
+        """Services and servers that have exited on their own (not via stop/kill): name -> code."""
+        out: dict[str, int] = {}
+        for name, svc in self.services.items():
+            if svc.proc is not None and name not in self._stopped_on_purpose:
+                code = svc.proc.poll()
+                if code is not None:
+                    out[name] = code
+        if self.netem is not None and "netem" not in self._stopped_on_purpose:
+            code = self.netem.poll()
+            if code is not None:
+                out["netem"] = code
+        for name, server in self.nats.items():
+            if name not in self._stopped_on_purpose and server.proc is not None:
+                code = server.proc.poll()
+                if code is not None:
+                    out[name] = code
+        return out
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, wait: float | None = None) -> None:
+        """Send ``sig`` to one component. SIGKILL is waited for; other signals only when
+        ``wait`` (seconds) is given. A killed service can come back with :meth:`start_service`."""
+        if name in self.nats:
+            proc = self.nats[name].proc
+        elif name == "netem":
+            proc = self.netem
+        else:
+            proc = self._get_service(name).proc
+        if proc is None or proc.poll() is not None:
+            raise StackError(f"{name} is not running")
+        self._stopped_on_purpose.add(name)
+        proc.send_signal(sig)
+        if sig == signal.SIGKILL or wait is not None:
+            proc.wait(wait)
+
+    def restart_nats(self, name: str | None = None, down_s: float = 0.0) -> None:
+        """Stop a NATS server (the single server or, by default, the hub), stay down ``down_s``
+        seconds, start it again on the same ports. In edge-cloud, wait for the leaf to rejoin
+        unless the link is cut."""
+        name = name or ("nats" if "nats" in self.nats else "nats-hub")
+        if name not in self.nats:
+            raise KeyError(f"no NATS server {name!r} (known: {', '.join(self.nats)})")
+        server = self.nats[name]
+        self._stopped_on_purpose.discard(name)
+        server.stop()
+        if down_s > 0:
+            time.sleep(down_s)
+        try:
+            server.start()
+            if "nats-edge" in self.nats and not (self.link and self.link.is_cut):
+                self.nats["nats-edge"].wait_leafnodes(1, timeout=15.0)
+        except NatsServerError as e:
+            raise StackError(str(e)) from e
+
+    def stop(self) -> None:
+        """Stop in order: drafter and sampler, verifiers, the link, the NATS servers.
+
+        Each group gets SIGTERM and its grace period (verifiers drain). Services that never
+        became ready (still loading a model) have nothing to drain: they go with the first
+        group, with a short grace period.
+        """
+        edge, cloud = [], []
+        for name, svc in self.services.items():
+            if svc.proc is None:
+                continue
+            if not svc.was_ready:
+                edge.append((svc.proc, NOT_READY_STOP_TIMEOUT_S))
+            elif name in ("drafter", "sampler"):
+                edge.append((svc.proc, EDGE_STOP_TIMEOUT_S))
+            else:
+                cloud.append((svc.proc, VERIFIER_STOP_TIMEOUT_S))
+        terminate_each(edge)
+        terminate_each(cloud)
+        self._stopped_on_purpose.update(self.services)
+        if self.netem is not None:
+            terminate_all([self.netem], INFRA_STOP_TIMEOUT_S)
+            self._stopped_on_purpose.add("netem")
+        for name in ("nats-edge", "nats-hub", "nats"):
+            if name in self.nats:
+                self.nats[name].stop(INFRA_STOP_TIMEOUT_S)
+
+
+# -- the demo request ------------------------------------------------------------------------
+
+
+def _model_id(api_url: str) -> str:
+    try:
+        with urllib.request.urlopen(f"{api_url}/models", timeout=5) as resp:  # noqa: S310
+            data = json.loads(resp.read())
+        return str(data["data"][0]["id"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "picospec"
+
+
+def stream_chat(
+    api_url: str,
+    prompt: str,
+    max_tokens: int = 64,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    timeout: float = 300.0,
+) -> Iterator[dict[str, Any]]:
+    """POST a streaming chat completion and yield each server-sent event's JSON object."""
+    body = {
+        "model": _model_id(api_url),
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "stream": True,
+    }
+    req = urllib.request.Request(
+        f"{api_url}/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback
+        for raw in resp:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data:"):
+                continue
+            payload = line[len("data:") :].strip()
+            if payload == "[DONE]":
+                return
+            yield json.loads(payload)
+
+
+def run_demo(api_url: str, prompt: str, max_tokens: int = 64, out: Any = None) -> dict[str, Any]:
+    """Stream one chat answer to ``out`` as it arrives; print and return the final stats."""
+    out = out or sys.stdout
+    stats: dict[str, Any] = {}
+    print(f"demo> {prompt}", file=out, flush=True)
+    for chunk in stream_chat(api_url, prompt, max_tokens=max_tokens):
+        for choice in chunk.get("choices") or []:
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                print(text, end="", file=out, flush=True)
+        if isinstance(chunk.get("picospec"), dict):
+            stats = chunk["picospec"]
+    print(file=out)
+    print(json.dumps({"picospec": stats}, indent=2), file=out, flush=True)
+    return stats
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def _env_pair(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    return key, val
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topology", choices=TOPOLOGIES, default="single")
+    p.add_argument("--verifiers", type=int, default=1, help="verifier replicas")
+    p.add_argument("--drafter", default="smollm2", help="draft model (edge)")
+    p.add_argument("--verifier", default="smollm2", help="target model (cloud)")
+    p.add_argument("--quantize-draft", choices=["none", "int8"], default="none")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per service")
+    p.add_argument("--rtt-ms", type=float, default=None, help="edge-cloud: added round trip")
+    p.add_argument(
+        "--bandwidth-mbit", type=float, default=None, help="edge-cloud: link capacity per way"
+    )
+    p.add_argument("--port", type=int, default=8000, help="the drafter's API port")
+    p.add_argument("--nats-port", type=int, default=4222, help="NATS client port (hub)")
+    p.add_argument("--edge-nats-port", type=int, default=None, help="leaf client port")
+    p.add_argument("--leaf-port", type=int, default=7422, help="the hub's leafnode port")
+    p.add_argument("--link-port", type=int, default=7423, help="the link emulator's port")
+    p.add_argument("--monitor-port", type=int, default=8222, help="NATS monitoring (the leaf: +1)")
+    p.add_argument("--verifier-port", type=int, default=8101, help="verifier i: this + i - 1")
+    p.add_argument("--sampler-port", type=int, default=8201, help="the sampler's HTTP port")
+    p.add_argument("--site", default="edge-1", help="edge site label")
+    p.add_argument("--run-dir", type=Path, default=None, help="configs and logs (default: temp)")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds")
+    p.add_argument("--demo", action="store_true", help="send one streaming chat request")
+    p.add_argument("--demo-prompt", default="What is the capital of France?")
+    p.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for every service (repeatable), e.g. PICOSPEC_DRAFT_LEN=8",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> StackConfig:
+    return StackConfig(
+        topology=args.topology,
+        verifiers=args.verifiers,
+        drafter_model=args.drafter,
+        verifier_model=args.verifier,
+        quantize_draft=args.quantize_draft,
+        threads=args.threads,
+        rtt_ms=args.rtt_ms,
+        bandwidth_mbit=args.bandwidth_mbit,
+        site=args.site,
+        nats_port=args.nats_port,
+        edge_nats_port=args.edge_nats_port or args.nats_port + 1,
+        leaf_port=args.leaf_port,
+        link_port=args.link_port,
+        monitor_port=args.monitor_port,
+        edge_monitor_port=args.monitor_port + 1,
+        verifier_port=args.verifier_port,
+        sampler_port=args.sampler_port,
+        api_port=args.port,
+        run_dir=args.run_dir,
+        ready_timeout=args.ready_timeout,
+        log_level="INFO",
+        env=dict(args.env),
+    )
+
+
+class _Terminate(BaseException):
+    """SIGTERM (or SIGINT) arrived: stop the stack."""
+
+
+def _raise_terminate(signum: int, frame: object) -> None:
+    raise _Terminate(signum)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"picospec up: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        stack = Stack(cfg)
+    except NatsServerError as e:  # e.g. the nats-server binary is missing
+        print(f"picospec up: error: {e}", file=sys.stderr)
+        return 2
+    old = {s: signal.signal(s, _raise_terminate) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        print(f"picospec up: {cfg.topology}, logs in {stack.run_dir}", flush=True)
+        stack.start()
+        for line in stack.summary():
+            print(line, flush=True)
+        print(f"API: {stack.api_url}" if cfg.drafter else "no drafter", flush=True)
+        if args.demo and cfg.drafter:
+            try:
+                run_demo(stack.api_url, args.demo_prompt)
+            except (OSError, ValueError) as e:
+                print(f"picospec up: demo request failed: {e}", file=sys.stderr, flush=True)
+        print("serving; Ctrl-C to stop", flush=True)
+        reported: set[str] = set()
+        while True:
+            for name, rc in stack.exited().items():
+                if name not in reported:
+                    reported.add(name)
+                    print(
+                        f"picospec up: warning: {name} exited with code {rc}:\n"
+                        f"{log_tail(stack.log_path(name), lines=20)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            time.sleep(0.5)
+    except _Terminate:
+        pass
+    except StackError as e:
+        print(f"picospec up: error: {e}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        for s in old:  # a second Ctrl-C must not cut the orderly shutdown short
+            signal.signal(s, signal.SIG_IGN)
+        print("stopping...", flush=True)
+        with contextlib.suppress(_Terminate):
+            stack.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+        print("stopped", flush=True)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="picospec up", description="run a whole PicoSpec stack locally (Ctrl-C stops it)"
+    )
+    add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cmd_up(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

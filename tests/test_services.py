@@ -1,0 +1,330 @@
+"""The services as real processes on a real nats-server, on tiny models saved to disk.
+
+A module-wide stack (2 verifiers, a sampler, a drafter) serves most tests; the topology and
+failure tests start their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import pytest
+import tinymodels
+
+from picospec.config import Mode, SpecConfig
+from picospec.engine import generate
+from picospec.models import LanguageModel
+from picospec.protocol import subjects
+from picospec.sampling import SamplingParams
+from picospec.stack.up import Stack, StackConfig
+
+ENV = {"PICOSPEC_VERIFY_TIMEOUT_S": "2", "PICOSPEC_REQUEST_TIMEOUT_S": "20",
+       "PICOSPEC_THREADS": "1", "PICOSPEC_IDLE_TIMEOUT_S": "60"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("models")
+    target = tinymodels.build(root / "target", seed=1)
+    draft = tinymodels.build(root / "draft", seed=2, like=target, noise=0.3)
+    return target, draft
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dirs: tuple[Path, Path]) -> LanguageModel:
+    return LanguageModel.load(str(tiny_dirs[0]), device="cpu")
+
+
+def _config(tiny_dirs: tuple[Path, Path], **kw: Any) -> StackConfig:
+    base = {"verifiers": 2, "drafter_model": str(tiny_dirs[1]),
+            "verifier_model": str(tiny_dirs[0]), "env": dict(ENV), "ready_timeout": 180.0}
+    base.update(kw)
+    return StackConfig(**base).with_free_ports()
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_dirs: tuple[Path, Path]) -> Stack:
+    with Stack(_config(tiny_dirs)) as s:
+        yield s
+
+
+def post(url: str, body: dict[str, Any] | bytes, timeout: float = 60) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def chat(api: str, content: str, **kw: Any) -> tuple[int, dict]:
+    body = {"model": "picospec", "messages": [{"role": "user", "content": content}],
+            "temperature": 0, "max_tokens": 48, **kw}
+    return post(f"{api}/chat/completions", body)
+
+
+def expected(ref: LanguageModel, content: str, n: int) -> str:
+    prompt = ref.encode_chat([{"role": "user", "content": content}])
+    out = generate(ref, None, prompt, SamplingParams(temperature=0), SpecConfig(mode=Mode.AR), n)
+    return ref.decode(out.tokens)
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def stream_chat(api: str, content: str, max_tokens: int, **kw: Any) -> tuple[str, dict]:
+    body = {"model": "picospec", "messages": [{"role": "user", "content": content}],
+            "temperature": 0, "max_tokens": max_tokens, "stream": True, **kw}
+    text, final = [], {}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{api}/chat/completions", json=body,
+                             timeout=aiohttp.ClientTimeout(total=120)) as r:
+            assert r.status == 200
+            async for raw in r.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                obj = json.loads(line[6:])
+                assert "error" not in obj, obj
+                delta = obj["choices"][0]["delta"].get("content")
+                if delta:
+                    text.append(delta)
+                if obj["choices"][0]["finish_reason"]:
+                    final = obj
+    return "".join(text), final
+
+
+# --- correctness through the stack -------------------------------------------------------
+
+
+def test_edge_mode_is_the_draft_model_alone_and_says_so(
+    stack: Stack, tiny_dirs: tuple[Path, Path]
+) -> None:
+    draft = LanguageModel.load(str(tiny_dirs[1]), device="cpu")
+    status, body = chat(stack.api_url, "Edge only", mode="edge", max_tokens=30)
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == expected(draft, "Edge only", 30)
+    assert body["picospec"]["verified"] is False and body["picospec"]["bytes_up"] == 0
+
+
+@pytest.mark.parametrize("mode", ["ar", "vanilla", "dssd", "picospec"])
+def test_greedy_through_the_stack_matches_the_verifier_alone(
+    stack: Stack, reference: LanguageModel, mode: str
+) -> None:
+    status, body = chat(stack.api_url, "Tell me a story", mode=mode, max_tokens=60)
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == expected(reference, "Tell me a story", 60)
+    assert body["usage"]["completion_tokens"] == 60
+    assert body["choices"][0]["finish_reason"] == "length"
+    stats = body["picospec"]
+    assert stats["mode"] == mode and stats["bytes_up"] > 0 and stats["bytes_down"] > 0
+    if mode != "ar":
+        assert stats["rounds"] > 0 and 0 <= stats["acceptance_rate"] <= 1
+
+
+def test_eight_concurrent_streams_complete_correctly(stack: Stack,
+                                                     reference: LanguageModel) -> None:
+    prompts = [f"Question number {i}?" for i in range(8)]
+
+    async def all_streams() -> list[tuple[str, dict]]:
+        return await asyncio.gather(*(stream_chat(stack.api_url, p, 80) for p in prompts))
+
+    results = asyncio.run(all_streams())
+    for p, (text, final) in zip(prompts, results, strict=True):
+        assert text == expected(reference, p, 80)
+        assert final["usage"]["completion_tokens"] == 80
+        assert final["picospec"]["rounds"] > 0
+
+
+def test_openai_client_streams_a_chat_completion(stack: Stack,
+                                                 reference: LanguageModel) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=stack.api_url, api_key="unused")
+    assert [m.id for m in client.models.list()] == ["picospec"]
+    chunks = client.chat.completions.create(
+        model="picospec", messages=[{"role": "user", "content": "Hi"}], max_tokens=30,
+        temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected(reference, "Hi", 30)
+
+
+def test_stop_strings_and_sampling(stack: Stack, reference: LanguageModel) -> None:
+    full = expected(reference, "Stop test", 60)
+    stop = full[20:23]
+    status, body = chat(stack.api_url, "Stop test", max_tokens=60, stop=[stop])
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == full[: full.index(stop)]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    a = chat(stack.api_url, "Sample", temperature=0.9, seed=7, top_k=20)[1]
+    b = chat(stack.api_url, "Sample", temperature=0.9, seed=7, top_k=20)[1]
+    assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def test_api_errors_have_the_openai_shape_and_status(stack: Stack) -> None:
+    api = stack.api_url
+    cases = [
+        (post(f"{api}/chat/completions", b"{not json"), 400),
+        (chat(api, "x", model="gpt-9"), 404),
+        (chat(api, "x" * 1100), 400),  # prompt over the 1024-token context
+        (chat(api, "x", max_tokens=0), 400),
+        (chat(api, "x", max_tokens=10**9), 400),
+        (chat(api, "x", temperature="hot"), 400),
+        (chat(api, "x", frobnicate=True), 400),
+        (post(f"{api}/completions", {"model": "picospec"}), 400),
+    ]
+    for (status, body), want in cases:
+        assert status == want, body
+        err = body["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert chat(api, "still fine", max_tokens=5)[0] == 200
+
+
+def test_malformed_messages_on_every_subject_are_dropped_and_counted(
+    stack: Stack, reference: LanguageModel
+) -> None:
+    drafter_id = re.search(r'replica="(drafter-[0-9a-f]+)"',
+                           scrape(stack.services["drafter"].url)).group(1)
+
+    async def attack() -> list[bytes]:
+        nc = await nats.connect(stack.nats_url)
+        replies = []
+        for payload in (b"", b"\x00\x01garbage", b"\x01\x02" + b"\xff" * 60, b'{"session": 1}'):
+            for subject in (subjects.SESSIONS_OPEN, subjects.SAMPLE):
+                try:
+                    msg = await nc.request(subject, payload, timeout=5)
+                    replies.append(msg.headers.get(subjects.H_ERROR, "") if msg.headers else "")
+                except nats.errors.TimeoutError:
+                    replies.append("timeout")
+            for subject in (subjects.verify("verifier-1"), subjects.close("verifier-1"),
+                            subjects.verdicts(drafter_id)):
+                await nc.publish(subject, payload)
+        await nc.flush()
+        await nc.close()
+        return replies
+
+    replies = asyncio.run(attack())
+    assert all(r in ("bad_open", "malformed") for r in replies), replies
+    time.sleep(0.5)
+    for name, role in (("verifier-1", "verifier"), ("sampler", "sampler"), ("drafter", "drafter")):
+        assert metric(scrape(stack.services[name].url), "picospec_rejected_messages_total",
+                      role=role) > 0, name
+    status, body = chat(stack.api_url, "after the attack", max_tokens=40)
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == expected(reference, "after the attack", 40)
+
+
+def test_killed_verifier_sessions_move_and_finish_identically(
+    stack: Stack, reference: LanguageModel
+) -> None:
+    prompts = [f"Long answer {i}" for i in range(4)]
+
+    async def run() -> list[tuple[str, dict]]:
+        tasks = [asyncio.create_task(stream_chat(stack.api_url, p, 700)) for p in prompts]
+        victim = stack.services["verifier-1"].url
+        for _ in range(200):  # wait until verifier-1 holds sessions, then kill it
+            if metric(scrape(victim), "picospec_active_sessions") > 0:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("verifier-1 never held a session")
+        stack.kill("verifier-1", signal.SIGKILL)
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    migrated = 0
+    for p, (text, final) in zip(prompts, results, strict=True):
+        assert text == expected(reference, p, 700), "no token duplicated, dropped or changed"
+        migrated += final["picospec"]["migrations"]
+    assert migrated >= 1
+    stack.start_service("verifier-1")
+
+
+def test_sigterm_drains_a_verifier_without_failing_a_request(
+    stack: Stack, reference: LanguageModel
+) -> None:
+    prompts = [f"Drain {i}" for i in range(4)]
+
+    async def run() -> list[tuple[str, dict]]:
+        tasks = [asyncio.create_task(stream_chat(stack.api_url, p, 600)) for p in prompts]
+        victim = stack.services["verifier-2"].url
+        for _ in range(200):
+            if metric(scrape(victim), "picospec_active_sessions") > 0:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("verifier-2 never held a session")
+        stack.kill("verifier-2", signal.SIGTERM)
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    for p, (text, final) in zip(prompts, results, strict=True):
+        assert text == expected(reference, p, 600)
+    assert sum(f["picospec"]["migrations"] for _, f in results) >= 1
+    proc = stack.services["verifier-2"].proc
+    assert proc is not None and proc.wait(timeout=30) == 0, "drained and exited cleanly"
+    assert '"event": "drained", "left": 0' in stack.log_path("verifier-2").read_text()
+    stack.start_service("verifier-2")
+
+
+# --- other topologies -----------------------------------------------------------------------
+
+
+def test_leaf_and_hub_through_an_emulated_wan(tiny_dirs: tuple[Path, Path],
+                                              reference: LanguageModel) -> None:
+    cfg = _config(tiny_dirs, topology="edge-cloud", verifiers=1, rtt_ms=20)
+    with Stack(cfg) as s:
+        for mode in ("picospec", "ar"):
+            status, body = chat(s.api_url, "Over the WAN", mode=mode, max_tokens=40)
+            assert status == 200, body
+            assert body["choices"][0]["message"]["content"] == expected(
+                reference, "Over the WAN", 40)
+
+
+def test_cloud_unreachable_gives_a_clean_503(tiny_dirs: tuple[Path, Path]) -> None:
+    env = {**ENV, "PICOSPEC_REQUEST_TIMEOUT_S": "2", "PICOSPEC_NATS_TIMEOUT_S": "1"}
+    cfg = _config(tiny_dirs, verifiers=0, sampler=False, env=env)
+    with Stack(cfg) as s:
+        t0 = time.monotonic()
+        status, body = chat(s.api_url, "anyone there?")
+        assert status == 503 and body["error"]["code"] == "cloud_unreachable"
+        assert time.monotonic() - t0 < 15
+        # opt-in degraded mode: the draft model alone, marked unverified everywhere
+        draft = LanguageModel.load(str(tiny_dirs[1]), device="cpu")
+        req = urllib.request.Request(
+            f"{s.api_url}/chat/completions", headers={"Content-Type": "application/json"},
+            data=json.dumps({"model": "picospec", "temperature": 0, "max_tokens": 20,
+                             "fallback": "edge",
+                             "messages": [{"role": "user", "content": "anyone?"}]}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.headers["X-Picospec-Verified"] == "false"
+            body = json.loads(r.read())
+        assert body["picospec"]["verified"] is False
+        assert body["choices"][0]["message"]["content"] == expected(draft, "anyone?", 20)
+        assert metric(scrape(s.services["drafter"].url), "picospec_degraded_responses_total") == 1
