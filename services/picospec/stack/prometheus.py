@@ -331,8 +331,8 @@ class Prometheus:
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is not None:
             terminate_all([self.proc], timeout)
-        if self._own_dir:
-            shutil.rmtree(self.storage_path, ignore_errors=True)
+        if self._own_dir:  # a temporary directory of our own: config, log and data
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # -- HTTP API ----------------------------------------------------------------------------
 

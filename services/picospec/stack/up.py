@@ -45,6 +45,12 @@ from typing import Any
 from picospec.stack.natsserver import HOST, NatsServer, NatsServerError, free_ports, port_open
 from picospec.stack.netem import CUT_MESSAGE, READY_MESSAGE, RESTORE_MESSAGE
 from picospec.stack.procs import log_tail, spawn, terminate_all, terminate_each
+from picospec.stack.prometheus import (
+    Prometheus,
+    PrometheusError,
+    default_rule_files,
+    stack_targets,
+)
 
 TOPOLOGIES = ("single", "edge-cloud")
 EDGE_STOP_TIMEOUT_S = 10.0
@@ -681,6 +687,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo", action="store_true", help="send one streaming chat request")
     p.add_argument("--demo-prompt", default="What is the capital of France?")
     p.add_argument(
+        "--observability",
+        action="store_true",
+        help="also run Prometheus scraping the stack, with PicoSpec's recording and alert rules",
+    )
+    p.add_argument(
+        "--prometheus-port", type=int, default=9090, help="Prometheus's port (--observability)"
+    )
+    p.add_argument(
         "--env",
         type=_env_pair,
         action="append",
@@ -738,12 +752,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     old = {s: signal.signal(s, _raise_terminate) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
+    prometheus: Prometheus | None = None
     try:
         print(f"picospec up: {cfg.topology}, logs in {stack.run_dir}", flush=True)
         stack.start()
         for line in stack.summary():
             print(line, flush=True)
         print(f"API: {stack.api_url}" if cfg.drafter else "no drafter", flush=True)
+        if args.observability:
+            prometheus = Prometheus(
+                stack_targets(stack),
+                rule_files=default_rule_files(),
+                port=args.prometheus_port,
+                run_dir=stack.run_dir / "prometheus",
+            ).start()
+            print(f"Prometheus: {prometheus.url}", flush=True)
         if args.demo and cfg.drafter:
             try:
                 run_demo(stack.api_url, args.demo_prompt)
@@ -764,7 +787,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             time.sleep(0.5)
     except _Terminate:
         pass
-    except StackError as e:
+    except (StackError, PrometheusError) as e:
         print(f"picospec up: error: {e}", file=sys.stderr, flush=True)
         code = 1
     finally:
@@ -772,6 +795,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             signal.signal(s, signal.SIG_IGN)
         print("stopping...", flush=True)
         with contextlib.suppress(_Terminate):
+            if prometheus is not None:
+                prometheus.stop()
             stack.stop()
         for s, h in old.items():
             signal.signal(s, h)
