@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import tinymodels
 
+import tinymodels
 from picospec.bench import MODES, bound, mtbench_questions
 
 

@@ -192,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_settings_args(sp)
         sp.set_defaults(func=cmd_service)
 
-    from picospec import bench, stack
+    from picospec import bench, cluster, stack
 
     stack.register(sub)
     bench.register(sub)
+    cluster.register(sub)
     return parser
 
 

@@ -1,0 +1,143 @@
+"""Keep what the chart derives from the rest of the repository in sync (`make chart-files`).
+
+A chart can only read files inside itself, so:
+
+* ``observability/dashboards/*.json`` and ``observability/prometheus/*.rules.yml`` are copied
+  into ``charts/picospec/files/`` (Grafana dashboard ConfigMaps, PrometheusRules);
+* the ``settings`` blocks of ``values.schema.json`` are generated from
+  ``picospec.config.Settings``, so a misspelt or mistyped setting fails at install.
+
+``python charts/picospec/hack/chart_files.py`` writes; ``--check`` only reports what is out of
+date (exit 1), which is what the tests run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+CHART = Path(__file__).resolve().parents[1]
+REPO = CHART.parents[1]
+FILES = CHART / "files"
+SCHEMA = CHART / "values.schema.json"
+# (source directory, glob): copied flat into files/
+SOURCES = (
+    (REPO / "observability" / "dashboards", "*.json"),
+    (REPO / "observability" / "prometheus", "*.rules.yml"),
+)
+# Settings the chart sets itself: the NATS connection and credentials (never in values) and the
+# listen address.
+MANAGED = ("nats_url", "nats_user", "nats_password", "nats_creds", "host")
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """Resolve pydantic's ``$ref``s into the definitions, dropping titles."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            target.pop("title", None)
+            return _inline({**target, **rest}, defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k != "title"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+def settings_schema() -> dict[str, Any]:
+    """JSON schema of the ``settings`` blocks: Settings' fields minus the managed ones."""
+    from picospec.config import Settings
+
+    full = Settings.model_json_schema()
+    defs = full.get("$defs", {})
+    props = {
+        name: _inline(prop, defs)
+        for name, prop in full["properties"].items()
+        if name not in MANAGED
+    }
+    return {
+        "$comment": "generated from picospec.config.Settings by `make chart-files`",
+        "description": (
+            "PicoSpec settings (PICOSPEC_<NAME> environment variables), by their Settings "
+            "names. The chart sets " + ", ".join(MANAGED) + " itself."
+        ),
+        "type": "object",
+        "additionalProperties": False,
+        "properties": props,
+    }
+
+
+def expected_files() -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for directory, pattern in SOURCES:
+        for path in sorted(directory.glob(pattern)):
+            out[path.name] = path.read_bytes()
+    return out
+
+
+def current_files() -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for _, pattern in SOURCES:
+        for path in sorted(FILES.glob(pattern)):
+            out[path.name] = path.read_bytes()
+    return out
+
+
+def expected_schema() -> str:
+    schema = json.loads(SCHEMA.read_text())
+    schema["$defs"]["settings"] = settings_schema()
+    return json.dumps(schema, indent=2) + "\n"
+
+
+def problems() -> list[str]:
+    """What `make chart-files` would change; empty when everything is in sync."""
+    found = []
+    want, have = expected_files(), current_files()
+    for name in sorted(set(want) | set(have)):
+        if name not in have:
+            found.append(f"files/{name} is missing")
+        elif name not in want:
+            found.append(f"files/{name} has no source in observability/ any more")
+        elif want[name] != have[name]:
+            found.append(f"files/{name} differs from its source in observability/")
+    if SCHEMA.read_text() != expected_schema():
+        found.append("values.schema.json settings differ from picospec.config.Settings")
+    return found
+
+
+def sync() -> list[str]:
+    FILES.mkdir(exist_ok=True)
+    want = expected_files()
+    for name in current_files():
+        if name not in want:
+            (FILES / name).unlink()
+    for directory, pattern in SOURCES:
+        for path in sorted(directory.glob(pattern)):
+            shutil.copyfile(path, FILES / path.name)
+    SCHEMA.write_text(expected_schema())
+    return sorted(want)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="report differences, change nothing")
+    args = p.parse_args(argv)
+    if args.check:
+        found = problems()
+        for line in found:
+            print(f"out of date: {line}", file=sys.stderr)
+        if found:
+            print("run `make chart-files`", file=sys.stderr)
+        return 1 if found else 0
+    copied = sync()
+    print(f"files/: {len(copied)} file(s) from observability/; values.schema.json settings updated")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
