@@ -333,13 +333,38 @@ def test_leaf_and_hub_through_an_emulated_wan(
 
 
 def test_cloud_unreachable_gives_a_clean_503(tiny_dirs: tuple[Path, Path]) -> None:
-    env = {**ENV, "PICOSPEC_REQUEST_TIMEOUT_S": "2", "PICOSPEC_NATS_TIMEOUT_S": "1"}
+    env = {
+        **ENV,
+        "PICOSPEC_REQUEST_TIMEOUT_S": "2",
+        "PICOSPEC_NATS_TIMEOUT_S": "1",
+        "PICOSPEC_MAX_CONCURRENT_REQUESTS": "1",
+        "PICOSPEC_QUEUE_TIMEOUT_S": "0.5",
+    }
     cfg = _config(tiny_dirs, verifiers=0, sampler=False, env=env)
     with Stack(cfg) as s:
         t0 = time.monotonic()
         status, body = chat(s.api_url, "anyone there?")
         assert status == 503 and body["error"]["code"] == "cloud_unreachable"
         assert time.monotonic() - t0 < 15
+
+        # backpressure: one slot, so a second request while the first waits gets 429
+        async def two() -> list[tuple[int, str | None]]:
+            async with aiohttp.ClientSession() as http:
+
+                async def one() -> tuple[int, str | None]:
+                    async with http.post(
+                        f"{s.api_url}/chat/completions",
+                        json={
+                            "model": "picospec",
+                            "max_tokens": 4,
+                            "messages": [{"role": "user", "content": "busy?"}],
+                        },
+                    ) as r:
+                        return r.status, r.headers.get("Retry-After")
+
+                return await asyncio.gather(one(), one())
+
+        assert sorted(asyncio.run(two())) == [(429, "1"), (503, None)]
         # opt-in degraded mode: the draft model alone, marked unverified everywhere
         draft = LanguageModel.load(str(tiny_dirs[1]), device="cpu")
         req = urllib.request.Request(

@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         5.0, gt=0, description="drafter: no verdict this long -> move the session elsewhere"
     )
     served_model_name: str = Field("picospec", description="the model id the API serves")
+    max_concurrent_requests: int = Field(
+        32, ge=1, description="drafter: generations running at once (the rest queue)"
+    )
+    queue_timeout_s: float = Field(
+        10.0, ge=0, description="drafter: longest wait for a slot before 429 + Retry-After"
+    )
     max_tokens_limit: int = Field(4096, ge=1, description="drafter: largest max_tokens accepted")
     drain_grace_s: float = Field(20.0, ge=0, description="verifier: SIGTERM drain deadline")
     site: str = Field("local", description="edge site label for metrics")

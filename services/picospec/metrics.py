@@ -208,6 +208,14 @@ TAIL_MASS = Counter(
 ACTIVE_SESSIONS = Gauge(
     "picospec_active_sessions", "Sessions (per-session KV caches) this verifier replica holds"
 )
+REQUESTS_RUNNING = Gauge(
+    "picospec_num_requests_running",
+    "Drafter: API requests generating now (at most max_concurrent_requests)",
+)
+REQUESTS_WAITING = Gauge(
+    "picospec_num_requests_waiting",
+    "Drafter: API requests waiting for a generation slot (429 after queue_timeout_s)",
+)
 QUEUE_DEPTH = Gauge(
     "picospec_verify_queue_depth",
     "Draft blocks waiting in this verifier's queue for the model worker",

@@ -9,6 +9,7 @@ server-sent events ending in ``data: [DONE]``; errors in OpenAI's shape
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -100,6 +101,7 @@ class ApiError(Exception):
         type_: str,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
@@ -109,19 +111,20 @@ class ApiError(Exception):
             param,
             code,
         )
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> web.Response:
-        return web.json_response(
-            {
-                "error": {
-                    "message": self.message,
-                    "type": self.type,
-                    "param": self.param,
-                    "code": self.code,
-                }
-            },
-            status=self.status,
-        )
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
 
 
 def _invalid(message: str, param: str | None = None) -> ApiError:
@@ -133,9 +136,34 @@ class Api:
         self.settings = settings
         self.svc: DrafterService | None = None
         self.model: LanguageModel | None = None
+        self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
 
     def attach(self, svc: DrafterService, model: LanguageModel) -> None:
         self.svc, self.model = svc, model
+
+    @contextlib.asynccontextmanager
+    async def _admission(self) -> AsyncIterator[None]:
+        """Backpressure: at most ``max_concurrent_requests`` generations run; the next ones
+        wait up to ``queue_timeout_s`` for a slot, then get 429 with ``Retry-After``."""
+        metrics.REQUESTS_WAITING.inc()
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=self.settings.queue_timeout_s)
+        except TimeoutError:
+            raise ApiError(
+                429,
+                f"all {self.settings.max_concurrent_requests} generation slots are busy; retry",
+                "rate_limit_error",
+                code="overloaded",
+                headers={"Retry-After": str(max(1, round(self.settings.queue_timeout_s)))},
+            ) from None
+        finally:
+            metrics.REQUESTS_WAITING.dec()
+        metrics.REQUESTS_RUNNING.inc()
+        try:
+            yield
+        finally:
+            metrics.REQUESTS_RUNNING.dec()
+            self._slots.release()
 
     @property
     def ready(self) -> bool:
@@ -270,9 +298,10 @@ class Api:
                 fallback,
             )
             metrics.PROMPT_TOKENS.labels(mode.value).inc(len(prompt))
-            if req.stream:
-                return await self._stream(request, req, gen, chat, t0, model)
-            return await self._complete(req, gen, chat, t0, model)
+            async with self._admission():
+                if req.stream:
+                    return await self._stream(request, req, gen, chat, t0, model)
+                return await self._complete(req, gen, chat, t0, model)
         except ApiError as e:
             metrics.REQUESTS.labels(mode.value, str(e.status)).inc()
             return e.response()
