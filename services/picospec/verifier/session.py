@@ -16,6 +16,7 @@ It owns the target model's KV cache of the session. Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,36 @@ class VerifierSession:
     def submit(self, block: DraftBlock) -> list[Verdict]:
         """Take one block; return the verdicts it made ready (zero, one, or several when it
         unblocked buffered ones). Raises :class:`BlockRefused` for blocks it must not take."""
+        steps = self._steps(block)
+        try:
+            tokens = next(steps)
+            while True:
+                logits = self.cache.extend(tokens)
+                tokens = steps.send(logits)
+        except StopIteration as done:
+            return done.value
+
+    def _steps(self, block: DraftBlock) -> Generator[list[int], torch.Tensor, list[Verdict]]:
+        """:meth:`submit` as a coroutine: yields the tokens of each forward it needs, is sent
+        back their logits (what ``cache.extend`` returns) and returns the verdicts. Raises
+        :class:`BlockRefused` before touching any state. Lets :func:`verify_many` share one
+        forward among the blocks of several sessions."""
+        if not self._admit(block):
+            return []
+        verdicts = []
+        ready: DraftBlock | None = block
+        while ready is not None:
+            tokens = self.plan(ready)
+            logits = (yield tokens) if tokens else None
+            verdicts.append(self.finish(ready, logits))
+            ready = self._next_waiting()
+        # anything still waiting from an old epoch can never become current
+        self._waiting = {k: b for k, b in self._waiting.items() if b.epoch == self.epoch}
+        return verdicts
+
+    def _admit(self, block: DraftBlock) -> bool:
+        """Order, epoch and buffer checks. True: the block is next and must be verified now;
+        False: it was dropped (stale epoch) or buffered (early). Raises :class:`BlockRefused`."""
         if block.session != self.session:
             raise BlockRefused("wrong_session", "block belongs to another session")
         if block.vocab_size != self.model.vocab_size:
@@ -90,7 +121,7 @@ class VerifierSession:
             )
         if block.epoch < self.epoch:
             self.stats.dropped_stale += 1
-            return []
+            return False
         if block.epoch > self.epoch:
             raise BlockRefused("future_epoch", f"epoch {block.epoch} > current {self.epoch}")
         if block.pos < self.cache.length:
@@ -99,30 +130,40 @@ class VerifierSession:
             )
         if block.pos + len(block.prefix) + len(block.tokens) >= self.model.max_context:
             raise BlockRefused("context", "block runs past the model's context")
+        if self.spec.mode is Mode.VANILLA and block.dense_q is None:
+            raise BlockRefused("missing_dense_q", "vanilla blocks carry full draft dists")
         if block.pos > self.cache.length:
             if len(self._waiting) >= MAX_BUFFERED_BLOCKS or block.pos in self._waiting:
                 raise BlockRefused("buffer_full", "too many out-of-order blocks")
             self._waiting[block.pos] = block
-            return []
-        verdicts = [self._verify(block)]
+            return False
+        return True
+
+    def _next_waiting(self) -> DraftBlock | None:
+        """The buffered block that starts where the verified tokens end, if one of the current
+        epoch waits there."""
         while self.cache.length in self._waiting:
             nxt = self._waiting.pop(self.cache.length)
             if nxt.epoch == self.epoch:
-                verdicts.append(self._verify(nxt))
-        # anything still waiting from an old epoch can never become current
-        self._waiting = {k: b for k, b in self._waiting.items() if b.epoch == self.epoch}
-        return verdicts
+                return nxt
+        return None
 
-    def _verify(self, block: DraftBlock) -> Verdict:
-        inputs = list(block.prefix) + list(block.tokens)
-        start = self.cache.length
+    def plan(self, block: DraftBlock) -> list[int]:
+        """The tokens to feed the target for ``block`` (which must start at ``cache.length``,
+        as :meth:`submit` ensures): its prefix then its draft tokens."""
+        return list(block.prefix) + list(block.tokens)
+
+    def finish(self, block: DraftBlock, logits: torch.Tensor | None) -> Verdict:
+        """Decide ``block`` from ``logits``, the output of feeding :meth:`plan`'s tokens (None
+        when there were none) to this session's cache, which must already hold them: the
+        acceptance test, then on a rejection the crop and the next epoch."""
+        start = self.cache.length - (0 if logits is None else len(logits))
         n_pre, n = len(block.prefix), len(block.tokens)
-        if inputs:
-            out = self.cache.extend(inputs)
+        if logits is not None:
             self.stats.forwards += 1
             # row i predicts input i: the first from the previous forward's last position
-            predict = torch.cat([self.next_logits[None], out[:-1]])
-            last = out[-1]
+            predict = torch.cat([self.next_logits[None], logits[:-1]])
+            last = logits[-1]
         else:
             predict, last = self.next_logits[None], self.next_logits
         p = probs_from_logits(predict[n_pre : n_pre + n], self.params)
@@ -176,3 +217,68 @@ class VerifierSession:
         token = pick(probs, self.params, self._rng, STREAM_DRAW, self.cache.length)
         self._ar_pending = token
         return token
+
+
+_Program = Generator[tuple[VerifierSession, list[int]], torch.Tensor | None, None]
+
+
+def verify_many(
+    items: list[tuple[VerifierSession, DraftBlock]],
+    on_forward: Callable[[int], None] | None = None,
+) -> list[list[Verdict] | BlockRefused]:
+    """Submit many blocks of many sessions, sharing the target's forwards among the sessions.
+
+    The result for ``items[i]`` is what ``session.submit(block)`` would return (its verdicts),
+    or the :class:`BlockRefused` it would raise: refusals are reported per item, never raised.
+    The blocks of one session are taken in their order in ``items``, one forward at a time (a
+    later block depends on the earlier one's outcome). In each round every session with a
+    block ready contributes it to ONE :meth:`LanguageModel.forward_batch` per model, so the
+    verdicts are those of submitting session by session (with logits equal to float tolerance).
+    ``on_forward(n)`` is called with the number of sessions of every forward run (1 each where
+    the model cannot batch, see :attr:`LanguageModel.batching_unsupported`).
+    """
+    results: list[list[Verdict] | BlockRefused] = [[] for _ in items]
+    per_session: dict[int, list[int]] = {}
+    for i, (vs, _) in enumerate(items):
+        per_session.setdefault(id(vs), []).append(i)
+
+    def program(indices: list[int]) -> _Program:
+        """One session's items in order; yields (session, tokens) for each forward."""
+        for i in indices:
+            vs, block = items[i]
+            steps = vs._steps(block)
+            try:
+                tokens = next(steps)
+                while True:
+                    logits = yield vs, tokens
+                    assert logits is not None
+                    tokens = steps.send(logits)
+            except StopIteration as done:
+                results[i] = done.value
+            except BlockRefused as e:
+                results[i] = e
+
+    pending: list[tuple[_Program, VerifierSession, list[int]]] = []
+
+    def resume(prog: _Program, logits: torch.Tensor | None) -> None:
+        try:
+            vs, tokens = prog.send(logits)
+        except StopIteration:
+            return
+        pending.append((prog, vs, tokens))
+
+    for indices in per_session.values():
+        resume(program(indices), None)
+    while pending:  # one round: at most one forward per session, one batch per model
+        groups: dict[int, list[tuple[_Program, VerifierSession, list[int]]]] = {}
+        for entry in pending:
+            groups.setdefault(id(entry[1].model), []).append(entry)
+        pending = []
+        for group in groups.values():
+            model = group[0][1].model
+            outs = model.forward_batch(
+                [vs.cache for _, vs, _ in group], [t for *_, t in group], on_forward
+            )
+            for (prog, _, _), logits in zip(group, outs, strict=True):
+                resume(prog, logits)
+    return results

@@ -1,0 +1,471 @@
+"""Batched verification: several sessions' blocks in one padded forward, exactly as if alone.
+
+Every check compares the batched path with the unbatched one on real tiny models (no mocks):
+the logits, the key/value state each session keeps afterwards, the verdicts of whole pipelined
+exchanges, and complete greedy generations against a cache-free reference decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from picospec import metrics
+from picospec.config import Mode, SpecConfig
+from picospec.drafter.session import Committed, DrafterSession
+from picospec.models import KVCache, LanguageModel, quantize_int8
+from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict
+from picospec.protocol.control import OpenSession
+from picospec.sampler import sample
+from picospec.sampling import SamplingParams
+from picospec.verifier.service import Held, VerifierService
+from picospec.verifier.session import BlockRefused, VerifierSession, verify_many
+
+V = 16
+ATOL = 1e-4
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def target() -> LanguageModel:
+    return tiny_model(V, seed=21)
+
+
+@pytest.fixture(scope="module")
+def draft() -> LanguageModel:
+    return tiny_model(V, seed=22)
+
+
+@contextmanager
+def count_forwards(lm: LanguageModel) -> Iterator[list[int]]:
+    """Record the batch size of every top-level forward of ``lm``'s network."""
+    sizes: list[int] = []
+    handle = lm.model.register_forward_hook(
+        lambda _m, _args, kwargs, _out: sizes.append(int(kwargs["input_ids"].shape[0])),
+        with_kwargs=True,
+    )
+    try:
+        yield sizes
+    finally:
+        handle.remove()
+
+
+def _ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(V) for _ in range(n)]
+
+
+def _twin_caches(lm: LanguageModel, pasts: list[int], rng: random.Random) -> tuple[list, list]:
+    """Two identical sets of session caches holding ``pasts`` tokens each (filled alone)."""
+    a, b = [lm.new_cache() for _ in pasts], [lm.new_cache() for _ in pasts]
+    for ca, cb, n in zip(a, b, pasts, strict=True):
+        if n:
+            ids = _ids(rng, n)
+            ca.extend(ids)
+            cb.extend(ids)
+    return a, b
+
+
+def _assert_same_kv(batched: KVCache, alone: KVCache) -> None:
+    assert batched.length == alone.length
+    la, lb = batched._cache.layers, alone._cache.layers
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        assert x.keys.shape == y.keys.shape and x.values.shape == y.values.shape
+        torch.testing.assert_close(x.keys, y.keys, atol=ATOL, rtol=0)
+        torch.testing.assert_close(x.values, y.values, atol=ATOL, rtol=0)
+
+
+# --- forward_batch ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pasts", "news"),
+    [
+        ([0, 1, 7, 12, 3], [3, 1, 5, 2, 4]),
+        ([0, 0, 0], [2, 5, 1]),  # every cache empty: no past at all
+        ([1, 9, 4], [1, 1, 1]),  # one token each (a decode step)
+    ],
+)
+def test_forward_batch_equals_each_session_alone(
+    target: LanguageModel, pasts: list[int], news: list[int]
+) -> None:
+    assert target.batching_unsupported is None
+    rng = random.Random(sum(pasts) * 31 + sum(news))
+    batched, alone = _twin_caches(target, pasts, rng)
+    toks = [_ids(rng, n) for n in news]
+    with count_forwards(target) as sizes:
+        got = target.forward_batch(batched, toks)
+    assert sizes == [len(pasts)], "all sessions must share one forward"
+    want = [c.extend(t) for c, t in zip(alone, toks, strict=True)]
+    for g, w, n in zip(got, want, news, strict=True):
+        assert g.dtype == torch.float32 and g.device.type == "cpu" and g.shape == (n, V)
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+        assert torch.equal(g.argmax(-1), w.argmax(-1))
+    for cb, ca in zip(batched, alone, strict=True):
+        _assert_same_kv(cb, ca)
+    # the split-back state serves a later, unbatched forward like a never-batched cache
+    for cb, ca in zip(batched, alone, strict=True):
+        nxt = _ids(rng, 3)
+        torch.testing.assert_close(cb.extend(nxt), ca.extend(nxt), atol=ATOL, rtol=0)
+
+
+def test_repeated_batched_rounds_with_rejections_stay_equal(target: LanguageModel) -> None:
+    rng = random.Random(5)
+    batched, alone = _twin_caches(target, [0, 1, 6, 3], rng)
+    for _ in range(8):
+        toks = [_ids(rng, rng.randint(1, 5)) for _ in batched]
+        got = target.forward_batch(batched, toks)
+        want = [c.extend(t) for c, t in zip(alone, toks, strict=True)]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+        for cb, ca in zip(batched, alone, strict=True):
+            _assert_same_kv(cb, ca)
+            # a rejection: crop to anywhere at or below the length (0 included, now and then)
+            keep = rng.choice([0, ca.length, rng.randint(0, ca.length)])
+            cb.crop(keep)
+            ca.crop(keep)
+
+
+def test_forward_batch_of_one_takes_the_plain_path(target: LanguageModel) -> None:
+    one, ref = _twin_caches(target, [4], random.Random(1))
+    with count_forwards(target) as sizes:
+        got = target.forward_batch(one, [[1, 2]])
+    assert sizes == [1]
+    torch.testing.assert_close(got[0], ref[0].extend([1, 2]), atol=0, rtol=0)
+
+
+def test_forward_batch_rejects_bad_calls(target: LanguageModel, draft: LanguageModel) -> None:
+    c = target.new_cache()
+    with pytest.raises(ValueError, match="at least one token"):
+        target.forward_batch([c, target.new_cache()], [[1], []])
+    with pytest.raises(ValueError, match="twice"):
+        target.forward_batch([c, c], [[1], [2]])
+    with pytest.raises(ValueError, match="belong"):
+        target.forward_batch([c, draft.new_cache()], [[1], [2]])
+    assert c.length == 0
+
+
+def _tiny_arch(model_type: str, **extra: object) -> LanguageModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **extra,
+    )
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    return LanguageModel(model=model, name=f"tiny-{model_type}")
+
+
+@pytest.mark.parametrize(
+    ("make", "batched"),
+    [
+        (lambda: _tiny_arch("llama", attn_implementation="eager"), True),
+        (lambda: _tiny_arch("mistral", sliding_window=None), True),
+        (lambda: _tiny_arch("qwen2"), True),
+        (lambda: _tiny_arch("qwen3", head_dim=8), True),
+        (lambda: _tiny_arch("mistral", sliding_window=4), False),
+        (lambda: _tiny_arch("gpt2", n_embd=32, n_layer=2, n_head=4), False),
+        (
+            lambda: _tiny_arch(
+                "llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+            ),
+            False,
+        ),
+        (
+            lambda: LanguageModel(model=quantize_int8(tiny_model(V, seed=4).model), name="i8"),
+            False,
+        ),
+    ],
+    ids=[
+        "llama-eager",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "mistral-sliding",
+        "gpt2",
+        "llama-dynamic-rope",
+        "llama-int8",
+    ],
+)
+def test_other_architectures_batch_or_fall_back_and_stay_exact(
+    make: Callable[[], LanguageModel], batched: bool
+) -> None:
+    lm = make()
+    assert (lm.batching_unsupported is None) is batched, lm.batching_unsupported
+    rng = random.Random(9)
+    caches, alone = _twin_caches(lm, [0, 2, 9], rng)
+    for _ in range(2):
+        toks = [_ids(rng, n) for n in (3, 1, 4)]
+        reported: list[int] = []
+        with count_forwards(lm) as sizes:
+            got = lm.forward_batch(caches, toks, on_forward=reported.append)
+        assert sizes == reported == ([3] if batched else [1, 1, 1])
+        want = [c.extend(t) for c, t in zip(alone, toks, strict=True)]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+
+
+# --- verify_many against submit, session by session ------------------------------------
+
+
+def _same_verdicts(a: list[Verdict] | BlockRefused, b: list[Verdict] | BlockRefused) -> None:
+    """Equal verdicts; compressed p_j values equal to float tolerance (the batched logits are
+    not bit-identical to the unbatched ones), everything else exactly."""
+    if isinstance(a, BlockRefused) or isinstance(b, BlockRefused):
+        assert isinstance(a, BlockRefused) and isinstance(b, BlockRefused)
+        assert a.reason == b.reason
+        return
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        if x.sparse is None or y.sparse is None:
+            assert x == y
+            continue
+        assert x.model_copy(update={"sparse": None}) == y.model_copy(update={"sparse": None})
+        np.testing.assert_array_equal(x.sparse.ids, y.sparse.ids)
+        np.testing.assert_allclose(x.sparse.probs, y.sparse.probs, atol=1e-5)
+        assert x.sparse.tail_mass == pytest.approx(y.sparse.tail_mass, abs=1e-5)
+
+
+def _apply(d: DrafterSession, verdicts: list[Verdict]) -> None:
+    for v in verdicts:
+        if d.done:
+            return
+        got = d.on_verdict(v)
+        if isinstance(got, SampleRequest):
+            got = d.on_correction(sample(got).token)
+        assert got is None or isinstance(got, Committed)
+
+
+def _draft_all(d: DrafterSession) -> list[DraftBlock]:
+    blocks = []
+    while d.can_draft():
+        b = d.draft_step()
+        if b is not None:
+            blocks.append(b)
+    return blocks
+
+
+PROMPTS = [[1, 2, 3], [4], [0, 7, 7, 5, 1, 6, 2], [9, 9], [3, 14, 15, 9, 2, 6]]
+
+
+@pytest.mark.parametrize(
+    ("spec", "params"),
+    [
+        (SpecConfig(mode=Mode.PICOSPEC, draft_len=3, lookahead=3), GREEDY),
+        (SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=4, top_k=5), SamplingParams()),
+        (SpecConfig(mode=Mode.VANILLA, draft_len=3), GREEDY),
+        (SpecConfig(mode=Mode.VANILLA, draft_len=2), SamplingParams(temperature=0.8, top_p=0.9)),
+        (SpecConfig(mode=Mode.DSSD, draft_len=4, top_k=V), SamplingParams(temperature=1.2)),
+    ],
+    ids=["picospec-greedy", "picospec-sampled", "vanilla-greedy", "vanilla-sampled", "dssd"],
+)
+def test_verify_many_gives_the_verdicts_of_submit(
+    target: LanguageModel, draft: LanguageModel, spec: SpecConfig, params: SamplingParams
+) -> None:
+    """Two identical sets of verifier sessions: one takes every block through ``submit`` one
+    by one, the other through ``verify_many`` (blocks of all sessions interleaved, some
+    sessions' blocks reversed so they wait in the buffer, stale and refused blocks mixed in)."""
+    drafters, alone, batched = [], [], []
+    for k, prompt in enumerate(PROMPTS):
+        sid = os.urandom(16)
+        p = params.model_copy(update={"seed": 100 + k})
+        drafters.append(DrafterSession(draft, sid, prompt, p, spec, 20))
+        alone.append(VerifierSession(target, sid, prompt, p, spec))
+        batched.append(VerifierSession(target, sid, prompt, p, spec))
+    rng = random.Random(7)
+    sizes: list[int] = []
+    verified: list[list[DraftBlock]] = [[] for _ in PROMPTS]
+    rounds = 0
+    while not all(d.done for d in drafters):
+        rounds += 1
+        queues = []
+        for k, d in enumerate(drafters):
+            blocks = [] if d.done else _draft_all(d)
+            if k % 2 and rounds % 2:
+                blocks.reverse()  # early blocks wait in the buffer, then run in a chain
+            if verified[k] and rng.random() < 0.3:  # a replay: refused, the others go on
+                blocks.insert(rng.randrange(len(blocks) + 1), verified[k][-1])
+            queues.append(blocks)
+            verified[k].extend(blocks)
+        items = []
+        while any(queues):  # interleave the sessions' blocks, each session in its own order
+            k = rng.choice([k for k, q in enumerate(queues) if q])
+            items.append((k, queues[k].pop(0)))
+        want = []
+        for k, b in items:
+            try:
+                want.append(alone[k].submit(b))
+            except BlockRefused as e:
+                want.append(e)
+        got = verify_many([(batched[k], b) for k, b in items], on_forward=sizes.append)
+        assert len(got) == len(items)
+        for w, g in zip(want, got, strict=True):
+            _same_verdicts(w, g)
+        for (k, _), w in zip(items, want, strict=True):
+            if not isinstance(w, BlockRefused):
+                _apply(drafters[k], w)
+        for a, b in zip(alone, batched, strict=True):
+            assert (a.epoch, a.cache.length, a.stats) == (b.epoch, b.cache.length, b.stats)
+            _assert_same_kv(b.cache, a.cache)
+            torch.testing.assert_close(b.next_logits, a.next_logits, atol=ATOL, rtol=0)
+    assert sum(sizes) == sum(a.stats.forwards - 1 for a in alone)  # every forward reported
+    assert max(sizes) >= 3, "sessions must have shared forwards"
+    assert sum(d.stats.rollbacks for d in drafters) > 0, "the draft must disagree sometimes"
+
+
+def test_verify_many_refusals_are_per_item(target: LanguageModel) -> None:
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=2)
+    sessions = [VerifierSession(target, os.urandom(16), [1, 2], GREEDY, spec) for _ in range(3)]
+
+    def block(vs: VerifierSession, **kw: object) -> DraftBlock:
+        fields = dict(
+            session=vs.session, epoch=0, seq=0, pos=2, prefix=(), tokens=(3, 4), q=(0.5, 0.5)
+        )
+        return DraftBlock(vocab_size=V, **(fields | kw))
+
+    items = [
+        (sessions[0], block(sessions[0], epoch=3)),  # future epoch
+        (sessions[1], block(sessions[1])),
+        (sessions[2], block(sessions[0])),  # another session's block
+        (sessions[2], block(sessions[2], pos=4, seq=1)),  # early: waits
+        (sessions[2], block(sessions[2])),  # unblocks the one waiting
+        (sessions[1], block(sessions[1])),  # replay
+    ]
+    got = verify_many(items)
+    kinds = [g.reason if isinstance(g, BlockRefused) else [v.seq for v in g] for g in got]
+    assert kinds[:4] == ["future_epoch", [0], "wrong_session", []]
+    assert kinds[4] in ([0], [0, 1])  # the waiting block follows unless seq 0 was rejected
+    # the replay: refused, or merely stale if seq 0 was rejected (a new epoch began)
+    assert kinds[5] == ("replayed" if sessions[1].epoch == 0 else [])
+    assert sessions[0].cache.length == 2 and sessions[0].stats.forwards == 1  # untouched
+
+
+# --- whole generations through verify_many -----------------------------------------------
+
+
+_REFERENCE: dict[tuple[str, tuple[int, ...], int], list[int]] = {}
+
+
+@torch.inference_mode()
+def _reference_greedy(model: LanguageModel, prompt: list[int], n: int) -> list[int]:
+    """The target alone, recomputed from scratch with no KV cache at every step."""
+    key = (model.name, tuple(prompt), n)
+    if key not in _REFERENCE:
+        _REFERENCE[key] = _greedy_from_scratch(model, prompt, n)
+    return _REFERENCE[key]
+
+
+def _greedy_from_scratch(model: LanguageModel, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SpecConfig(mode=Mode.PICOSPEC, draft_len=3, lookahead=3),
+        SpecConfig(mode=Mode.PICOSPEC, draft_len=1, lookahead=4),
+        SpecConfig(mode=Mode.VANILLA, draft_len=4),
+    ],
+    ids=lambda s: f"{s.mode.value}-g{s.draft_len}",
+)
+def test_batched_generations_equal_the_target_alone(
+    target: LanguageModel, draft: LanguageModel, spec: SpecConfig
+) -> None:
+    n = 24
+    pairs = []
+    for prompt in PROMPTS:
+        sid = os.urandom(16)
+        pairs.append(
+            (
+                DrafterSession(draft, sid, prompt, GREEDY, spec, n),
+                VerifierSession(target, sid, prompt, GREEDY, spec),
+            )
+        )
+    sizes: list[int] = []
+    while not all(d.done for d, _ in pairs):
+        items = [(v, b) for d, v in pairs if not d.done for b in _draft_all(d)]
+        got = verify_many(items, on_forward=sizes.append)
+        for (v, _), verdicts in zip(items, got, strict=True):
+            assert not isinstance(verdicts, BlockRefused)
+            _apply(next(d for d, vv in pairs if vv is v), verdicts)
+    for (d, _), prompt in zip(pairs, PROMPTS, strict=True):
+        assert d.finish_reason == "length"
+        assert d.generated == _reference_greedy(target, prompt, n)
+    assert max(sizes) == len(PROMPTS), "every session must have shared a forward"
+    assert sum(d.stats.rollbacks for d, _ in pairs) > 0
+
+
+@pytest.mark.slow
+def test_smollm2_batches_for_real_and_exactly(smollm2: LanguageModel) -> None:
+    assert smollm2.batching_unsupported is None
+    rng = random.Random(3)
+    vocab = smollm2.vocab_size
+    pasts, news = [0, 3, 17, 9], [4, 1, 5, 3]
+    batched, alone = [smollm2.new_cache() for _ in pasts], [smollm2.new_cache() for _ in pasts]
+    for cb, ca, n in zip(batched, alone, pasts, strict=True):
+        if n:
+            ids = [rng.randrange(vocab) for _ in range(n)]
+            cb.extend(ids)
+            ca.extend(ids)
+    for _ in range(2):
+        toks = [[rng.randrange(vocab) for _ in range(n)] for n in news]
+        with count_forwards(smollm2) as sizes:
+            got = smollm2.forward_batch(batched, toks)
+        assert sizes == [len(pasts)]
+        for g, w in zip(got, [c.extend(t) for c, t in zip(alone, toks, strict=True)], strict=True):
+            torch.testing.assert_close(g, w, atol=1e-3, rtol=0)
+            assert torch.equal(g.argmax(-1), w.argmax(-1))
+
+
+# --- the service's worker step ------------------------------------------------------------
+
+
+def test_service_verifies_ready_sessions_in_one_forward(target: LanguageModel) -> None:
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=2)
+    helds, work = [], []
+    for k in range(3):
+        sid = os.urandom(16)
+        req = OpenSession(
+            session=sid.hex(), prompt=[k + 1, 2], params=GREEDY, spec=spec, vocab_size=V,
+            reply_to=f"r.{k}", max_new_tokens=8,
+        )  # fmt: skip
+        held = Held(VerifierSession(target, sid, req.prompt, GREEDY, spec), req.reply_to, req)
+        helds.append(held)
+        blk = DraftBlock(
+            session=sid, epoch=0, seq=0, pos=2, prefix=(), tokens=(3, 4), q=(1.0, 1.0),
+            vocab_size=V,
+        )  # fmt: skip
+        work.append((held, blk))
+    work.insert(1, (None, work[0][1]))  # a session freed while its block was queued
+    work.append((helds[0], work[0][1]))  # a replay: refused, counted, skipped
+
+    def observed() -> tuple[float, float]:
+        s = {x.name: x.value for m in metrics.BATCH_SIZE.collect() for x in m.samples}
+        return s["picospec_verify_batch_size_count"], s["picospec_verify_batch_size_sum"]
+
+    before = observed()
+    with count_forwards(target) as sizes:
+        out = VerifierService._verify_batch(work)
+    after = observed()
+    assert [h.reply_to for h, _ in out] == ["r.0", "r.1", "r.2"]
+    assert all(len(v) == 1 for _, v in out)
+    assert sizes == [3]
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
