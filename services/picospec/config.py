@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from picospec.protocol import subjects
 from picospec.protocol.codec import MAX_DRAFT_TOKENS, ValueCodec
 
 
@@ -71,8 +73,27 @@ class Settings(BaseSettings):
     # NATS
     nats_url: str = "nats://127.0.0.1:4222"
     nats_user: str | None = None
-    nats_password: str | None = None
+    nats_password: SecretStr | None = None
     nats_creds: str | None = Field(None, description="NATS credentials file (JWT + NKey)")
+    nats_nkey_seed: str | None = Field(
+        None, description="NATS NKey seed file (a user seed, SU...); needs nats-py[nkeys]"
+    )
+    nats_tls_ca: str | None = Field(
+        None, description="CA bundle (PEM) that verifies the NATS server's certificate"
+    )
+    nats_tls_cert: str | None = Field(
+        None, description="client certificate (PEM) for NATS servers that verify clients"
+    )
+    nats_tls_key: str | None = Field(None, description="the client certificate's key (PEM)")
+    nats_tls_hostname: str | None = Field(
+        None, description="the name the NATS server's certificate must carry (default: the URL's)"
+    )
+    nats_inbox_prefix: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+        description="prefix of request/reply inboxes (default _INBOX.<site>, so NATS "
+        "permissions can keep each site to its own replies)",
+    )
     nats_timeout_s: float = Field(10.0, gt=0, description="timeout of every NATS request")
     # models
     model: str = Field("smollm2", description="this role's model: hub id, dir, .gguf, smollm2")
@@ -99,6 +120,16 @@ class Settings(BaseSettings):
         5.0, gt=0, description="drafter: no verdict this long -> move the session elsewhere"
     )
     served_model_name: str = Field("picospec", description="the model id the API serves")
+    api_key: SecretStr | None = Field(
+        None,
+        min_length=1,
+        description="drafter: every /v1 request needs 'Authorization: Bearer <key>' (401 else)",
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="drafter: file of accepted API keys, one per line ('#' comments), "
+        "in addition to api_key",
+    )
     max_concurrent_requests: int = Field(
         32, ge=1, description="drafter: generations running at once (the rest queue)"
     )
@@ -107,13 +138,48 @@ class Settings(BaseSettings):
     )
     max_tokens_limit: int = Field(4096, ge=1, description="drafter: largest max_tokens accepted")
     drain_grace_s: float = Field(20.0, ge=0, description="verifier: SIGTERM drain deadline")
-    site: str = Field("local", description="edge site label for metrics")
+    site: str = Field(
+        "local",
+        description="edge site label for metrics, verdict subjects and inboxes "
+        "(picospec.v1.verdict.<site>.*, _INBOX.<site>.*)",
+    )
     fallback: str = Field(
         "none",
         pattern="^(none|edge)$",
         description="drafter: 'edge' serves from the draft model alone (marked unverified) "
         "when the cloud is unreachable, instead of failing with 503",
     )
+
+    @model_validator(mode="after")
+    def _v_pairs(self) -> Settings:
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            raise ValueError("nats_tls_cert and nats_tls_key go together")
+        if self.nats_password is not None and self.nats_user is None:
+            raise ValueError("nats_password needs nats_user")
+        return self
+
+    def api_keys(self) -> list[str]:
+        """The API keys the drafter accepts (none: the API is open).
+
+        Reads ``api_keys_file`` (one key per line; blank lines and ``#`` comments skipped). A
+        file that is set but unreadable or holds no key is an error: the API must not silently
+        open up.
+        """
+        keys = [self.api_key.get_secret_value()] if self.api_key is not None else []
+        if self.api_keys_file is not None:
+            try:
+                lines = Path(self.api_keys_file).read_text().splitlines()
+            except OSError as e:
+                raise ValueError(f"api_keys_file {self.api_keys_file}: {e.strerror}") from None
+            found = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+            if not found:
+                raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
+            keys += found
+        return keys
+
+    def inbox_prefix(self) -> str:
+        """This client's request/reply inbox prefix: the setting, or ``_INBOX.<site>``."""
+        return self.nats_inbox_prefix or subjects.inbox_prefix(self.site)
 
     def spec(self, mode: Mode | None = None, draft_len: int | None = None) -> SpecConfig:
         return SpecConfig(

@@ -226,6 +226,17 @@ class LanguageModel:
         log.info("loaded model %s on %s (%s)", label, dev, torch_dtype)
         return cls(model=model, tokenizer=tokenizer, name=label, device=dev)
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> LanguageModel:
+        """Load the model a service's settings name (``model``, ``device``, ``dtype``…)."""
+        return cls.load(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            threads=settings.threads,
+            quantize=settings.quantize,
+        )
+
     # --- shape of the model -------------------------------------------------------------
     @property
     def vocab_size(self) -> int:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from importlib.util import find_spec
 from typing import Any
 
 import nats
@@ -66,6 +69,52 @@ def headers(content_type: str = subjects.CT_BINARY, **extra: str) -> dict[str, s
     }
 
 
+def redact_url(url: str) -> str:
+    """``url`` without the secret of a ``user:password@`` or ``token@`` part (for logs)."""
+
+    def hide(m: re.Match[str]) -> str:
+        user, sep, _ = m.group(1).partition(":")
+        return f"//{user}:***@" if sep else "//***@"
+
+    return re.sub(r"//([^/@]*)@", hide, url)
+
+
+def nats_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for NATS: None unless a CA or a client certificate is configured (a
+    ``tls://`` URL alone gets nats-py's default context, trusting the system CAs)."""
+    if not (settings.nats_tls_ca or settings.nats_tls_cert):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.nats_tls_ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.nats_tls_cert:
+        ctx.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key)
+    return ctx
+
+
+def nats_options(settings: Settings) -> dict[str, Any]:
+    """How to authenticate and encrypt: the ``nats.connect`` keyword arguments that come from
+    the settings (user/password, credentials file, NKey seed, TLS, inbox prefix)."""
+    kwargs: dict[str, Any] = {"inbox_prefix": settings.inbox_prefix()}
+    if (settings.nats_creds or settings.nats_nkey_seed) and find_spec("nkeys") is None:
+        raise RuntimeError(
+            "nats_creds and nats_nkey_seed need the nkeys package: pip install 'nats-py[nkeys]'"
+        )
+    if settings.nats_user:
+        kwargs["user"] = settings.nats_user
+        if settings.nats_password is not None:
+            kwargs["password"] = settings.nats_password.get_secret_value()
+    if settings.nats_creds:
+        kwargs["user_credentials"] = settings.nats_creds
+    if settings.nats_nkey_seed:
+        kwargs["nkeys_seed"] = settings.nats_nkey_seed
+    tls = nats_tls_context(settings)
+    if tls is not None:
+        kwargs["tls"] = tls
+    if settings.nats_tls_hostname:
+        kwargs["tls_hostname"] = settings.nats_tls_hostname
+    return kwargs
+
+
 async def connect_nats(settings: Settings, name: str) -> NATS:
     """Connect with reconnect handling; every (dis/re)connect is logged and counted."""
 
@@ -89,13 +138,15 @@ async def connect_nats(settings: Settings, name: str) -> NATS:
         "error_cb": on_error,
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
+        **nats_options(settings),
     }
-    if settings.nats_user:
-        kwargs.update(user=settings.nats_user, password=settings.nats_password)
-    if settings.nats_creds:
-        kwargs["user_credentials"] = settings.nats_creds
     nc = await nats.connect(**kwargs)
-    event("nats_connected", url=settings.nats_url)
+    event(
+        "nats_connected",
+        url=redact_url(settings.nats_url),
+        tls="tls" in kwargs or settings.nats_url.startswith("tls://"),
+        auth=next((a for a in ("user_credentials", "nkeys_seed", "user") if a in kwargs), "none"),
+    )
     return nc
 
 

@@ -30,9 +30,23 @@ SOURCES = (
     (REPO / "observability" / "dashboards", "*.json"),
     (REPO / "observability" / "prometheus", "*.rules.yml"),
 )
-# Settings the chart sets itself: the NATS connection and credentials (never in values) and the
-# listen address.
-MANAGED = ("nats_url", "nats_user", "nats_password", "nats_creds", "host")
+# Settings that never go into values: the NATS connection, credentials, TLS files and inbox
+# prefix, and the listen address, which the chart sets itself; and the API key, a secret, which
+# comes from a Secret of yours (``drafter.extraEnv``: PICOSPEC_API_KEY from a secretKeyRef).
+MANAGED = (
+    "nats_url",
+    "nats_user",
+    "nats_password",
+    "nats_creds",
+    "nats_nkey_seed",
+    "nats_tls_ca",
+    "nats_tls_cert",
+    "nats_tls_key",
+    "nats_tls_hostname",
+    "nats_inbox_prefix",
+    "host",
+    "api_key",
+)
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
@@ -64,7 +78,9 @@ def settings_schema() -> dict[str, Any]:
         "$comment": "generated from picospec.config.Settings by `make chart-files`",
         "description": (
             "PicoSpec settings (PICOSPEC_<NAME> environment variables), by their Settings "
-            "names. The chart sets " + ", ".join(MANAGED) + " itself."
+            "names. Not here: " + ", ".join(MANAGED) + " (the chart sets the NATS connection "
+            "and host itself; api_key is a secret: give PICOSPEC_API_KEY through extraEnv from "
+            "a Secret)."
         ),
         "type": "object",
         "additionalProperties": False,

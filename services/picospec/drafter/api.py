@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
 from aiohttp import web
@@ -131,9 +133,56 @@ def _invalid(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param)
 
 
+# paths that never need the API key: probes and Prometheus scrapes
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def api_key_middleware(keys: list[str], mode: str) -> Any:
+    """Refuse every request but :data:`OPEN_PATHS` without ``Authorization: Bearer <key>``.
+
+    Keys are compared as SHA-256 digests with :func:`hmac.compare_digest` against every
+    configured key, so the time taken tells neither the key's length nor which key came
+    close. Refusals are 401 in OpenAI's error shape and count in ``picospec_requests_total``.
+    """
+    digests = [_digest(k) for k in keys]
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        given = _digest(token.strip())
+        ok = False
+        for d in digests:
+            ok |= hmac.compare_digest(given, d)
+        if ok and scheme.lower() == "bearer":
+            return await handler(request)
+        metrics.REQUESTS.labels(mode, "401").inc()
+        event("request_unauthorized", logging.WARNING, path=request.path, remote=request.remote)
+        message = (
+            "Incorrect API key provided."
+            if token
+            else "Missing API key: send it as 'Authorization: Bearer <key>'."
+        )
+        return ApiError(
+            401,
+            message,
+            "authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": 'Bearer realm="picospec"'},
+        ).response()
+
+    return check
+
+
 class Api:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.api_keys = settings.api_keys()  # read once: a bad keys file fails at start
         self.svc: DrafterService | None = None
         self.model: LanguageModel | None = None
         self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
@@ -380,7 +429,7 @@ class Api:
         else:
             choice["text"] = text
         body = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{gen.sid.hex()}",
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{gen.request_id}",
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": req.model,
@@ -417,7 +466,7 @@ class Api:
             }
         )
         await resp.prepare(request)
-        cid = f"{'chatcmpl' if chat else 'cmpl'}-{gen.sid.hex()}"
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{gen.request_id}"
         created = int(time.time())
 
         def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
@@ -477,23 +526,26 @@ class Api:
         return resp
 
 
+def application(api: Api, extra_routes: Sequence[web.RouteDef] = ()) -> web.Application:
+    """The drafter's aiohttp application: the API's routes (behind the API key when one is
+    configured) and ``extra_routes`` (health, readiness, metrics)."""
+    middlewares = []
+    if api.api_keys:
+        middlewares.append(api_key_middleware(api.api_keys, api.settings.mode.value))
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
+    app.add_routes(extra_routes)
+    app.add_routes(api.routes())
+    return app
+
+
 async def main(settings: Settings, stop: asyncio.Event) -> None:
     from picospec.serving import connect_nats, health_routes, serve_http
 
     api = Api(settings)
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app.add_routes(health_routes(lambda: api.ready))
-    app.add_routes(api.routes())
+    app = application(api, health_routes(lambda: api.ready))
     runner = await serve_http(app, settings.host, settings.port)  # /health while loading
     model = await asyncio.get_running_loop().run_in_executor(
-        None,
-        lambda: LanguageModel.load(
-            settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            threads=settings.threads,
-            quantize=settings.quantize,
-        ),
+        None, LanguageModel.from_settings, settings
     )
     nc = await connect_nats(settings, "drafter")
     svc = DrafterService(settings, nc, model)
@@ -501,7 +553,11 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     metrics.set_build_info("drafter", model.name, svc.id, settings.site)
     api.attach(svc, model)
     event(
-        "ready", drafter=svc.id, model=model.name, url=f"http://{settings.host}:{settings.port}/v1"
+        "ready",
+        drafter=svc.id,
+        model=model.name,
+        url=f"http://{settings.host}:{settings.port}/v1",
+        api_keys=len(api.api_keys),
     )
     await stop.wait()
     api.svc = None  # not ready: new requests get 503 while in-flight ones finish

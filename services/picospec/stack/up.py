@@ -8,6 +8,11 @@ Topologies:
   link emulator (``picospec.stack.netem``, its own process) when ``rtt_ms`` or
   ``bandwidth_mbit`` is set. The leaf connection authenticates with a random user/password.
 
+``secure`` gives every service its own NATS user with the least permissions of its role and
+site (``subjects.permissions``), random passwords, and, in ``edge-cloud``, a per-site leaf user
+on the hub whose permissions bound what crosses the link; ``tls`` adds a throwaway CA and TLS on
+every NATS listener; ``api_key`` guards the drafter's API.
+
 Every child is its own process with its own entrypoint, configured by ``PICOSPEC_*`` variables,
 logging to ``<run_dir>/<name>.log``. :class:`Stack` waits for each service's ``/ready`` and stops
 everything in order: drafter and sampler, verifiers (which drain), the link, the NATS servers.
@@ -31,6 +36,7 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -42,7 +48,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from picospec.stack.natsserver import HOST, NatsServer, NatsServerError, free_ports, port_open
+from picospec.protocol import subjects
+from picospec.stack.natsserver import (
+    HOST,
+    NatsServer,
+    NatsServerError,
+    NatsUser,
+    Pki,
+    free_ports,
+    make_pki,
+    port_open,
+)
 from picospec.stack.netem import CUT_MESSAGE, READY_MESSAGE, RESTORE_MESSAGE
 from picospec.stack.procs import log_tail, spawn, terminate_all, terminate_each
 from picospec.stack.prometheus import (
@@ -96,6 +112,10 @@ class StackConfig:
     verifier_ports: tuple[int, ...] = ()  # ... unless listed here explicitly
     sampler_port: int = 8201
     client_auth: bool = False  # require a random user/password from every NATS client
+    secure: bool = False  # per-role NATS users with least permissions (replaces client_auth)
+    tls: bool = False  # TLS on every NATS listener, from a throwaway CA (needs openssl)
+    extra_sites: tuple[str, ...] = ()  # secure: also admit these edge sites (their own nodes)
+    api_key: str | None = field(default=None, repr=False)  # the drafter's API key
     run_dir: Path | None = None
     ready_timeout: float = 300.0
     log_level: str = "INFO"
@@ -117,6 +137,13 @@ class StackConfig:
         for key in self.env:
             if not key or "=" in key:
                 raise ValueError(f"bad environment variable name {key!r}")
+        if self.secure and self.client_auth:
+            raise ValueError("secure replaces client_auth: give one of them")
+        if self.extra_sites and not self.secure:
+            raise ValueError("extra_sites needs secure")
+        sites = [self.site, *self.extra_sites]
+        if len({subjects.site_token(x) for x in sites}) != len(sites):
+            raise ValueError("edge sites must be distinct")
 
     @property
     def link_enabled(self) -> bool:
@@ -238,6 +265,10 @@ class Stack:
         self.client_password = secrets.token_hex(16) if cfg.client_auth else None
         self.leaf_user = "leaf-" + secrets.token_hex(4)
         self.leaf_password = secrets.token_hex(16)
+        # secure: every NATS user by name (verifier-<i>, drafter-<site>, sampler-<site>,
+        # leaf-<site>); each service gets its own through its environment
+        self.users: dict[str, NatsUser] = self._users() if cfg.secure else {}
+        self.pki: Pki | None = make_pki(self.run_dir / "pki") if cfg.tls else None
         self.nats: dict[str, NatsServer] = {}
         self.netem: subprocess.Popen[bytes] | None = None
         self.link: LinkControl | None = None
@@ -247,29 +278,75 @@ class Stack:
 
     # -- layout ------------------------------------------------------------------------------
 
+    def _users(self) -> dict[str, NatsUser]:
+        """Secure mode's NATS users: one per service, one per site's leaf link, and the edge
+        users of ``extra_sites`` (for their drafters and samplers, or their leaf links)."""
+        cfg = self.config
+
+        def user(name: str, role: str, site: str = "local", ident: str = "*") -> NatsUser:
+            kind = "LEAFNODE" if role == "leaf" else "STANDARD"
+            perms = subjects.permissions(role, site=site, ident=ident)
+            return NatsUser(name, secrets.token_urlsafe(24), permissions=perms,
+                            connection_types=(kind,))  # fmt: skip
+
+        users = {f"verifier-{i}": user(f"verifier-{i}", "verifier", ident=f"verifier-{i}")
+                 for i in range(1, cfg.verifiers + 1)}  # fmt: skip
+        for site in (cfg.site, *cfg.extra_sites):
+            for role in ("drafter", "sampler", "leaf"):
+                users[f"{role}-{site}"] = user(f"{role}-{site}", role, site=site)
+        return users
+
+    def _server_users(self, side: str) -> list[NatsUser]:
+        """Who may connect to the ``single`` server, the cloud ``hub`` or the ``edge`` leaf."""
+        cfg = self.config
+        out = []
+        for name, u in self.users.items():
+            role, site = name.split("-", 1)
+            if role == "verifier":
+                keep = side in ("single", "hub")
+            elif role == "leaf":
+                keep = side == "hub"
+            else:  # drafter, sampler: on the single server, or on their own site's leaf
+                keep = side == "single" or (side == "edge" and site == cfg.site)
+            if keep:
+                out.append(u)
+        return out
+
     def _build(self) -> None:
         cfg = self.config
-        common = {"user": self.client_user, "password": self.client_password}
+        common: dict[str, Any] = {"user": self.client_user, "password": self.client_password}
+        tls = self.pki.server_tls() if self.pki is not None else None
         if cfg.topology == "single":
             self.nats["nats"] = NatsServer(
                 cfg.nats_port,
                 name="nats",
                 http_port=cfg.monitor_port,
                 run_dir=self.run_dir,
+                users=self._server_users("single"),
+                tls=tls,
                 **common,
             )
         else:
+            # secure: the leaf link authenticates as the site's leaf user, whose permissions
+            # bound what crosses it, instead of the one shared leaf user
+            leaf_auth: dict[str, Any] = {}
+            if not cfg.secure:
+                leaf_auth = {"leaf_user": self.leaf_user, "leaf_password": self.leaf_password}
             hub = NatsServer(
                 cfg.nats_port,
                 name="nats-hub",
                 http_port=cfg.monitor_port,
                 leaf_port=cfg.leaf_port,
-                leaf_user=self.leaf_user,
-                leaf_password=self.leaf_password,
                 run_dir=self.run_dir,
+                users=self._server_users("hub"),
+                tls=tls,
+                **leaf_auth,
                 **common,
             )
             remote = hub.leaf_remote(via_port=cfg.link_port if cfg.link_enabled else None)
+            if cfg.secure:
+                leaf = self.users[f"leaf-{cfg.site}"]
+                remote = dataclasses.replace(remote, user=leaf.user, password=leaf.password)
             self.nats["nats-hub"] = hub
             self.nats["nats-edge"] = NatsServer(
                 cfg.edge_nats_port,
@@ -277,6 +354,8 @@ class Stack:
                 http_port=cfg.edge_monitor_port,
                 leaf_remotes=[remote],
                 run_dir=self.run_dir,
+                users=self._server_users("edge"),
+                tls=tls,
                 **common,
             )
         cloud_url, edge_url = self.cloud_nats_url, self.nats_url
@@ -289,6 +368,7 @@ class Stack:
                 "PICOSPEC_QUANTIZE": "none",
                 "PICOSPEC_PORT": str(port),
                 "PICOSPEC_REPLICA_ID": name,
+                **self._auth_env(name),
             }
             self.services[name] = self._service(name, "verifier", port, env)
         if cfg.sampler:
@@ -297,6 +377,7 @@ class Stack:
                 "PICOSPEC_MODEL": cfg.drafter_model,
                 "PICOSPEC_PORT": str(cfg.sampler_port),
                 "PICOSPEC_SITE": cfg.site,
+                **self._auth_env(f"sampler-{cfg.site}"),
             }
             self.services["sampler"] = self._service("sampler", "sampler", cfg.sampler_port, env)
         if cfg.drafter:
@@ -306,8 +387,35 @@ class Stack:
                 "PICOSPEC_QUANTIZE": cfg.quantize_draft,
                 "PICOSPEC_PORT": str(cfg.api_port),
                 "PICOSPEC_SITE": cfg.site,
+                **self._auth_env(f"drafter-{cfg.site}"),
             }
+            if cfg.api_key is not None:
+                env["PICOSPEC_API_KEY"] = cfg.api_key
             self.services["drafter"] = self._service("drafter", "drafter", cfg.api_port, env)
+
+    def _auth_env(self, user: str) -> dict[str, str]:
+        """The NATS credentials and CA of one service (secure / tls)."""
+        env = {}
+        if self.config.secure:
+            u = self.users[user]
+            env["PICOSPEC_NATS_USER"] = u.user or ""
+            env["PICOSPEC_NATS_PASSWORD"] = u.password or ""
+        if self.pki is not None:
+            env["PICOSPEC_NATS_TLS_CA"] = str(self.pki.ca)
+        return env
+
+    def nats_options(self, user: str | None = None) -> dict[str, Any]:
+        """``nats.connect`` keyword arguments for a client of this stack: the TLS context (when
+        ``tls``) and the credentials of ``user`` (a name in :attr:`users`; none: the shared
+        client user of ``client_auth``, if any)."""
+        out: dict[str, Any] = {}
+        if user is not None:
+            out.update(self.users[user].client_options())
+        elif self.client_user is not None:
+            out.update(user=self.client_user, password=self.client_password or "")
+        if self.pki is not None:
+            out["tls"] = ssl.create_default_context(cafile=str(self.pki.ca))
+        return out
 
     def _service(self, name: str, role: str, port: int, env: dict[str, str]) -> Service:
         cfg = self.config
@@ -316,6 +424,9 @@ class Stack:
         full["PICOSPEC_HOST"] = HOST
         if cfg.threads is not None:
             full["PICOSPEC_THREADS"] = str(cfg.threads)
+        if cfg.secure or cfg.tls:  # no stray credentials from the caller's environment
+            for key in [k for k in full if k.startswith("PICOSPEC_NATS_")]:
+                del full[key]
         if self.client_user is not None:
             full["PICOSPEC_NATS_USER"] = self.client_user
             full["PICOSPEC_NATS_PASSWORD"] = self.client_password or ""
@@ -592,9 +703,14 @@ class Stack:
 # -- the demo request ------------------------------------------------------------------------
 
 
-def _model_id(api_url: str) -> str:
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _model_id(api_url: str, api_key: str | None = None) -> str:
+    req = urllib.request.Request(f"{api_url}/models", headers=_auth_headers(api_key))
     try:
-        with urllib.request.urlopen(f"{api_url}/models", timeout=5) as resp:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
             data = json.loads(resp.read())
         return str(data["data"][0]["id"])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
@@ -608,10 +724,11 @@ def stream_chat(
     temperature: float = 0.7,
     top_p: float = 0.9,
     timeout: float = 300.0,
+    api_key: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """POST a streaming chat completion and yield each server-sent event's JSON object."""
     body = {
-        "model": _model_id(api_url),
+        "model": _model_id(api_url, api_key),
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -621,7 +738,11 @@ def stream_chat(
     req = urllib.request.Request(
         f"{api_url}/chat/completions",
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+        headers={
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            **_auth_headers(api_key),
+        },
         method="POST",
     )
     with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback
@@ -635,12 +756,18 @@ def stream_chat(
             yield json.loads(payload)
 
 
-def run_demo(api_url: str, prompt: str, max_tokens: int = 64, out: Any = None) -> dict[str, Any]:
+def run_demo(
+    api_url: str,
+    prompt: str,
+    max_tokens: int = 64,
+    out: Any = None,
+    api_key: str | None = None,
+) -> dict[str, Any]:
     """Stream one chat answer to ``out`` as it arrives; print and return the final stats."""
     out = out or sys.stdout
     stats: dict[str, Any] = {}
     print(f"demo> {prompt}", file=out, flush=True)
-    for chunk in stream_chat(api_url, prompt, max_tokens=max_tokens):
+    for chunk in stream_chat(api_url, prompt, max_tokens=max_tokens, api_key=api_key):
         for choice in chunk.get("choices") or []:
             text = (choice.get("delta") or {}).get("content")
             if text:
@@ -682,6 +809,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verifier-port", type=int, default=8101, help="verifier i: this + i - 1")
     p.add_argument("--sampler-port", type=int, default=8201, help="the sampler's HTTP port")
     p.add_argument("--site", default="edge-1", help="edge site label")
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="per-role NATS users with least permissions and random passwords (edge-cloud: a "
+        "per-site leaf user bounds the link), and an API key for the drafter: "
+        "$PICOSPEC_API_KEY, else a random one written to <run-dir>/api-key",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on every NATS listener, from a throwaway CA in <run-dir>/pki (needs openssl)",
+    )
     p.add_argument("--run-dir", type=Path, default=None, help="configs and logs (default: temp)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds")
     p.add_argument("--demo", action="store_true", help="send one streaming chat request")
@@ -728,6 +867,11 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         ready_timeout=args.ready_timeout,
         log_level="INFO",
         env=dict(args.env),
+        secure=args.secure,
+        tls=args.tls,
+        api_key=(os.environ.get("PICOSPEC_API_KEY") or secrets.token_urlsafe(24))
+        if args.secure
+        else None,
     )
 
 
@@ -755,6 +899,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     prometheus: Prometheus | None = None
     try:
         print(f"picospec up: {cfg.topology}, logs in {stack.run_dir}", flush=True)
+        if cfg.secure:
+            print(
+                "secure: one NATS user per service with least permissions"
+                + (", TLS from the CA in " + str(stack.run_dir / "pki") if cfg.tls else ""),
+                flush=True,
+            )
+        if cfg.api_key is not None:
+            key_file = stack.run_dir / "api-key"
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(cfg.api_key + "\n")
+            print(f"API key in {key_file} (Authorization: Bearer <key>)", flush=True)
         stack.start()
         for line in stack.summary():
             print(line, flush=True)
@@ -769,7 +925,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"Prometheus: {prometheus.url}", flush=True)
         if args.demo and cfg.drafter:
             try:
-                run_demo(stack.api_url, args.demo_prompt)
+                run_demo(stack.api_url, args.demo_prompt, api_key=cfg.api_key)
             except (OSError, ValueError) as e:
                 print(f"picospec up: demo request failed: {e}", file=sys.stderr, flush=True)
         print("serving; Ctrl-C to stop", flush=True)

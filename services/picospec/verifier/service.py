@@ -311,16 +311,8 @@ class VerifierService:
         app.add_routes(health_routes(lambda: self.ready))
         runner = await serve_http(app, self.settings.host, self.settings.port)
         if self.model is None:  # load after /health is up, so startup probes see a live process
-            st = self.settings
             self.model = await asyncio.get_running_loop().run_in_executor(
-                self.pool,
-                lambda: LanguageModel.load(
-                    st.model,
-                    device=st.device,
-                    dtype=st.dtype,
-                    threads=st.threads,
-                    quantize=st.quantize,
-                ),
+                self.pool, LanguageModel.from_settings, self.settings
             )
         metrics.set_build_info(ROLE, self.model.name, self.id, self.settings.site)
         self.nc = await connect_nats(self.settings, f"verifier-{self.id}")
