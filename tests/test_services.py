@@ -251,7 +251,7 @@ def test_malformed_messages_on_every_subject_are_dropped_and_counted(
             for subject in (
                 subjects.verify("verifier-1"),
                 subjects.close("verifier-1"),
-                subjects.verdicts(drafter_id),
+                subjects.verdicts(stack.config.site, drafter_id),
             ):
                 await nc.publish(subject, payload)
         await nc.flush()
