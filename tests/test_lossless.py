@@ -55,8 +55,8 @@ def test_greedy_is_token_identical_to_the_target_alone(
         got = generate(target, draft, prompt, params, spec, 24)
         assert got.tokens == want
         assert got.finish_reason == "length"
-        rollbacks += got.rollbacks
-        assert got.accepted <= got.drafted and got.rounds > 0
+        rollbacks += got.speculation.rollbacks
+        assert got.speculation.accepted <= got.speculation.drafted and got.speculation.rounds > 0
     assert rollbacks > 0, "the draft must disagree sometimes, or nothing was tested"
 
 
@@ -71,7 +71,9 @@ def test_greedy_with_the_target_as_its_own_draft_accepts_everything(target: Lang
     got = generate(
         target, target, PROMPTS[2], SamplingParams(temperature=0.0), SpecConfig(draft_len=4), 20
     )
-    assert got.rollbacks == 0 and got.accepted == got.drafted == 20
+    assert (
+        got.speculation.rollbacks == 0 and got.speculation.accepted == got.speculation.drafted == 20
+    )
     assert got.tokens == _reference_greedy(target, PROMPTS[2], 20)
 
 
@@ -125,7 +127,7 @@ def test_sampled_continuations_follow_the_target_distribution(
             target, draft, prompt, params.model_copy(update={"seed": seed}), spec, LENGTH
         )
         counts[index[tuple(run.tokens)]] += 1
-        rollbacks += run.rollbacks
+        rollbacks += run.speculation.rollbacks
     assert rollbacks > N_RUNS // 4, "draft and target must disagree often for the test to bite"
     expected = np.array([exact.get(o, 0.0) for o in outcomes]) * N_RUNS
     assert counts[expected == 0].sum() == 0, "produced a continuation the target never would"

@@ -42,7 +42,7 @@ def test_greedy_output_is_identical_in_every_mode(
         for draft in (smollm2, int8):
             got = generate(smollm2, draft, prompt, GREEDY, SpecConfig(mode=mode), 40)
             assert got.tokens == want.tokens, f"{mode.value} with {draft.name}"
-            rollbacks += got.rollbacks
+            rollbacks += got.speculation.rollbacks
     assert rollbacks > 0, "the int8 draft must disagree somewhere for this to test rollback"
 
 

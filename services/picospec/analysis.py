@@ -145,7 +145,10 @@ def draft_report(args: argparse.Namespace) -> str:
             drafted = accepted = 0
             for prompt in prompts:
                 r = generate(target, draft, prompt, params, SpecConfig(), args.max_tokens)
-                drafted, accepted = drafted + r.drafted, accepted + r.accepted
+                drafted, accepted = (
+                    drafted + r.speculation.drafted,
+                    accepted + r.speculation.accepted,
+                )
             acc.append(accepted / max(drafted, 1))
         figures.append(DraftFigures(draft.name, speed, acc[0], acc[1]))
     lines = [

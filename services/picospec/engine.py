@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from picospec.config import Mode, SpecConfig
-from picospec.drafter.session import Committed, DrafterSession
+from picospec.drafter.session import Committed, DrafterSession, DrafterStats
 from picospec.models import LanguageModel, check_vocabulary
 from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict, decode_as, encode
 from picospec.sampler import sample
@@ -47,14 +47,8 @@ class Result:
     finish_reason: str
     elapsed_s: float
     wire: Wire
-    drafted: int = 0
-    accepted: int = 0
-    rounds: int = 0
-    rollbacks: int = 0
-    wasted: int = 0
+    speculation: DrafterStats = field(default_factory=DrafterStats)
     verifier_forwards: int = 0
-    tail_mass: float = 0.0
-    accepted_per_pos: list[int] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         n = len(self.tokens)
@@ -63,16 +57,9 @@ class Result:
             "prompt_tokens": self.prompt_tokens,
             "tokens": n,
             "finish_reason": self.finish_reason,
-            "drafted_tokens": self.drafted,
-            "accepted_tokens": self.accepted,
-            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
-            "mean_accepted_len": 1 + self.accepted / self.rounds if self.rounds else None,
-            "rounds": self.rounds,
-            "rollbacks": self.rollbacks,
-            "wasted_tokens": self.wasted,
+            **self.speculation.report(),
             "verifier_forwards": self.verifier_forwards,
-            "tail_mass": self.tail_mass,
-            "accepted_per_pos": self.accepted_per_pos,
+            "accepted_per_pos": self.speculation.accepted_per_pos,
             "bytes_up": self.wire.up,
             "bytes_down": self.wire.down,
             "bytes_edge_local": self.wire.edge,
@@ -143,7 +130,6 @@ def generate(
                 drafter.finish("stop")
             if drafter.done:
                 break
-    s = drafter.stats
     return Result(
         spec.mode,
         len(prompt),
@@ -151,12 +137,6 @@ def generate(
         drafter.finish_reason or "length",
         time.perf_counter() - t0,
         wire,
-        drafted=s.drafted,
-        accepted=s.accepted,
-        rounds=s.rounds,
-        rollbacks=s.rollbacks,
-        wasted=s.wasted,
+        speculation=drafter.stats,
         verifier_forwards=verifier.stats.forwards,
-        tail_mass=s.tail_mass,
-        accepted_per_pos=s.accepted_per_pos,
     )

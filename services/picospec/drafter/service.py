@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 
 from picospec import metrics
 from picospec.config import Mode, Settings, SpecConfig
-from picospec.drafter.session import Committed, DrafterSession, ProtocolError
+from picospec.drafter.session import Committed, DrafterSession, DrafterStats, ProtocolError
 from picospec.models import LanguageModel
 from picospec.protocol import subjects
 from picospec.protocol.codec import (
@@ -61,15 +61,10 @@ class Stats:
     mode: str
     prompt_tokens: int = 0
     tokens: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    rounds: int = 0
-    rollbacks: int = 0
-    wasted: int = 0
+    speculation: DrafterStats = field(default_factory=DrafterStats)  # the session's own
     migrations: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
-    tail_mass: float = 0.0
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     elapsed_s: float = 0.0
@@ -79,17 +74,10 @@ class Stats:
     def as_dict(self) -> dict[str, object]:
         return {
             "mode": self.mode,
-            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
-            "mean_accepted_len": 1 + self.accepted / self.rounds if self.rounds else None,
-            "drafted_tokens": self.drafted,
-            "accepted_tokens": self.accepted,
-            "rounds": self.rounds,
-            "rollbacks": self.rollbacks,
-            "wasted_tokens": self.wasted,
+            **self.speculation.report(),
             "migrations": self.migrations,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
-            "tail_mass": self.tail_mass,
             "ttft_s": self.first_token_s,
             "elapsed_s": self.elapsed_s,
             "tokens_per_s": self.tokens / self.elapsed_s if self.elapsed_s > 0 else None,
@@ -403,6 +391,7 @@ class Generation:
             self.max_tokens,
             svc.model.eos_ids,
         )
+        self.stats.speculation = session.stats
         metrics.DRAFT_LEN.labels(self.spec.mode.value).set(self.spec.draft_len)
         mode = self.spec.mode.value
         last_progress = time.monotonic()
@@ -455,7 +444,6 @@ class Generation:
             if sent is not None:
                 metrics.VERIFY_RTT.labels(mode).observe(time.perf_counter() - sent)
             if isinstance(got, SampleRequest):
-                self.stats.tail_mass += got.sparse.tail_mass
                 metrics.TAIL_MASS.inc(got.sparse.tail_mass)
                 got = session.on_correction(await self._sample(got))
             self._count_round(session, before)
@@ -474,5 +462,3 @@ class Generation:
             metrics.ACCEPTED_PER_POS.labels(mode, str(i)).inc()
         metrics.ROLLBACKS.labels(mode).inc(s.rollbacks - before[2])
         metrics.WASTED.labels(mode).inc(s.wasted - before[3])
-        self.stats.drafted, self.stats.accepted = s.drafted, s.accepted
-        self.stats.rounds, self.stats.rollbacks, self.stats.wasted = s.rounds, s.rollbacks, s.wasted

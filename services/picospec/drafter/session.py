@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +66,20 @@ class DrafterStats:
     blocks: int = 0
     tail_mass: float = 0.0  # sum over sampled rejections of the compressed p_j's tail mass
     accepted_per_pos: list[int] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        """The speculation figures every report (CLI, API, benchmark) shows, one definition:
+        acceptance = accepted / drafted, mean accepted length = 1 + accepted / rounds (vLLM)."""
+        return {
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+            "mean_accepted_len": 1 + self.accepted / self.rounds if self.rounds else None,
+            "rounds": self.rounds,
+            "rollbacks": self.rollbacks,
+            "wasted_tokens": self.wasted,
+            "tail_mass": self.tail_mass,
+        }
 
 
 @dataclass(frozen=True)
