@@ -21,6 +21,7 @@ from picospec import metrics
 from picospec.config import Mode, SpecConfig
 from picospec.drafter.session import Committed, DrafterSession
 from picospec.models import KVCache, LanguageModel, quantize_int8
+from picospec.protocol import subjects
 from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict
 from picospec.protocol.control import OpenSession
 from picospec.sampler import sample
@@ -445,7 +446,7 @@ def test_service_verifies_ready_sessions_in_one_forward(target: LanguageModel) -
         sid = os.urandom(16)
         req = OpenSession(
             session=sid.hex(), prompt=[k + 1, 2], params=GREEDY, spec=spec, vocab_size=V,
-            reply_to=f"r.{k}", max_new_tokens=8,
+            reply_to=subjects.verdicts("site", f"drafter-{k}"), max_new_tokens=8,
         )  # fmt: skip
         held = Held(VerifierSession(target, sid, req.prompt, GREEDY, spec), req.reply_to, req)
         helds.append(held)
