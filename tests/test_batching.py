@@ -466,7 +466,9 @@ def test_service_verifies_ready_sessions_in_one_forward(target: LanguageModel) -
     with count_forwards(target) as sizes:
         out = VerifierService._verify_batch(work)
     after = observed()
-    assert [h.reply_to for h, _ in out] == ["r.0", "r.1", "r.2"]
+    assert [h.reply_to for h, _ in out] == [
+        subjects.verdicts("site", f"drafter-{k}") for k in range(3)
+    ]
     assert all(len(v) == 1 for _, v in out)
     assert sizes == [3]
     assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
