@@ -80,3 +80,13 @@ chart-files: $(STAMP)
 # k8s/picospec.yaml: the chart rendered with its default values (Helm's engine, no binary).
 manifests: $(STAMP) chart-files
 	$(BIN)/python charts/picospec/hack/manifests.py
+
+# The soak test: a local stack on the tiny test models (tests/tinymodels.py, built into a temp
+# dir) with 2 verifiers; 32 concurrent streams for SOAK_S seconds while one verifier is killed
+# (SIGKILL) and restarted once a minute. Prints the load report (tokens/s, TTFT/ITL p50/p99,
+# errors by status) and every service's resident memory at the start and the end.
+SOAK_S ?= 600
+SOAK_ARGS ?= --concurrency 32
+.PHONY: soak
+soak: setup
+	$(BIN)/python -m picospec.loadgen --soak $(SOAK_S) $(SOAK_ARGS)

@@ -40,7 +40,20 @@ class SamplerService:
                 )
             return
         t0 = time.perf_counter()
-        reply = await asyncio.get_running_loop().run_in_executor(self.pool, sample, req)
+        try:
+            reply = await asyncio.get_running_loop().run_in_executor(self.pool, sample, req)
+        except Exception as e:  # noqa: BLE001 - e.g. no probability mass left to draw from
+            # a well-formed request it cannot serve: refuse it like a malformed one (counted,
+            # answered), instead of leaving the drafter to time out
+            metrics.REJECTED.labels(ROLE, "bad_request").inc()
+            event("message_rejected", logging.WARNING, reason="bad_request", error=str(e)[:200])
+            if msg.reply:
+                await self.nc.publish(
+                    msg.reply,
+                    str(e).encode()[:1000],
+                    headers=headers(subjects.CT_JSON, **{subjects.H_ERROR: "bad_request"}),
+                )
+            return
         metrics.SAMPLE_SECONDS.observe(time.perf_counter() - t0)
         if msg.reply:
             await self.nc.publish(msg.reply, encode(reply), headers=headers())

@@ -84,13 +84,19 @@ class VerifierService:
             await self._reply_error(msg, "draining", "this verifier is draining")
             return
         if req.vocab_size != self.model.vocab_size:
+            _reject("vocab_mismatch")
             await self._reply_error(
                 msg,
                 "vocab_mismatch",
                 f"drafter vocabulary {req.vocab_size} != verifier {self.model.vocab_size}",
             )
             return
-        if len(req.prompt) >= self.model.max_context or max(req.prompt) >= self.model.vocab_size:
+        if (
+            len(req.prompt) >= self.model.max_context
+            or min(req.prompt) < 0
+            or max(req.prompt) >= self.model.vocab_size
+        ):
+            _reject("bad_prompt")
             await self._reply_error(msg, "bad_prompt", "prompt too long or ids out of vocabulary")
             return
         sid = bytes.fromhex(req.session)
@@ -109,8 +115,9 @@ class VerifierService:
                 req.spec,
                 req.epoch,
             )
-        except ValueError as e:
-            await self._reply_error(msg, "bad_prompt", str(e))
+        except Exception as e:  # noqa: BLE001 - whatever the prefill refuses is a bad prompt
+            _reject("bad_prompt", error=str(e)[:200])
+            await self._reply_error(msg, "bad_prompt", f"the prompt was refused: {e}"[:1000])
             return
         old = self.sessions.pop(sid, None)
         if old and old.ar_task:
@@ -210,10 +217,18 @@ class VerifierService:
         """Cloud-only baseline: decode with the target alone and stream each token."""
         loop = asyncio.get_running_loop()
         eos = set(held.open_req.eos_ids)
-        for i in range(held.open_req.max_new_tokens):
+        # never past the model's context, whatever the open asked for: an open for 10**9
+        # tokens that nobody closes must not hold the model thread forever
+        room = self.model.max_context - len(held.open_req.prompt)
+        for i in range(min(held.open_req.max_new_tokens, room)):
             if self.sessions.get(sid) is not held:
                 return
-            token = await loop.run_in_executor(self.pool, held.session.ar_step)
+            try:
+                token = await loop.run_in_executor(self.pool, held.session.ar_step)
+            except Exception as e:  # noqa: BLE001 - one broken stream must not go unnoticed
+                _reject("ar_failed", error=str(e)[:200])
+                self._free(sid, "ar_failed")
+                return
             held.last_used = time.monotonic()
             await self._publish(
                 held.reply_to,
