@@ -225,6 +225,7 @@ class Api:
                 "the server is starting or stopping; retry shortly",
                 "service_unavailable",
                 code="not_ready",
+                headers={"Retry-After": "5"},
             )
         return self.svc, self.model
 
@@ -276,6 +277,8 @@ class Api:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _invalid(f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise _invalid("the body is nested too deeply") from None
         if not isinstance(body, dict):
             raise _invalid("the body must be a JSON object")
         try:
@@ -306,6 +309,8 @@ class Api:
                 ids = model.encode(req.prompt)
         except ModelError as e:
             raise _invalid(str(e)) from None
+        except (TypeError, ValueError) as e:  # e.g. lone surrogates the tokenizer cannot encode
+            raise _invalid(f"the text cannot be tokenized: {e}") from None
         if not ids:
             raise _invalid("the prompt is empty", "prompt")
         return ids
@@ -363,28 +368,30 @@ class Api:
         last = None
         mode = gen.spec.mode.value
         try:
-            async for ids in gen.tokens():
-                now = time.perf_counter()
-                if last is None:
-                    metrics.TTFT.labels(mode).observe(now - t0)
-                else:
-                    for _ in ids:
-                        metrics.ITL.labels(mode).observe((now - last) / len(ids))
-                last = now
-                metrics.GENERATED.labels(mode).inc(len(ids))
-                delta = text.push(ids)
-                if text.stopped:
-                    gen.stop()
-                if delta:
-                    yield delta
-                if text.stopped:
-                    break
+            async with contextlib.aclosing(gen.tokens()) as tokens:
+                async for ids in tokens:
+                    now = time.perf_counter()
+                    if last is None:
+                        metrics.TTFT.labels(mode).observe(now - t0)
+                    else:
+                        for _ in ids:
+                            metrics.ITL.labels(mode).observe((now - last) / len(ids))
+                    last = now
+                    metrics.GENERATED.labels(mode).inc(len(ids))
+                    delta = text.push(ids)
+                    if text.stopped:
+                        gen.stop()
+                    if delta:
+                        yield delta
+                    if text.stopped:
+                        break
         except Unavailable as e:
             raise ApiError(
                 503,
                 f"the cloud verifier is unreachable: {e}",
                 "service_unavailable",
                 code="cloud_unreachable",
+                headers={"Retry-After": "5"},
             ) from None
         except BadRequest as e:
             raise _invalid(str(e)) from None
@@ -456,7 +463,17 @@ class Api:
     ) -> web.StreamResponse:
         # wait for the first text before answering, so a cloud that cannot be reached at all
         # still gets a plain 503 (or 400) instead of an event stream holding an error
-        deltas = self._run(gen, req, t0, model)
+        async with contextlib.aclosing(self._run(gen, req, t0, model)) as deltas:
+            return await self._stream_events(request, req, gen, chat, deltas)
+
+    async def _stream_events(
+        self,
+        request: web.Request,
+        req: _Request,
+        gen: Generation,
+        chat: bool,
+        deltas: AsyncIterator[str],
+    ) -> web.StreamResponse:
         first_delta = await anext(deltas, "")
         resp = web.StreamResponse(
             headers={
@@ -509,12 +526,17 @@ class Api:
                 {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
             )
             await send("[DONE]")
-        except (ConnectionResetError, asyncio.CancelledError):
-            status = "499"  # the client went away; the session is closed in tokens()' finally
+        except ConnectionResetError:
+            # the client went away: closing the generators (aclosing) closes the session now
             gen.stop()
+            metrics.REQUESTS.labels(gen.spec.mode.value, "499").inc()
+            event("client_gone", mode=gen.spec.mode.value, tokens=len(gen.generated))
+            return resp
+        except asyncio.CancelledError:
+            gen.stop()
+            metrics.REQUESTS.labels(gen.spec.mode.value, "499").inc()
             raise
-        finally:
-            metrics.REQUESTS.labels(gen.spec.mode.value, status).inc()
+        metrics.REQUESTS.labels(gen.spec.mode.value, status).inc()
         await resp.write_eof()
         event(
             "request_done",

@@ -44,6 +44,7 @@ from picospec.serving import event, headers
 from picospec.verifier.session import VerifierSession
 
 ROLE = "drafter"
+LOST_AFTER_PINGS = 3  # a live verifier silent for this many verify timeouts: message lost
 
 
 class Unavailable(RuntimeError):
@@ -233,11 +234,16 @@ class Generation:
         """
         s = self.svc.settings
         deadline = time.monotonic() + s.request_timeout_s
-        while True:
+        reconnects = self.svc.nc.stats["reconnects"]
+        for quiet in range(1, 1 << 30):
             try:
                 v = await asyncio.wait_for(self._queue.get(), timeout=s.verify_timeout_s)
             except TimeoutError:
-                if time.monotonic() > deadline or not await self._verifier_alive():
+                # NATS is at-most-once: after a reconnect, or when a live replica stays silent
+                # for several pings, a block or verdict was probably lost; re-open the session
+                # (re-prefill from the committed tokens) rather than wait for nothing
+                lost = self.svc.nc.stats["reconnects"] != reconnects or quiet >= LOST_AFTER_PINGS
+                if lost or time.monotonic() > deadline or not await self._verifier_alive():
                     return None
                 continue
             self.stats.bytes_down += len(encode(v))
