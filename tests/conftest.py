@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +58,21 @@ def draft() -> LanguageModel:
 @pytest.fixture(scope="session")
 def smollm2() -> LanguageModel:
     return LanguageModel.load("smollm2", threads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Tiny target and draft saved to disk with a real tokenizer, for service processes: the
+    draft is the target plus noise, so it agrees often but not always."""
+    import tinymodels
+
+    root = tmp_path_factory.mktemp("models")
+    target = tinymodels.build(root / "target", seed=1)
+    draft = tinymodels.build(root / "draft", seed=2, like=target, noise=0.3)
+    return target, draft
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_dirs: tuple[Path, Path]) -> LanguageModel:
+    """The saved tiny target loaded in-process: what greedy answers must equal."""
+    return LanguageModel.load(str(tiny_dirs[0]), device="cpu")

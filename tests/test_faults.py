@@ -37,7 +37,6 @@ from picospec.sampling import SamplingParams
 from picospec.stack.up import Stack, http_status
 from stackutil import (
     StreamResult,
-    build_tiny,
     continuation,
     expected,
     gauge,
@@ -54,16 +53,6 @@ def report(title: str, lines: list[str]) -> None:
     print(f"\n== {title}")
     for line in lines:
         print(f"   {line}")
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return build_tiny(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dirs: tuple[Path, Path]) -> LanguageModel:
-    return LanguageModel.load(str(tiny_dirs[0]), device="cpu")
 
 
 @pytest.fixture(scope="module")

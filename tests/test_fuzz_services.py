@@ -58,7 +58,6 @@ from picospec.sampling import SamplingParams
 from picospec.stack.up import Stack, http_status
 from stackutil import (
     StreamResult,
-    build_tiny,
     drafter_id,
     expected,
     metric,
@@ -81,16 +80,6 @@ def fuzz(examples: int) -> settings:
         suppress_health_check=list(HealthCheck),
         database=None,
     )
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return build_tiny(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dirs: tuple[Path, Path]) -> LanguageModel:
-    return LanguageModel.load(str(tiny_dirs[0]), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,6 @@ import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram, Info
 
-import tinymodels
 from picospec import metrics
 from picospec.stack.natsserver import free_port
 from picospec.stack.prometheus import (
@@ -315,14 +314,6 @@ def test_dashboards_are_well_formed() -> None:
 
 
 # --- end to end: a stack, a Prometheus, real requests -------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("models")
-    target = tinymodels.build(root / "target", seed=1)
-    draft = tinymodels.build(root / "draft", seed=2, like=target, noise=0.3)
-    return target, draft
 
 
 def _post(url: str, body: dict[str, Any] | bytes) -> tuple[int, dict[str, Any]]:

@@ -26,7 +26,6 @@ import nats
 import nats.errors
 import pytest
 
-import tinymodels
 from picospec.config import Mode, Settings, SpecConfig
 from picospec.drafter.api import Api, application
 from picospec.engine import generate
@@ -47,19 +46,6 @@ ENV = {
     "PICOSPEC_THREADS": "1",
     "PICOSPEC_IDLE_TIMEOUT_S": "60",
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("models")
-    target = tinymodels.build(root / "target", seed=1)
-    draft = tinymodels.build(root / "draft", seed=2, like=target, noise=0.3)
-    return target, draft
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dirs: tuple[Path, Path]) -> LanguageModel:
-    return LanguageModel.load(str(tiny_dirs[0]), device="cpu")
 
 
 @pytest.fixture(scope="module")

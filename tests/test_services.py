@@ -20,7 +20,6 @@ import aiohttp
 import nats
 import pytest
 
-import tinymodels
 from picospec.config import Mode, SpecConfig
 from picospec.engine import generate
 from picospec.models import LanguageModel
@@ -34,19 +33,6 @@ ENV = {
     "PICOSPEC_THREADS": "1",
     "PICOSPEC_IDLE_TIMEOUT_S": "60",
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("models")
-    target = tinymodels.build(root / "target", seed=1)
-    draft = tinymodels.build(root / "draft", seed=2, like=target, noise=0.3)
-    return target, draft
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dirs: tuple[Path, Path]) -> LanguageModel:
-    return LanguageModel.load(str(tiny_dirs[0]), device="cpu")
 
 
 def _config(tiny_dirs: tuple[Path, Path], **kw: Any) -> StackConfig:

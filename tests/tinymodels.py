@@ -30,13 +30,17 @@ def tokenizer():  # type: ignore[no-untyped-def]
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIALS)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-        bos_token=None, chat_template=CHAT_TEMPLATE,
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        bos_token=None,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
-def build(path: Path, seed: int, sharpness: float = 2.0, like: Path | None = None,
-          noise: float = 0.0) -> Path:
+def build(
+    path: Path, seed: int, sharpness: float = 2.0, like: Path | None = None, noise: float = 0.0
+) -> Path:
     """Save a tiny Llama + the shared tokenizer to ``path``; return it.
 
     With ``like``, start from that model's weights plus Gaussian ``noise`` (relative): a draft
@@ -48,9 +52,16 @@ def build(path: Path, seed: int, sharpness: float = 2.0, like: Path | None = Non
     torch.manual_seed(seed)
     vocab = len(SPECIALS) + len(CHARS)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=None,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=None,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg).eval()

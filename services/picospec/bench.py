@@ -199,6 +199,7 @@ def run_profile(
         env=env,
         ready_timeout=600.0,
         log_level="WARNING",
+        leaf_compression=args.leaf_compression,
     ).with_free_ports()
     results: dict[str, ModeResult] = {}
     with Stack(cfg) as stack:
@@ -370,6 +371,7 @@ def main(args: argparse.Namespace) -> int:
         "prompts": len(prompts),
         "prompt_source": args.prompts or "mt-bench",
         "threads_per_service": args.threads,
+        "leaf_compression": args.leaf_compression or "s2_auto",
         "profiles": {
             p: {"rtt_ms": PROFILES[p][0], "bandwidth_mbit": PROFILES[p][1]} for p in profiles
         },
@@ -410,6 +412,13 @@ def register(sub: Any) -> None:
     b.add_argument("--verifier", default="smollm2")
     b.add_argument("--quantize-draft", choices=["none", "int8"], default="none")
     b.add_argument("--threads", type=int, default=1, help="torch threads per service")
+    b.add_argument(
+        "--leaf-compression",
+        default=None,
+        choices=["off", "s2_auto", "s2_fast"],
+        help="NATS leaf-link compression (default: nats' s2_auto); 'off' makes "
+        "vanilla pay for its full distributions on the wire",
+    )
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot-dir", default=None, help="write PNG plots here")
     b.set_defaults(func=main)

@@ -100,6 +100,7 @@ class StackConfig:
     rtt_ms: float | None = None
     bandwidth_mbit: float | None = None
     emulate_link: bool | None = None
+    leaf_compression: str | None = None  # nats leafnode compression (None: nats' s2_auto)
     site: str = "edge-1"
     nats_port: int = 4222  # the single server, or the cloud hub's client port
     edge_nats_port: int = 4223  # edge-cloud: the leaf node's client port
@@ -337,6 +338,7 @@ class Stack:
                 name="nats-hub",
                 http_port=cfg.monitor_port,
                 leaf_port=cfg.leaf_port,
+                leaf_compression=cfg.leaf_compression,
                 run_dir=self.run_dir,
                 users=self._server_users("hub"),
                 tls=tls,
@@ -353,6 +355,7 @@ class Stack:
                 name="nats-edge",
                 http_port=cfg.edge_monitor_port,
                 leaf_remotes=[remote],
+                leaf_compression=cfg.leaf_compression,
                 run_dir=self.run_dir,
                 users=self._server_users("edge"),
                 tls=tls,
