@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.picospec-installed
 PROMPT ?= Explain in two sentences why the sky is blue.
-UP_ARGS ?= --verifiers 1 --quantize-draft int8
+UP_ARGS ?= --verifiers 1
 
 .PHONY: setup run generate bench test lint tvd clean
 
