@@ -252,15 +252,6 @@ def _apply(d: DrafterSession, verdicts: list[Verdict]) -> None:
         assert got is None or isinstance(got, Committed)
 
 
-def _draft_all(d: DrafterSession) -> list[DraftBlock]:
-    blocks = []
-    while d.can_draft():
-        b = d.draft_step()
-        if b is not None:
-            blocks.append(b)
-    return blocks
-
-
 PROMPTS = [[1, 2, 3], [4], [0, 7, 7, 5, 1, 6, 2], [9, 9], [3, 14, 15, 9, 2, 6]]
 
 
@@ -296,7 +287,7 @@ def test_verify_many_gives_the_verdicts_of_submit(
         rounds += 1
         queues = []
         for k, d in enumerate(drafters):
-            blocks = [] if d.done else _draft_all(d)
+            blocks = [] if d.done else d.draft_ready()
             if k % 2 and rounds % 2:
                 blocks.reverse()  # early blocks wait in the buffer, then run in a chain
             if verified[k] and rng.random() < 0.3:  # a replay: refused, the others go on
@@ -402,7 +393,7 @@ def test_batched_generations_equal_the_target_alone(
         )
     sizes: list[int] = []
     while not all(d.done for d, _ in pairs):
-        items = [(v, b) for d, v in pairs if not d.done for b in _draft_all(d)]
+        items = [(v, b) for d, v in pairs if not d.done for b in d.draft_ready()]
         got = verify_many(items, on_forward=sizes.append)
         for (v, _), verdicts in zip(items, got, strict=True):
             assert not isinstance(verdicts, BlockRefused)

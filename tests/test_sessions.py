@@ -10,7 +10,7 @@ import torch
 from picospec.config import Mode, SpecConfig
 from picospec.drafter.session import Committed, DrafterSession, ProtocolError
 from picospec.models import LanguageModel
-from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict
+from picospec.protocol.codec import SampleRequest, Verdict
 from picospec.sampler import sample
 from picospec.sampling import SamplingParams
 from picospec.verifier.session import BlockRefused, VerifierSession
@@ -33,22 +33,13 @@ def _pair(
     )
 
 
-def _draft_all(d: DrafterSession) -> list[DraftBlock]:
-    blocks = []
-    while d.can_draft():
-        b = d.draft_step()
-        if b is not None:
-            blocks.append(b)
-    return blocks
-
-
 def test_pipeline_keeps_lookahead_blocks_in_flight_and_drops_stale_epochs(
     target: LanguageModel, draft: LanguageModel
 ) -> None:
     spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=3)
     d, v = _pair(target, draft, spec)
     while not d.done:
-        blocks = _draft_all(d)
+        blocks = d.draft_ready()
         assert 0 < d.inflight <= 3
         # deliver every block in flight; after a rejection the later ones are stale
         for b in blocks:
@@ -66,7 +57,7 @@ def test_verifier_refuses_replays_and_future_epochs_and_buffers_early_blocks(
 ) -> None:
     spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=3)
     d, v = _pair(target, target, spec)  # same model: all accepted
-    b1, b2, b3 = _draft_all(d)
+    b1, b2, b3 = d.draft_ready()
     assert (b1.pos, b2.pos, b3.pos) == (4, 6, 8)
     assert v.submit(b3) == [] and v.submit(b2) == []  # early: buffered
     verdicts = v.submit(b1)
@@ -91,7 +82,7 @@ def test_rollback_leaves_the_verifier_exactly_where_a_fresh_prefill_would(
     spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=4, lookahead=1)
     d, v = _pair(target, draft, spec)
     for _ in range(6):
-        (b,) = _draft_all(d)
+        (b,) = d.draft_ready()
         (verdict,) = v.submit(b)
         d.on_verdict(verdict)
         if verdict.accepted < len(b.tokens):
@@ -112,7 +103,7 @@ def test_verdicts_out_of_order_or_for_other_sessions_are_protocol_errors(
 ) -> None:
     spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=2)
     d, v = _pair(target, target, spec)
-    b1, b2 = _draft_all(d)
+    b1, b2 = d.draft_ready()
     v1, v2 = v.submit(b1) + v.submit(b2)
     with pytest.raises(ProtocolError, match="oldest block"):
         d.on_verdict(v2)
@@ -128,7 +119,7 @@ def test_verdicts_of_a_stale_epoch_are_ignored(target: LanguageModel, draft: Lan
     spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=4, lookahead=2)
     d, v = _pair(target, draft, spec)
     for _ in range(10):
-        b1, b2 = _draft_all(d)[-2:] if d.inflight == 0 else (None, None)
+        b1, b2 = d.draft_ready()[-2:] if d.inflight == 0 else (None, None)
         (v1,) = v.submit(b1)
         d.on_verdict(v1)
         if v1.accepted < 4:
@@ -151,7 +142,7 @@ def test_sampled_rejection_goes_through_the_sampler(
     spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=3, lookahead=1, top_k=4)
     d, v = _pair(target, draft, spec, params=SamplingParams(seed=3))
     for _ in range(20):
-        (b,) = _draft_all(d)
+        (b,) = d.draft_ready()
         (verdict,) = v.submit(b)
         got = d.on_verdict(verdict)
         if isinstance(got, SampleRequest):
@@ -175,7 +166,7 @@ def test_stops_at_eos_and_trims_to_max_tokens(target: LanguageModel) -> None:
     probe = DrafterSession(target, sid, PROMPT, GREEDY, spec, 8)
     v = VerifierSession(target, sid, PROMPT, GREEDY, spec)
     while not probe.done:
-        for b in _draft_all(probe):
+        for b in probe.draft_ready():
             for verdict in v.submit(b):
                 probe.on_verdict(verdict)
     assert probe.finish_reason == "length" and len(probe.generated) == 8
@@ -184,7 +175,7 @@ def test_stops_at_eos_and_trims_to_max_tokens(target: LanguageModel) -> None:
     d = DrafterSession(target, sid, PROMPT, GREEDY, spec, 8, frozenset({eos}))
     v = VerifierSession(target, sid, PROMPT, GREEDY, spec)
     while not d.done:
-        for b in _draft_all(d):
+        for b in d.draft_ready():
             for verdict in v.submit(b):
                 d.on_verdict(verdict)
     assert d.finish_reason == "stop" and d.generated == probe.generated[: first + 1]
@@ -193,10 +184,10 @@ def test_stops_at_eos_and_trims_to_max_tokens(target: LanguageModel) -> None:
 def test_vanilla_sends_full_distributions_and_gets_bonus_tokens(target: LanguageModel) -> None:
     spec = SpecConfig(mode=Mode.VANILLA, draft_len=3)
     d, v = _pair(target, target, spec, n=7)
-    (b,) = _draft_all(d)
+    (b,) = d.draft_ready()
     assert b.dense_q is not None and b.dense_q.shape == (3, target.vocab_size)
     (verdict,) = v.submit(b)
     got = d.on_verdict(verdict)
     assert isinstance(got, Committed) and len(got.tokens) == 4  # 3 accepted + bonus
-    (b2,) = _draft_all(d)
+    (b2,) = d.draft_ready()
     assert b2.prefix == (got.tokens[-1],) and b2.pos == len(PROMPT) + 3

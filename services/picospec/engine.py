@@ -114,10 +114,7 @@ def generate(
     drafter = DrafterSession(draft, session, prompt, params, spec, max_new_tokens, eos)
     to_cloud: deque[DraftBlock] = deque()
     while not drafter.done:
-        while drafter.can_draft():
-            block = drafter.draft_step()
-            if block is not None:
-                to_cloud.append(wire.carry(block, "up"))
+        to_cloud.extend(wire.carry(block, "up") for block in drafter.draft_ready())
         if not to_cloud:
             raise RuntimeError("drafter stalled with nothing in flight")  # a bug, never input
         for verdict in verifier.submit(to_cloud.popleft()):

@@ -175,6 +175,16 @@ class DrafterSession:
             return self._seal(cur)
         return None
 
+    def draft_ready(self) -> list[DraftBlock]:
+        """Draft until the look-ahead or the budget stops it; return the blocks sealed on the
+        way (for callers with nothing else to do between steps: the one-process engine)."""
+        blocks = []
+        while self.can_draft():
+            block = self.draft_step()
+            if block is not None:
+                blocks.append(block)
+        return blocks
+
     def _seal(self, cur: _Spec) -> DraftBlock:
         pos = (
             len(self.committed)
