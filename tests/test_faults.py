@@ -115,6 +115,28 @@ def single(tiny_dirs: tuple[Path, Path]) -> Stack:
         yield s
 
 
+def restart_nats_under_streams(
+    s: Stack, server: str, results: list[StreamResult], n: int
+) -> tuple[float, float]:
+    """Stream every ``results`` prompt for ``n`` tokens; once they have all progressed, restart
+    the nats-server ``server`` (down 1 s). Returns when the restart began and when it was back."""
+
+    async def run() -> tuple[float, float]:
+        async with aiohttp.ClientSession() as http:
+            tasks = [
+                asyncio.create_task(stream(s.api_url, r.content, n, http=http, into=r))
+                for r in results
+            ]
+            await progressed(results, 10, 30)
+            t0 = time.perf_counter()
+            await asyncio.to_thread(s.restart_nats, server, 1.0)
+            back = time.perf_counter()
+            await asyncio.gather(*tasks)
+            return t0, back
+
+    return asyncio.run(run())
+
+
 class TestSingleServer:
     def test_kill9_verifier_sessions_finish_elsewhere_and_the_stall_is_bounded(
         self, single: Stack, reference: LanguageModel
@@ -298,20 +320,7 @@ class TestSingleServer:
         timeout = float(SINGLE_ENV["PICOSPEC_REQUEST_TIMEOUT_S"])
         results = [StreamResult(content=f"Restart test {i}") for i in range(6)]
 
-        async def run() -> tuple[float, float]:
-            async with aiohttp.ClientSession() as http:
-                tasks = [
-                    asyncio.create_task(stream(s.api_url, r.content, n, http=http, into=r))
-                    for r in results
-                ]
-                await progressed(results, 10, 30)
-                t0 = time.perf_counter()
-                await asyncio.to_thread(s.restart_nats, "nats", 1.0)
-                back = time.perf_counter()
-                await asyncio.gather(*tasks)
-                return t0, back
-
-        t0, back = asyncio.run(run())
+        t0, back = restart_nats_under_streams(s, "nats", results, n)
         outcomes, lines = [], []
         for r in results:
             ref_text = expected(reference, r.content, n)
@@ -619,20 +628,7 @@ class TestEdgeCloud:
         s, n = edge, 300
         results = [StreamResult(content=f"Hub restart {i}") for i in range(3)]
 
-        async def run() -> tuple[float, float]:
-            async with aiohttp.ClientSession() as http:
-                tasks = [
-                    asyncio.create_task(stream(s.api_url, r.content, n, http=http, into=r))
-                    for r in results
-                ]
-                await progressed(results, 10, 30)
-                t0 = time.perf_counter()
-                await asyncio.to_thread(s.restart_nats, "nats-hub", 1.0)
-                back = time.perf_counter()
-                await asyncio.gather(*tasks)
-                return t0, back
-
-        t0, back = asyncio.run(run())
+        t0, back = restart_nats_under_streams(s, "nats-hub", results, n)
         lines, outcomes = [], []
         for r in results:
             outcome = check_clean(r, expected(reference, r.content, n))
