@@ -81,6 +81,14 @@ chart-files: $(STAMP)
 manifests: $(STAMP) chart-files
 	$(BIN)/python charts/picospec/hack/manifests.py
 
+# The long fuzz run: the property and fuzz tests with fresh random examples (`make test` replays
+# fixed ones), FUZZ_SCALE times as many against the live services.
+FUZZ_SCALE ?= 10
+.PHONY: fuzz
+fuzz: setup
+	PICOSPEC_HYPOTHESIS_PROFILE=explore PICOSPEC_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest -q \
+		tests/test_fuzz_services.py tests/test_codec.py tests/test_sampling.py
+
 # The soak test: a local stack on the tiny test models (tests/tinymodels.py, built into a temp
 # dir) with 2 verifiers; 32 concurrent streams for SOAK_S seconds while one verifier is killed
 # (SIGKILL) and restarted once a minute. Prints the load report (tokens/s, TTFT/ITL p50/p99,

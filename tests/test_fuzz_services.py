@@ -72,10 +72,14 @@ VERIFIER = "verifier-1"
 CASES: Counter[str] = Counter()  # fuzz cases sent, by handler
 
 
+FUZZ_SCALE = int(os.environ.get("PICOSPEC_FUZZ_SCALE", "1"))  # `make fuzz` raises it
+
+
 def fuzz(examples: int) -> settings:
-    """Hypothesis settings of a fuzz test: ``examples`` batches, no deadline, no database."""
+    """Hypothesis settings of a fuzz test: ``examples`` (times PICOSPEC_FUZZ_SCALE) batches,
+    no deadline, no database."""
     return settings(
-        max_examples=examples,
+        max_examples=examples * FUZZ_SCALE,
         deadline=None,
         suppress_health_check=list(HealthCheck),
         database=None,

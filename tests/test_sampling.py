@@ -62,8 +62,9 @@ def _chi2_pvalue(counts: np.ndarray, probs: torch.Tensor) -> float:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    logits=st.lists(st.floats(-20, 20), min_size=2, max_size=40),
-    temperature=st.sampled_from([0.0, 0.3, 1.0, 1.7]),
+    logits=st.lists(st.floats(-1e4, 1e4), min_size=2, max_size=40),
+    # extremes included: 1e-173 once turned every score into inf and the softmax into NaN
+    temperature=st.sampled_from([0.0, 1e-173, 1e-5, 0.3, 1.0, 1.7, 10.0]),
     top_k=st.integers(0, 10),
     top_p=st.sampled_from([1.0, 0.95, 0.5, 0.1]),
     min_p=st.sampled_from([0.0, 0.05]),

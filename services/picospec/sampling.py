@@ -42,9 +42,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from picospec.protocol.codec import SparseDist, ValueCodec, sparse_from_probs
 
+# Temperatures below this are greedy, as in vLLM: dividing logits by a smaller one overflows
+# float32 (a temperature of 1e-173 would turn every score into inf and the softmax into NaN).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 class SamplingParams(BaseModel):
-    """How tokens are chosen. ``temperature == 0`` means greedy."""
+    """How tokens are chosen. A temperature below :data:`GREEDY_BELOW_TEMPERATURE` (0 included)
+    means greedy."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -62,7 +67,7 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 # Random streams: each use of randomness draws from its own stream, keyed by the absolute
