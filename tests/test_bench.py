@@ -21,8 +21,8 @@ def test_mtbench_prompts_come_from_the_wheel() -> None:
 
 def test_bound_formula() -> None:
     # α = 1: the draft model's own speed; α = 0: every token pays W + R
-    assert bound(50.0, 1.0, 4, 0.2) == pytest.approx(50.0)
-    assert bound(50.0, 0.0, 4, 0.2) == pytest.approx(1 / (0.02 + 0.03 + 0.2))
+    assert bound(0.02, 1.0, 4, 0.2) == pytest.approx(50.0)
+    assert bound(0.02, 0.0, 4, 0.2) == pytest.approx(1 / (0.02 + 0.03 + 0.2))
 
 
 def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
@@ -75,6 +75,12 @@ def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
     assert rows["ar"]["verifier_forwards"] == 3 + rows["ar"]["tokens"] - 3
     # full draft distributions cost more even at a 77-token vocabulary (at 49152: ~1000x)
     assert rows["vanilla"]["bytes_per_token"] > 2 * rows["picospec"]["bytes_per_token"]
-    assert 0 < rows["picospec"]["bound_ratio"] and rows["picospec"]["bound_tokens_per_s"] > 0
+    p = rows["picospec"]
+    assert 0 < p["draft_step_s"] and rows["edge"]["draft_step_s"] > 0
+    assert p["bound_tokens_per_s"] == pytest.approx(
+        bound(p["draft_step_s"], p["acceptance_rate"], 4, p["verify_round_trip_s"])
+    )
+    assert p["bound_ratio"] == pytest.approx(p["decode_tokens_per_s"] / p["bound_tokens_per_s"])
+    assert rows["ar"]["draft_step_s"] is None  # the draft model does not run in ar
     for png in report["plots"]:
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

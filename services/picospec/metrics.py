@@ -131,6 +131,13 @@ SAMPLE_SECONDS = Histogram(
     "Sampler compute time of one correction draw from the residual max(0, p_j - q_j)",
     buckets=STEP_BUCKETS,
 )
+DRAFT_STEP = Histogram(
+    "picospec_draft_step_seconds",
+    "Edge compute time of one draft-model step (one token's forward and draw, on the model "
+    "thread); a request's first step, which carries the prompt's prefill, is not observed",
+    ["mode"],
+    buckets=STEP_BUCKETS,
+)
 
 # --- speculation (drafter) ---------------------------------------------------------------
 DRAFTS = Counter(

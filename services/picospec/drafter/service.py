@@ -16,9 +16,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -44,6 +45,7 @@ from picospec.serving import event, headers
 from picospec.verifier.session import VerifierSession
 
 ROLE = "drafter"
+T = TypeVar("T")
 LOST_AFTER_PINGS = 3  # a live verifier silent for this many verify timeouts: message lost
 
 
@@ -153,6 +155,7 @@ class Generation:
         self._queue: asyncio.Queue[Verdict] = asyncio.Queue()
         self._stop_requested = False
         self._sent_at: dict[int, float] = {}
+        self._steps = 0  # draft-model steps run for this request
 
     def stop(self) -> None:
         """Stop after the current step (a stop string matched, or the client went away)."""
@@ -309,8 +312,11 @@ class Generation:
                     yield chunk
                 return
             try:
-                await self._open(self.prompt, 0)
-                inner = self._ar() if self.spec.mode is Mode.AR else self._speculate()
+                if self.spec.mode is Mode.AR:
+                    await self._open(self.prompt, 0)
+                    inner = self._ar()
+                else:
+                    inner = self._speculate()  # opens the session while it drafts
                 async for chunk in inner:
                     yield chunk
             except Unavailable as e:
@@ -347,12 +353,35 @@ class Generation:
             spec,
         )
         while len(self.generated) < self.max_tokens and not self._stop_requested:
-            token = await loop.run_in_executor(self.svc.pool, local.ar_step)
+            token = await self._model_step(local.ar_step)
             yield self._emitted([token])
             if token in model.eos_ids:
                 self.finish_reason = "stop"
                 return
         self.finish_reason = "stop" if self._stop_requested else "length"
+
+    async def _model_step(self, step: Callable[[], T]) -> T:
+        """Run one draft-model step on the model thread and time its compute there."""
+
+        def timed() -> tuple[T, float]:
+            t0 = time.perf_counter()
+            return step(), time.perf_counter() - t0
+
+        out, seconds = await asyncio.get_running_loop().run_in_executor(self.svc.pool, timed)
+        if self._steps:  # the first step carries the prompt's prefill
+            metrics.DRAFT_STEP.labels(self.spec.mode.value).observe(seconds)
+        self._steps += 1
+        return out
+
+    async def _publish_block(self, seq: int, data: bytes) -> None:
+        self._sent_at[seq] = time.perf_counter()
+        await self.svc.nc.publish(
+            subjects.verify(self.verifier or "-"),
+            data,
+            reply=self.svc.verdict_subject,
+            headers=headers(),
+        )
+        self._count_up(len(data))
 
     def _emitted(self, new: list[int]) -> list[int]:
         if new and self.stats.first_token_s is None:
@@ -387,76 +416,89 @@ class Generation:
         self.finish_reason = "stop" if self._stop_requested else "length"
 
     async def _speculate(self) -> AsyncIterator[list[int]]:
-        svc, loop = self.svc, asyncio.get_running_loop()
-        session = DrafterSession(
-            svc.model,
-            self.sid,
-            self.prompt,
-            self.params,
-            self.spec,
-            self.max_tokens,
-            svc.model.eos_ids,
-        )
-        self.stats.speculation = session.stats
-        metrics.DRAFT_LEN.labels(self.spec.mode.value).set(self.spec.draft_len)
-        mode = self.spec.mode.value
-        last_progress = time.monotonic()
-        while not session.done and not self._stop_requested:
-            # apply every verdict that has arrived, then draft while allowed, else wait
-            verdict: Verdict | None
-            if not self._queue.empty():
-                verdict = self._queue.get_nowait()
-                self.stats.bytes_down += len(encode(verdict))
-            elif session.can_draft():
-                block = await loop.run_in_executor(svc.pool, session.draft_step)
-                if block is not None:
-                    data = encode(block)
-                    self._sent_at[block.seq] = time.perf_counter()
-                    await svc.nc.publish(
-                        subjects.verify(self.verifier or "-"),
-                        data,
-                        reply=svc.verdict_subject,
-                        headers=headers(),
-                    )
-                    self._count_up(len(data))
-                continue
-            else:
-                verdict = await self._next_verdict()
-            if verdict is None or verdict.status is not VerdictStatus.OK:
-                if verdict is not None and verdict.epoch < session.epoch:
-                    continue  # an old replica talking about an old epoch
-                if time.monotonic() - last_progress > svc.settings.request_timeout_s:
-                    raise Unavailable(
-                        f"no verdict from the cloud within {svc.settings.request_timeout_s:.0f}s"
-                    )
-                session.rebase()
-                await self._migrate(
-                    "lost" if verdict is None else verdict.status.name.lower(),
-                    session.committed,
-                    session.epoch,
-                )
-                continue
-            st = session.stats
-            before = st.drafted, st.accepted, st.rollbacks, st.wasted
-            try:
-                got = session.on_verdict(verdict)
-            except ProtocolError as e:
-                metrics.REJECTED.labels(ROLE, "protocol").inc()
-                event("verdict_ignored", logging.WARNING, error=str(e))
-                continue
-            if got is None:
-                continue
-            sent = self._sent_at.pop(verdict.seq, None)
-            if sent is not None:
-                metrics.VERIFY_RTT.labels(mode).observe(time.perf_counter() - sent)
-            if isinstance(got, SampleRequest):
-                metrics.TAIL_MASS.inc(got.sparse.tail_mass)
-                got = session.on_correction(await self._sample(got))
-            self._count_round(session, before)
+        """Draft, publish, apply verdicts. The session opens on a verifier while the first
+        blocks are drafted (they wait in ``held``, bounded by the look-ahead), so the edge's
+        prefill and first block overlap the cloud's round trip and prefill."""
+        opening: asyncio.Task[None] | None = asyncio.create_task(self._open(self.prompt, 0))
+        opening.add_done_callback(lambda t: t.cancelled() or t.exception())  # always retrieved
+        held: list[tuple[int, bytes]] = []
+        try:
+            svc = self.svc
+            session = DrafterSession(
+                svc.model,
+                self.sid,
+                self.prompt,
+                self.params,
+                self.spec,
+                self.max_tokens,
+                svc.model.eos_ids,
+            )
+            self.stats.speculation = session.stats
+            metrics.DRAFT_LEN.labels(self.spec.mode.value).set(self.spec.draft_len)
+            mode = self.spec.mode.value
             last_progress = time.monotonic()
-            if isinstance(got, Committed) and got.tokens:
-                yield self._emitted(got.tokens)
-        self.finish_reason = session.finish_reason or "stop"
+            while not session.done and not self._stop_requested:
+                # apply every verdict that has arrived, then draft while allowed, else wait
+                verdict: Verdict | None
+                if opening is not None and opening.done():
+                    opening.result()  # Unavailable or BadRequest end the request here
+                    opening = None
+                    for seq, data in held:
+                        await self._publish_block(seq, data)
+                    held.clear()
+                if not self._queue.empty():
+                    verdict = self._queue.get_nowait()
+                    self.stats.bytes_down += len(encode(verdict))
+                elif session.can_draft():
+                    block = await self._model_step(session.draft_step)
+                    if block is not None:
+                        if opening is None:
+                            await self._publish_block(block.seq, encode(block))
+                        else:
+                            held.append((block.seq, encode(block)))
+                    continue
+                elif opening is not None:
+                    await asyncio.wait([opening])
+                    continue
+                else:
+                    verdict = await self._next_verdict()
+                if verdict is None or verdict.status is not VerdictStatus.OK:
+                    if verdict is not None and verdict.epoch < session.epoch:
+                        continue  # an old replica talking about an old epoch
+                    timeout = svc.settings.request_timeout_s
+                    if time.monotonic() - last_progress > timeout:
+                        raise Unavailable(f"no verdict from the cloud within {timeout:.0f}s")
+                    session.rebase()
+                    await self._migrate(
+                        "lost" if verdict is None else verdict.status.name.lower(),
+                        session.committed,
+                        session.epoch,
+                    )
+                    continue
+                st = session.stats
+                before = st.drafted, st.accepted, st.rollbacks, st.wasted
+                try:
+                    got = session.on_verdict(verdict)
+                except ProtocolError as e:
+                    metrics.REJECTED.labels(ROLE, "protocol").inc()
+                    event("verdict_ignored", logging.WARNING, error=str(e))
+                    continue
+                if got is None:
+                    continue
+                sent = self._sent_at.pop(verdict.seq, None)
+                if sent is not None:
+                    metrics.VERIFY_RTT.labels(mode).observe(time.perf_counter() - sent)
+                if isinstance(got, SampleRequest):
+                    metrics.TAIL_MASS.inc(got.sparse.tail_mass)
+                    got = session.on_correction(await self._sample(got))
+                self._count_round(session, before)
+                last_progress = time.monotonic()
+                if isinstance(got, Committed) and got.tokens:
+                    yield self._emitted(got.tokens)
+            self.finish_reason = session.finish_reason or "stop"
+        finally:
+            if opening is not None:
+                opening.cancel()
 
     def _count_round(self, session: DrafterSession, before: tuple[int, int, int, int]) -> None:
         mode, s = self.spec.mode.value, session.stats
