@@ -12,8 +12,12 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import re
+import secrets
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -378,9 +382,12 @@ def test_generated_nats_secret() -> None:
     import base64
 
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert set(data) == {"client-user", "client-password", "leaf-user", "leaf-password"}
-    for key in ("client-password", "leaf-password"):
-        assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]{39}", data[key]), key
+    roles = ("verifier", "drafter", "sampler", "leaf")
+    assert set(data) == {f"{r}-{part}" for r in roles for part in ("user", "password")}
+    for role in roles:
+        assert data[f"{role}-user"] == role
+        assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]{39}", data[f"{role}-password"]), role
+    assert len({data[f"{r}-password"] for r in roles}) == len(roles)
 
 
 @pytest.mark.parametrize("combo", ["defaults", "hostport-cloud-sampler-pvc"])
@@ -510,21 +517,167 @@ def test_nats_modes() -> None:
     # the official chart's values this chart ships point at the same Secret keys
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     env = values["nats"]["container"]["env"]
+    roles = ("verifier", "drafter", "sampler", "leaf")
     assert {v["valueFrom"]["secretKeyRef"]["key"] for v in env.values()} == {
-        "client-user",
-        "client-password",
-        "leaf-user",
-        "leaf-password",
+        f"{r}-{part}" for r in roles for part in ("user", "password")
     }
     assert values["nats"]["config"]["leafnodes"]["enabled"] is True
+    # ... and the same users with the same permissions as the chart's own hub
+    perms = json.loads((CHART / "files" / "nats-permissions.json").read_text())
+    users = values["nats"]["config"]["merge"]["authorization"]["users"]
+    assert [u["user"] for u in users] == [f"<< $PICOSPEC_{r.upper()}_USER >>" for r in roles]
+    assert [u["permissions"] for u in users] == [perms[r] for r in roles]
     # hub config: auth and leaf-node port
     conf = find(render({}), "ConfigMap", "nats")[0]["data"]["nats.conf"]
     assert "leafnodes {" in conf and 'listen: "0.0.0.0:7422"' in conf
-    assert "$PICOSPEC_LEAF_PASSWORD" in conf and "$PICOSPEC_NATS_PASSWORD" in conf
+    for role in ("verifier", "drafter", "sampler", "leaf"):
+        assert f"$PICOSPEC_{role.upper()}_PASSWORD" in conf
     conf3 = find(render(COMBOS["hostport-cloud-sampler-pvc"]), "ConfigMap", "nats")[0]["data"][
         "nats.conf"
     ]
     assert conf3.count("nats-route://") == 3 and "jetstream {" in conf3
+
+
+def _run_nats(conf: str, env: dict[str, str], run_dir: Path, name: str) -> subprocess.Popen:
+    """A real nats-server on a chart-rendered config (pid file moved into ``run_dir``)."""
+    from picospec.stack.natsserver import find_nats_server
+
+    path = run_dir / f"{name}.conf"
+    path.write_text(conf.replace('"/tmp/nats.pid"', f'"{run_dir / name}.pid"'))
+    check = subprocess.run(
+        [str(find_nats_server()), "-t", "-c", str(path)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr  # nats-server's own config test
+    return subprocess.Popen(
+        [str(find_nats_server()), "-c", str(path)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_chart_nats_configs_enforce_the_roles_on_a_real_nats_server(tmp_path: Path) -> None:
+    """The hub and leaf-node configs the chart renders, run by real nats-server processes with
+    the env the pods get: each role logs in with its own user and gets exactly its
+    permissions, across the leaf link (drafter at the edge, verifier in the cloud)."""
+    import asyncio
+
+    import nats
+
+    from picospec.protocol import subjects
+    from picospec.stack.natsserver import free_ports, port_open
+
+    hub_port, leaf_port, hub_mon, edge_port, edge_mon = free_ports(5)
+    values = {
+        "cloudNats": {"ports": {"client": hub_port, "leafnodes": leaf_port, "monitor": hub_mon}},
+        "leafNode": {"ports": {"client": edge_port, "monitor": edge_mon}},
+    }
+    objs = render(values)
+    hub_conf = find(objs, "ConfigMap", "nats")[0]["data"]["nats.conf"]
+    edge_conf = find(objs, "ConfigMap", "leafnode")[0]["data"]["nats.conf"]
+    roles = ("verifier", "drafter", "sampler", "leaf")
+    creds = {r: (r, "p" + secrets.token_hex(12)) for r in roles}
+    env = {f"PICOSPEC_{r.upper()}_{k}": v for r, (u, pw) in creds.items()
+           for k, v in (("USER", u), ("PASSWORD", pw))}  # fmt: skip
+    user, pw = creds["leaf"]
+    hub_url = f"nats-leaf://{user}:{pw}@127.0.0.1:{leaf_port}"
+    procs = [_run_nats(hub_conf, {**env, "POD_NAME": "hub-0"}, tmp_path, "hub")]
+    try:
+        procs.append(
+            _run_nats(
+                edge_conf,
+                {**env, "NODE_NAME": "edge-1", "PICOSPEC_HUB_URL_0": hub_url},
+                tmp_path,
+                "edge",
+            )
+        )
+        deadline = time.monotonic() + 20
+        while not (port_open("127.0.0.1", hub_port) and port_open("127.0.0.1", edge_port)):
+            assert time.monotonic() < deadline, "the chart's NATS servers did not start"
+            time.sleep(0.1)
+
+        async def login(port: int, role: str | None, errors: list[str], **kw: Any) -> Any:
+            async def on_error(e: Exception) -> None:
+                errors.append(str(e).lower())
+
+            auth = {"user": creds[role][0], "password": creds[role][1]} if role else {}
+            return await nats.connect(
+                f"nats://127.0.0.1:{port}",
+                error_cb=on_error,
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                **auth,
+                **kw,
+            )
+
+        async def main() -> dict[str, Any]:
+            errs: dict[str, list[str]] = {"verifier": [], "drafter": [], "sampler": []}
+            verifier = await login(hub_port, "verifier", errs["verifier"])
+            drafter = await login(
+                edge_port, "drafter", errs["drafter"], inbox_prefix=subjects.inbox_prefix("edge-1")
+            )
+            sampler = await login(edge_port, "sampler", errs["sampler"])
+            got: list[bytes] = []
+
+            async def opened(msg: Any) -> None:
+                await msg.respond(b"opened")
+                await verifier.publish(subjects.verdicts("edge-1", "d1"), b"verdict")
+
+            async def sample(msg: Any) -> None:
+                await msg.respond(b"token")
+
+            async def keep(msg: Any) -> None:
+                got.append(msg.data)
+
+            await verifier.subscribe(subjects.SESSIONS_OPEN, "verifiers", cb=opened)
+            await sampler.subscribe(subjects.SAMPLE, "samplers", cb=sample)
+            await drafter.subscribe(subjects.verdicts("edge-1", "d1"), cb=keep)
+            # beyond each role's permissions: a drafter reading draft blocks, a sampler
+            # forging verdicts, a verifier reading the edge's sample requests
+            await drafter.subscribe(subjects.verify("verifier-1"), cb=keep)
+            await sampler.publish(subjects.verdicts("edge-1", "d1"), b"forged")
+            await verifier.subscribe(subjects.SAMPLE, cb=keep)
+            for nc in (verifier, drafter, sampler):
+                await nc.flush()
+            reply = None
+            for _ in range(100):  # until the leaf link is up and has the hub's interest
+                try:
+                    reply = await drafter.request(subjects.SESSIONS_OPEN, b"{}", timeout=0.5)
+                    break
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                    await asyncio.sleep(0.2)
+            token = await drafter.request(subjects.SAMPLE, b"residual", timeout=5)
+            await asyncio.sleep(0.5)  # the verdict crosses the leaf link; -ERRs arrive
+            anonymous = None
+            try:
+                await (await login(edge_port, None, [])).close()
+            except Exception as e:  # noqa: BLE001 - nats-py raises its base Error here
+                anonymous = str(e)
+            for nc in (verifier, drafter, sampler):
+                await nc.close()
+            return {
+                "reply": reply.data if reply else None,
+                "token": token.data,
+                "got": got,
+                "errors": errs,
+                "anonymous": anonymous,
+            }
+
+        out = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+    assert out["reply"] == b"opened" and out["token"] == b"token"
+    assert out["got"] == [b"verdict"], out["got"]  # not the forged one, no draft block
+    assert any("permissions violation for subscription" in e for e in out["errors"]["drafter"])
+    assert any("permissions violation for publish" in e for e in out["errors"]["sampler"])
+    assert any("permissions violation for subscription" in e for e in out["errors"]["verifier"])
+    assert out["anonymous"] and "authorization" in out["anonymous"].lower()
 
 
 # --------------------------------------------------------------------------- autoscaling

@@ -5,7 +5,11 @@ A chart can only read files inside itself, so:
 * ``observability/dashboards/*.json`` and ``observability/prometheus/*.rules.yml`` are copied
   into ``charts/picospec/files/`` (Grafana dashboard ConfigMaps, PrometheusRules);
 * the ``settings`` blocks of ``values.schema.json`` are generated from
-  ``picospec.config.Settings``, so a misspelt or mistyped setting fails at install.
+  ``picospec.config.Settings``, so a misspelt or mistyped setting fails at install;
+* ``files/nats-permissions.json``, the least NATS permissions of each NATS user the chart
+  creates (verifier, drafter, sampler, leaf), is generated from
+  :func:`picospec.protocol.subjects.permissions`, the one definition ``picospec up --secure``
+  uses too.
 
 ``python charts/picospec/hack/chart_files.py`` writes; ``--check`` only reports what is out of
 date (exit 1), which is what the tests run.
@@ -16,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,17 +91,32 @@ def settings_schema() -> dict[str, Any]:
     }
 
 
+PERMISSIONS = "nats-permissions.json"
+NATS_ROLES = ("verifier", "drafter", "sampler", "leaf")
+
+
+def nats_permissions() -> bytes:
+    """Each chart NATS user's permissions. One credential per role serves every edge site, so
+    the site part is a wildcard: a site cannot reach another's draft blocks or the cloud's
+    verdict publishing, but can subscribe to any site's verdicts (session ids stay secret)."""
+    from picospec.protocol.subjects import ANY_SITE, permissions
+
+    doc = {role: permissions(role, site=ANY_SITE) for role in NATS_ROLES}
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
 def expected_files() -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for directory, pattern in SOURCES:
         for path in sorted(directory.glob(pattern)):
             out[path.name] = path.read_bytes()
+    out[PERMISSIONS] = nats_permissions()
     return out
 
 
 def current_files() -> dict[str, bytes]:
     out: dict[str, bytes] = {}
-    for _, pattern in SOURCES:
+    for pattern in [p for _, p in SOURCES] + [PERMISSIONS]:
         for path in sorted(FILES.glob(pattern)):
             out[path.name] = path.read_bytes()
     return out
@@ -118,9 +136,9 @@ def problems() -> list[str]:
         if name not in have:
             found.append(f"files/{name} is missing")
         elif name not in want:
-            found.append(f"files/{name} has no source in observability/ any more")
+            found.append(f"files/{name} has no source any more")
         elif want[name] != have[name]:
-            found.append(f"files/{name} differs from its source in observability/")
+            found.append(f"files/{name} differs from its source")
     if SCHEMA.read_text() != expected_schema():
         found.append("values.schema.json settings differ from picospec.config.Settings")
     return found
@@ -132,9 +150,8 @@ def sync() -> list[str]:
     for name in current_files():
         if name not in want:
             (FILES / name).unlink()
-    for directory, pattern in SOURCES:
-        for path in sorted(directory.glob(pattern)):
-            shutil.copyfile(path, FILES / path.name)
+    for name, data in want.items():
+        (FILES / name).write_bytes(data)
     SCHEMA.write_text(expected_schema())
     return sorted(want)
 
@@ -151,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             print("run `make chart-files`", file=sys.stderr)
         return 1 if found else 0
     copied = sync()
-    print(f"files/: {len(copied)} file(s) from observability/; values.schema.json settings updated")
+    print(f"files/: {len(copied)} file(s) written; values.schema.json settings updated")
     return 0
 
 

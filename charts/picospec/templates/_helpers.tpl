@@ -144,23 +144,60 @@ app.kubernetes.io/managed-by: {{ $root.Release.Service }}
 {{- if eq .Values.edge.network "hostNetwork" }}127.0.0.1{{ else }}0.0.0.0{{ end }}
 {{- end }}
 
-{{/* NATS credential env vars for a PicoSpec service container. */}}
+{{/* NATS credential env vars for a PicoSpec service container: (list . "<role>"), the role's
+own user from the auth Secret (or the mounted credentials file). */}}
 {{- define "picospec.natsAuthEnv" -}}
-{{- if and .Values.natsAuth.enabled (not .Values.natsAuth.credentialsSecret.name) }}
+{{- $root := index . 0 }}
+{{- $role := index . 1 }}
+{{- $auth := $root.Values.natsAuth }}
+{{- if and $auth.enabled (not $auth.credentialsSecret.name) }}
 - name: PICOSPEC_NATS_USER
   valueFrom:
     secretKeyRef:
-      name: {{ include "picospec.natsAuthSecret" . }}
-      key: client-user
+      name: {{ include "picospec.natsAuthSecret" $root }}
+      key: {{ $role }}-user
 - name: PICOSPEC_NATS_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ include "picospec.natsAuthSecret" . }}
-      key: client-password
+      name: {{ include "picospec.natsAuthSecret" $root }}
+      key: {{ $role }}-password
 {{- end }}
-{{- if .Values.natsAuth.credentialsSecret.name }}
+{{- if $auth.credentialsSecret.name }}
 - name: PICOSPEC_NATS_CREDS
-  value: /etc/picospec/nats/{{ .Values.natsAuth.credentialsSecret.key }}
+  value: /etc/picospec/nats/{{ $auth.credentialsSecret.key }}
+{{- end }}
+{{- end }}
+
+{{/* A NATS server's env vars with the users it accepts: (list . "<role>" ...), each as
+PICOSPEC_<ROLE>_USER and PICOSPEC_<ROLE>_PASSWORD from the auth Secret. */}}
+{{- define "picospec.natsServerAuthEnv" -}}
+{{- $root := first . }}
+{{- if $root.Values.natsAuth.enabled }}
+{{- range $role := rest . }}
+{{- range $part := list "user" "password" }}
+- name: PICOSPEC_{{ upper $role }}_{{ upper $part }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "picospec.natsAuthSecret" $root }}
+      key: {{ $role }}-{{ $part }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A NATS server's authorization block: (list . "<role>" ...), one user per role with the
+least permissions of files/nats-permissions.json (generated from picospec.protocol.subjects). */}}
+{{- define "picospec.natsUsers" -}}
+{{- $root := first . }}
+{{- if $root.Values.natsAuth.enabled }}
+{{- $perms := $root.Files.Get "files/nats-permissions.json" | fromJson }}
+authorization {
+  users = [
+    {{- range $role := rest . }}
+    {user: $PICOSPEC_{{ upper $role }}_USER, password: $PICOSPEC_{{ upper $role }}_PASSWORD, permissions: {{ get $perms $role | toRawJson }}}
+    {{- end }}
+  ]
+}
 {{- end }}
 {{- end }}
 

@@ -102,9 +102,14 @@ def all_subjects_of(role: str, ident: str, site: str = "local") -> list[str]:
     }[role]
 
 
+ANY_SITE = "*"  # permissions() for a credential that every edge site shares (the Helm chart)
+
+
 def permissions(role: str, site: str = "local", ident: str = "*") -> dict[str, Any]:
     """The least NATS permissions of one PicoSpec client, in nats-server's configuration shape
     (``{"publish": {"allow": [...]}, "subscribe": {"allow": [...]}, "allow_responses": ...}``).
+
+    ``site`` :data:`ANY_SITE` grants what every site may (no isolation between sites).
 
     - ``drafter`` (of ``site``): publishes session opens, blocks, closes, pings and sample
       requests; subscribes to its site's verdicts and its site's reply inboxes.
@@ -122,7 +127,10 @@ def permissions(role: str, site: str = "local", ident: str = "*") -> dict[str, A
         f"{PREFIX}.sessions.close.*",
         f"{PREFIX}.ping.*",
     ]
-    from_cloud = [site_verdicts(site), f"{inbox_prefix(site)}.>"]
+    if site == ANY_SITE:
+        from_cloud = [f"{PREFIX}.verdict.*.>", f"{INBOX}.*.>"]
+    else:
+        from_cloud = [site_verdicts(site), f"{inbox_prefix(site)}.>"]
     if role == "drafter":
         return {"publish": {"allow": [*to_cloud, SAMPLE]}, "subscribe": {"allow": from_cloud}}
     if role == "sampler":

@@ -388,7 +388,7 @@ class NatsServer:
             if self.leaf_compression is not None:
                 lines.append(f"  compression: {_q(self.leaf_compression)}")
             if self.leaf_remotes:
-                lines.append(f"  reconnect: {int(self.leaf_reconnect_s)}")
+                lines.append(f"  reconnect: {_q(f'{int(self.leaf_reconnect_s)}s')}")
                 lines.append("  remotes = [")
                 for r in self.leaf_remotes:
                     extra = ""
