@@ -78,6 +78,15 @@ COMBOS: dict[str, dict[str, Any]] = {
         "observability": ALL_OBSERVABILITY,
     },
     "observability-off": {"apiVersions": ["monitoring.coreos.com/v1"]},
+    "api-keys-file": {
+        "drafter": {
+            "settings": {"api_keys_file": "/etc/picospec/api-keys/keys"},
+            "extraVolumes": [{"name": "api-keys", "secret": {"secretName": "picospec-api-keys"}}],
+            "extraVolumeMounts": [
+                {"name": "api-keys", "mountPath": "/etc/picospec/api-keys", "readOnly": True}
+            ],
+        }
+    },
     "hostport-cloud-sampler-pvc": {
         "edge": {"network": "hostPort", "tolerations": [{"key": "edge", "operator": "Exists"}]},
         "drafter": {"kind": "Deployment", "replicas": 2, "service": {"enabled": True}},
@@ -484,6 +493,18 @@ def test_component_settings_reach_the_pods() -> None:
         e["name"]: e.get("value") for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert env["PICOSPEC_DRAFT_LEN"] == "6" and env["PICOSPEC_SITE"] == "$(NODE_NAME)"
+
+
+def test_drafter_mounts_an_api_keys_file_from_a_secret() -> None:
+    (ds,) = find(render(COMBOS["api-keys-file"]), "DaemonSet", "drafter")
+    pod = ds["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["PICOSPEC_API_KEYS_FILE"] == "/etc/picospec/api-keys/keys"
+    assert {"name": "api-keys", "secret": {"secretName": "picospec-api-keys"}} in pod["volumes"]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "api-keys")
+    assert mount == {"name": "api-keys", "mountPath": "/etc/picospec/api-keys", "readOnly": True}
+    assert {m["name"] for m in c["volumeMounts"]} >= {"model-cache", "tmp", "api-keys"}
 
 
 # --------------------------------------------------------------------------- NATS
