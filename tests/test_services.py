@@ -150,6 +150,9 @@ def test_greedy_through_the_stack_matches_the_verifier_alone(
     assert stats["mode"] == mode and stats["bytes_up"] > 0 and stats["bytes_down"] > 0
     if mode != "ar":
         assert stats["rounds"] > 0 and 0 <= stats["acceptance_rate"] <= 1
+    # the steady-state rate leaves out the first commit and the time before it
+    assert 0 < stats["ttft_s"] < stats["elapsed_s"]
+    assert stats["decode_tokens_per_s"] * (stats["elapsed_s"] - stats["ttft_s"]) < 60
 
 
 def test_eight_concurrent_streams_complete_correctly(

@@ -15,8 +15,10 @@ for a rejected token's block to be sent::
     rate_bound = 1 / (t_d + (1 - α) · (W + R))
 
 The bound is a steady-state decode rate, so ``bound_ratio`` is the measured picospec decode
-rate, ``(tokens - 1) / (elapsed - TTFT)`` per request (median), over ``rate_bound``; the time to
-first token is reported on its own. ``tokens_per_s`` and every speedup include the TTFT.
+rate over ``rate_bound``: per request (median), the tokens after the first commit over the time
+after it, as the drafter reports it (``decode_tokens_per_s``; a speculative first commit brings
+a whole block). The time to first token is reported on its own; ``tokens_per_s`` and every
+speedup include it.
 """
 
 from __future__ import annotations
@@ -71,12 +73,6 @@ class Run:
     ttft_s: float
     stats: dict[str, Any]
 
-    @property
-    def decode_tokens_per_s(self) -> float | None:
-        """Tokens after the first over the time after the first."""
-        span = self.elapsed_s - self.ttft_s
-        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else None
-
 
 @dataclass
 class ModeResult:
@@ -95,7 +91,7 @@ class ModeResult:
         down = sum(s.get("bytes_down", 0) for s in st)
         forwards = sum(_verifier_forwards(s, r.tokens) for s, r in zip(st, self.runs, strict=True))
         q = statistics.quantiles(tps, n=10) if len(tps) > 1 else [tps[0]] * 9
-        decode = [d for r in self.runs if (d := r.decode_tokens_per_s) is not None]
+        decode = [d for s in st if (d := s.get("decode_tokens_per_s")) is not None]
         return {
             "prompts": len(self.runs),
             "tokens": tokens,

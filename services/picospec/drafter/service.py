@@ -70,6 +70,7 @@ class Stats:
     bytes_down: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
+    first_commit_tokens: int = 0  # tokens that arrived with the first (a whole verdict's worth)
     elapsed_s: float = 0.0
     verifier: str = ""
     verified: bool = True  # False when (part of) the answer came from the draft model alone
@@ -84,9 +85,18 @@ class Stats:
             "ttft_s": self.first_token_s,
             "elapsed_s": self.elapsed_s,
             "tokens_per_s": self.tokens / self.elapsed_s if self.elapsed_s > 0 else None,
+            "decode_tokens_per_s": self.decode_tokens_per_s(),
             "verifier": self.verifier,
             "verified": self.verified and self.mode != Mode.EDGE.value,
         }
+
+
+    def decode_tokens_per_s(self) -> float | None:
+        """The steady-state rate: tokens after the first commit over the time after it."""
+        if self.first_token_s is None:
+            return None
+        span, rest = self.elapsed_s - self.first_token_s, self.tokens - self.first_commit_tokens
+        return rest / span if rest > 0 and span > 0 else None
 
 
 class DrafterService:
@@ -386,6 +396,7 @@ class Generation:
     def _emitted(self, new: list[int]) -> list[int]:
         if new and self.stats.first_token_s is None:
             self.stats.first_token_s = time.perf_counter() - self.stats.started
+            self.stats.first_commit_tokens = len(new)
         self.generated.extend(new)
         return new
 
