@@ -553,7 +553,22 @@ def edge_site() -> dict:
         "s",
         *percentiles("picospec_e2e_request_latency_seconds", s, "site"),
     )
+    b.timeseries(
+        "Requests running and waiting",
+        "Generations running on the drafter, and requests waiting for a slot (backpressure: "
+        "they get 429 after queue_timeout_s).",
+        "short",
+        Q(f"sum by (site) (picospec_num_requests_running{sd})", "running {{site}}"),
+        Q(f"sum by (site) (picospec_num_requests_waiting{sd})", "waiting {{site}}"),
+    )
     b.row("Speculation")
+    b.timeseries(
+        "Draft step time",
+        "Edge compute of one draft-model token, p50/p95/p99 per site: the draft-bound "
+        "pipeline's speed limit is 1 / this.",
+        "s",
+        *percentiles("picospec_draft_step_seconds", s, "site"),
+    )
     b.timeseries(
         "Acceptance rate",
         "rate(accepted) / rate(drafted) per site and mode.",

@@ -286,17 +286,18 @@ class DrafterSession:
             keep = min(self._cache.length, len(self.committed) - 1)
             self._cache.crop(keep)
             self._pending = self.committed[keep:]
-        self._check_finished()
+        self._check_finished(before)
         return Committed(tokens=self.committed[before:], done=self.done)
 
-    def _check_finished(self) -> None:
-        gen = self.generated
-        for i, t in enumerate(gen):
-            if t in self.eos_ids:
-                del self.committed[self.n_prompt + i + 1 :]
+    def _check_finished(self, before: int) -> None:
+        """Stop at the first EOS among the tokens committed from ``before`` on (the earlier
+        ones held none, or the session would have finished), or at the token budget."""
+        for i in range(before, len(self.committed)):
+            if self.committed[i] in self.eos_ids:
+                del self.committed[i + 1 :]
                 self.finish_reason = "stop"
                 return
-        if len(gen) >= self.max_new_tokens:
+        if len(self.generated) >= self.max_new_tokens:
             del self.committed[self.n_prompt + self.max_new_tokens :]
             self.finish_reason = "length"
 
