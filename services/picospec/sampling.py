@@ -117,8 +117,10 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         cum = sorted_p.cumsum(dim=-1)
-        # drop a token when the mass strictly before it already reaches top_p (keeps at least one)
+        # drop a token when the mass strictly before it already reaches top_p; the most likely
+        # token always stays (a top_p that rounds to 0 in float32 would otherwise drop them all)
         drop_sorted = (cum - sorted_p) >= params.top_p
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
     if params.min_p > 0.0:
