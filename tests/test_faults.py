@@ -20,6 +20,7 @@ import asyncio
 import json
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +116,12 @@ def single(tiny_dirs: tuple[Path, Path]) -> Stack:
         yield s
 
 
-def restart_nats_under_streams(
-    s: Stack, server: str, results: list[StreamResult], n: int
+def disrupt_under_streams(
+    s: Stack, results: list[StreamResult], n: int, disrupt: Callable[[], object]
 ) -> tuple[float, float]:
-    """Stream every ``results`` prompt for ``n`` tokens; once they have all progressed, restart
-    the nats-server ``server`` (down 1 s). Returns when the restart began and when it was back."""
+    """Stream every ``results`` prompt for ``n`` tokens; once they have all progressed, run
+    ``disrupt`` (blocking, on a thread: a NATS restart, a link cut and restore). Returns when
+    the disruption began and when it was over."""
 
     async def run() -> tuple[float, float]:
         async with aiohttp.ClientSession() as http:
@@ -129,7 +131,7 @@ def restart_nats_under_streams(
             ]
             await progressed(results, 10, 30)
             t0 = time.perf_counter()
-            await asyncio.to_thread(s.restart_nats, server, 1.0)
+            await asyncio.to_thread(disrupt)
             back = time.perf_counter()
             await asyncio.gather(*tasks)
             return t0, back
@@ -320,7 +322,7 @@ class TestSingleServer:
         timeout = float(SINGLE_ENV["PICOSPEC_REQUEST_TIMEOUT_S"])
         results = [StreamResult(content=f"Restart test {i}") for i in range(6)]
 
-        t0, back = restart_nats_under_streams(s, "nats", results, n)
+        t0, back = disrupt_under_streams(s, results, n, lambda: s.restart_nats("nats", 1.0))
         outcomes, lines = [], []
         for r in results:
             ref_text = expected(reference, r.content, n)
@@ -506,22 +508,12 @@ class TestEdgeCloud:
         s, n = edge, 300
         results = [StreamResult(content=f"Partition test {i}") for i in range(2)]
 
-        async def run() -> tuple[float, float]:
-            async with aiohttp.ClientSession() as http:
-                tasks = [
-                    asyncio.create_task(stream(s.api_url, r.content, n, http=http, into=r))
-                    for r in results
-                ]
-                await progressed(results, 10, 30)
-                t_cut = time.perf_counter()
-                await asyncio.to_thread(s.link.cut)
-                await asyncio.sleep(2.0)
-                await asyncio.to_thread(s.link.restore)
-                t_restore = time.perf_counter()
-                await asyncio.gather(*tasks)
-                return t_cut, t_restore
+        def cut_for_2s() -> None:
+            s.link.cut()
+            time.sleep(2.0)
+            s.link.restore()
 
-        t_cut, t_restore = asyncio.run(run())
+        t_cut, t_restore = disrupt_under_streams(s, results, n, cut_for_2s)
         lines = []
         for r in results:
             assert r.ok, (r.status, r.error)
@@ -628,7 +620,7 @@ class TestEdgeCloud:
         s, n = edge, 300
         results = [StreamResult(content=f"Hub restart {i}") for i in range(3)]
 
-        t0, back = restart_nats_under_streams(s, "nats-hub", results, n)
+        t0, back = disrupt_under_streams(s, results, n, lambda: s.restart_nats("nats-hub", 1.0))
         lines, outcomes = [], []
         for r in results:
             outcome = check_clean(r, expected(reference, r.content, n))

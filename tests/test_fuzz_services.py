@@ -521,16 +521,18 @@ def test_fuzz_blocks_of_live_sessions_stale_future_replayed(
                 )
             ]
         )
-    wait_for(
-        lambda: (
-            metric(scrape(stack.services[VERIFIER].url), "picospec_active_sessions")
-            <= base_sessions
-        ),
-        10,
-        what="the fuzzed sessions closed",
-    )
+    wait_sessions_back(stack, base_sessions, 10, "the fuzzed sessions closed")
     all_alive(stack)
     print(f"\n== live-session blocks: {sent[0]} sent; refusals by reason {seen}")
+
+
+def wait_sessions_back(stack: Stack, base: float, timeout: float, what: str) -> None:
+    """Wait until the verifier holds no more sessions than ``base`` again."""
+    wait_for(
+        lambda: metric(scrape(stack.services[VERIFIER].url), "picospec_active_sessions") <= base,
+        timeout,
+        what=what,
+    )
 
 
 def json_junk() -> st.SearchStrategy[Any]:
@@ -674,14 +676,7 @@ def test_fuzz_session_opens(stack: Stack, pump: Pump, reference: LanguageModel) 
         10,
         what=f"{refused} refused opens counted (answers {dict(answers)})",
     )
-    wait_for(
-        lambda: (
-            metric(scrape(stack.services[VERIFIER].url), "picospec_active_sessions")
-            <= base_sessions
-        ),
-        15,
-        what="every fuzz-opened session closed",
-    )
+    wait_sessions_back(stack, base_sessions, 15, "every fuzz-opened session closed")
     all_alive(stack)
     print(f"\n== session opens: {dict(answers)}")
 

@@ -90,7 +90,6 @@ class Stats:
             "verified": self.verified and self.mode != Mode.EDGE.value,
         }
 
-
     def decode_tokens_per_s(self) -> float | None:
         """The steady-state rate: tokens after the first commit over the time after it."""
         if self.first_token_s is None:
@@ -106,7 +105,8 @@ class DrafterService:
         self.model = model
         self.id = f"drafter-{os.urandom(6).hex()}"
         self.verdict_subject = subjects.verdicts(settings.site, self.id)
-        self.inbox: dict[bytes, asyncio.Queue[Verdict]] = {}
+        # each session's verdicts, with their size on the wire
+        self.inbox: dict[bytes, asyncio.Queue[tuple[Verdict, int]]] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="draft")
 
     async def start(self) -> None:
@@ -125,7 +125,7 @@ class DrafterService:
             return
         metrics.LINK_BYTES.labels("downlink").inc(len(msg.data))
         metrics.LINK_MESSAGES.labels("downlink").inc()
-        queue.put_nowait(verdict)
+        queue.put_nowait((verdict, len(msg.data)))
 
     def generation(
         self,
@@ -162,7 +162,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.generated: list[int] = []
         self.verifier: str | None = None
-        self._queue: asyncio.Queue[Verdict] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Verdict, int]] = asyncio.Queue()
         self._stop_requested = False
         self._sent_at: dict[int, float] = {}
         self._steps = 0  # draft-model steps run for this request
@@ -250,7 +250,9 @@ class Generation:
         reconnects = self.svc.nc.stats["reconnects"]
         for quiet in range(1, 1 << 30):
             try:
-                v = await asyncio.wait_for(self._queue.get(), timeout=s.verify_timeout_s)
+                v = self._took(
+                    await asyncio.wait_for(self._queue.get(), timeout=s.verify_timeout_s)
+                )
             except TimeoutError:
                 # NATS is at-most-once: after a reconnect, or when a live replica stays silent
                 # for several pings, a block or verdict was probably lost; re-open the session
@@ -259,8 +261,13 @@ class Generation:
                 if lost or time.monotonic() > deadline or not await self._verifier_alive():
                     return None
                 continue
-            self.stats.bytes_down += len(encode(v))
             return v
+
+    def _took(self, item: tuple[Verdict, int]) -> Verdict:
+        """A verdict taken from this session's queue, its bytes counted."""
+        verdict, size = item
+        self.stats.bytes_down += size
+        return verdict
 
     async def _verifier_alive(self) -> bool:
         if self.verifier is None:
@@ -458,8 +465,7 @@ class Generation:
                         await self._publish_block(seq, data)
                     held.clear()
                 if not self._queue.empty():
-                    verdict = self._queue.get_nowait()
-                    self.stats.bytes_down += len(encode(verdict))
+                    verdict = self._took(self._queue.get_nowait())
                 elif session.can_draft():
                     block = await self._model_step(session.draft_step)
                     if block is not None:
