@@ -1,6 +1,6 @@
 """Every Prometheus metric PicoSpec exports, defined once.
 
-Conventions (see ``shared/CONVENTIONS.md``):
+Conventions (the summary is in docs/architecture.md, "Metric conventions"):
 
 - Names are ``picospec_<what>_<unit>`` in base units (``_seconds``, ``_bytes``); counters are
   exported with ``_total`` (prometheus-client appends it); ``_info`` for metadata.
