@@ -11,7 +11,49 @@ from pathlib import Path
 import pytest
 
 import tinymodels
-from picospec.bench import MODES, bound, mtbench_questions
+from picospec.bench import MODES, bound, break_even_acceptance, mtbench_questions
+
+TINY_PROFILE = (
+    "name: tiny-emulated\n"
+    "draft: {device: test edge, step_s: 0.003, per_token_s: 0.0005}\n"
+    "verify: {device: test cloud, step_s: 0.015, per_token_s: 0.001}\n"
+)
+
+
+def _bench(tmp_path: Path, *extra: str) -> dict:
+    target = tinymodels.build(tmp_path / "target", seed=1)
+    draft = tinymodels.build(tmp_path / "draft", seed=2, like=target, noise=0.3)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me about dragons.\nWhat is two plus two?\nName a colour.\n")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "picospec.cli",
+            "bench",
+            "--quick",
+            "--prompts",
+            str(prompts),
+            "--drafter",
+            str(draft),
+            "--verifier",
+            str(target),
+            "--max-tokens",
+            "24",
+            "--json",
+            "--plot-dir",
+            str(tmp_path / "plots"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    for png in report["plots"]:
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return report
 
 
 def test_mtbench_prompts_come_from_the_wheel() -> None:
@@ -25,39 +67,24 @@ def test_bound_formula() -> None:
     assert bound(0.02, 0.0, 4, 0.2) == pytest.approx(1 / (0.02 + 0.03 + 0.2))
 
 
+def test_break_even_acceptance() -> None:
+    # at the break-even acceptance the rate model's pipeline decodes exactly as fast as ar
+    a = break_even_acceptance(0.146, 0.03, 4, 0.2)
+    assert a is not None and 0 < a < 1
+    assert 1 / (0.03 + (1 - a) * (1.5 * 0.03 + 0.2)) == pytest.approx(1 / 0.146)
+    assert break_even_acceptance(0.03, 0.05, 4, 0.2) is None  # a draft slower than the target
+    assert break_even_acceptance(1.0, 0.01, 4, 0.01) == 0.0  # pays off at any acceptance
+
+
 def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
-    target = tinymodels.build(tmp_path / "target", seed=1)
-    draft = tinymodels.build(tmp_path / "draft", seed=2, like=target, noise=0.3)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Tell me about dragons.\nWhat is two plus two?\nName a colour.\n")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "picospec.cli",
-            "bench",
-            "--quick",
-            "--profiles",
-            "lan",
-            "--prompts",
-            str(prompts),
-            "--drafter",
-            str(draft),
-            "--verifier",
-            str(target),
-            "--max-tokens",
-            "24",
-            "--json",
-            "--plot-dir",
-            str(tmp_path / "plots"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout)
+    """One emulated run (a tiny device profile) with the edge and the cloud pinned apart."""
+    (tmp_path / "tiny.yaml").write_text(TINY_PROFILE)
+    report = _bench(tmp_path, "--profiles", "lan", "--device-profile", str(tmp_path / "tiny.yaml"))
     assert report["config"]["prompts"] == 3 and report["config"]["max_tokens"] == 24
+    assert report["config"]["emulated"] and report["config"]["device"]["name"] == "tiny-emulated"
+    assert any(n.startswith("EMULATED") for n in report["notes"])
+    place = report["placement"]
+    assert place["pinned"] and not set(place["edge_cpus"]) & set(place["cloud_cpus"])
     rows = report["profiles"]["lan"]
     assert list(rows) == MODES
     for mode, r in rows.items():
@@ -82,5 +109,43 @@ def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
     )
     assert p["bound_ratio"] == pytest.approx(p["decode_tokens_per_s"] / p["bound_tokens_per_s"])
     assert rows["ar"]["draft_step_s"] is None  # the draft model does not run in ar
-    for png in report["plots"]:
-        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # greedy output under emulation is token-identical to ar in every verified mode
+    assert all(rows[m]["identical_to_ar"] is True for m in ("ar", "vanilla", "dssd", "picospec"))
+    # every forward was paced: the draft model's on the edge, the target's in the cloud
+    emu = {m: r["emulation"] for m, r in rows.items()}
+    assert emu["ar"]["verifier"]["forwards"] >= rows["ar"]["tokens"] - 3
+    assert emu["ar"]["drafter"]["forwards"] == 0 and emu["edge"]["verifier"]["forwards"] == 0
+    for mode in ("vanilla", "dssd", "picospec"):
+        v, d = emu[mode]["verifier"], emu[mode]["drafter"]
+        assert v["forwards"] == rows[mode]["verifier_forwards"] and d["forwards"] > 0
+        assert v["mean_emulated_s"] >= 0.015 and d["mean_emulated_s"] >= 0.003
+        assert v["mean_emulated_s"] >= v["mean_real_s"]
+
+
+def test_speedup_map_runs_each_draft_with_rollbacks(tmp_path: Path) -> None:
+    (tmp_path / "tiny.yaml").write_text(TINY_PROFILE)
+    report = _bench(
+        tmp_path,
+        "--map",
+        "--profiles",
+        "lan",
+        "--device-profile",
+        str(tmp_path / "tiny.yaml"),
+        "--map-drafts",
+        f"self,{tmp_path / 'draft'}",
+    )
+    drafts = report["map"]
+    assert list(drafts) == ["self", str(tmp_path / "draft")]
+    own, other = (
+        drafts["self"]["profiles"]["lan"],
+        drafts[str(tmp_path / "draft")]["profiles"]["lan"],
+    )
+    assert own["acceptance_rate"] == 1.0 and own["rollbacks"] == 0
+    assert other["acceptance_rate"] < 1.0 and other["rollbacks"] > 0  # a real run with rejections
+    for row in (own, other):
+        assert row["identical_to_ar"] is True
+        assert set(row["modes"]) == {"ar", "vanilla", "dssd", "picospec"}
+        assert row["picospec_vs_ar"] == pytest.approx(
+            row["modes"]["picospec"]["tokens_per_s"] / row["modes"]["ar"]["tokens_per_s"]
+        )
+    assert report["paper_table1"] and report["model_curves"]["lan"]["alpha"][-1] == 1.0

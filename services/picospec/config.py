@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = Field(None, ge=1)
+    device_profile: str | None = Field(
+        None,
+        description="emulate hardware: pad every model forward to the time this profile gives "
+        "it (a built-in name such as paper-llama-1b-70b, or a .yaml/.json file); real compute "
+        "is never shortened, and overruns are counted",
+    )
     # speculation defaults (requests may override draft_len and mode)
     mode: Mode = Mode.PICOSPEC
     draft_len: int = Field(4, ge=1, le=MAX_DRAFT_TOKENS)
@@ -149,6 +155,17 @@ class Settings(BaseSettings):
         description="drafter: 'edge' serves from the draft model alone (marked unverified) "
         "when the cloud is unreachable, instead of failing with 503",
     )
+
+    @model_validator(mode="after")
+    def _v_device_profile(self) -> Settings:
+        if self.device_profile:
+            from picospec.devices import DeviceProfileError, load_profile
+
+            try:
+                load_profile(self.device_profile)
+            except DeviceProfileError as e:
+                raise ValueError(str(e)) from None
+        return self
 
     @model_validator(mode="after")
     def _v_pairs(self) -> Settings:

@@ -272,6 +272,45 @@ DEGRADED = Counter(
     "unreachable and the request opted in (fallback: edge)",
 )
 
+# Device emulation (``PICOSPEC_DEVICE_PROFILE``): every model forward is padded to the profile's
+# time; an overrun is a forward whose real compute took longer than the profile allows.
+EMULATED_FORWARDS = Counter(
+    "picospec_device_emulated_forwards",
+    "Model forwards paced by the device profile (kind: step = one token, forward = several)",
+    ["kind"],
+)
+EMULATED_SECONDS = Counter(
+    "picospec_device_emulated_seconds",
+    "Time the paced forwards took, real compute plus the padding wait",
+    ["kind"],
+)
+REAL_COMPUTE_SECONDS = Counter(
+    "picospec_device_real_compute_seconds",
+    "Real compute time of the paced forwards, before padding",
+    ["kind"],
+)
+DEVICE_OVERRUNS = Counter(
+    "picospec_device_overruns",
+    "Paced forwards whose real compute ran slower than the device profile allows",
+    ["kind"],
+)
+DEVICE_OVERRUN_SECONDS = Counter(
+    "picospec_device_overrun_seconds",
+    "Time by which real compute exceeded the device profile, summed over the overruns",
+    ["kind"],
+)
+
+
+def observe_pace(kind: str, real_s: float, target_s: float) -> None:
+    """The device pacer's report of one forward (see ``picospec.devices``)."""
+    EMULATED_FORWARDS.labels(kind).inc()
+    EMULATED_SECONDS.labels(kind).inc(max(real_s, target_s))
+    REAL_COMPUTE_SECONDS.labels(kind).inc(real_s)
+    if real_s > target_s:
+        DEVICE_OVERRUNS.labels(kind).inc()
+        DEVICE_OVERRUN_SECONDS.labels(kind).inc(real_s - target_s)
+
+
 _PREINIT_REJECT_REASONS = {
     "drafter": ("malformed", "unknown_session", "protocol"),
     "verifier": ("malformed", "unknown_session", "bad_open"),
@@ -287,6 +326,16 @@ def init_series(role: str) -> None:
     """
     for reason in _PREINIT_REJECT_REASONS.get(role, ()):
         REJECTED.labels(role, reason)
+    if role in ("drafter", "verifier"):
+        for kind in ("step", "forward"):
+            for metric in (
+                EMULATED_FORWARDS,
+                EMULATED_SECONDS,
+                REAL_COMPUTE_SECONDS,
+                DEVICE_OVERRUNS,
+                DEVICE_OVERRUN_SECONDS,
+            ):
+                metric.labels(kind)
     if role == "drafter":
         for mode in MODES:
             for metric in (TTFT, ITL, E2E, GENERATED, PROMPT_TOKENS):

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from picospec.devices import Pacer, Stopwatch
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "smollm2"
@@ -181,6 +183,8 @@ class LanguageModel:
     device: torch.device = torch.device("cpu")
     batching: bool = True
     """Let :meth:`forward_batch` run several sessions in one padded forward (where supported)."""
+    pacer: Pacer | None = None
+    """Device emulation: every forward is padded to the time the profile gives it."""
 
     @classmethod
     def load(
@@ -227,15 +231,22 @@ class LanguageModel:
         return cls(model=model, tokenizer=tokenizer, name=label, device=dev)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> LanguageModel:
-        """Load the model a service's settings name (``model``, ``device``, ``dtype``…)."""
-        return cls.load(
+    def from_settings(cls, settings: Any, role: str | None = None) -> LanguageModel:
+        """Load the model a service's settings name (``model``, ``device``, ``dtype``…); with a
+        ``device_profile`` set, its forwards are paced as the profile's ``role`` line says
+        (``draft`` on the edge, ``verify`` in the cloud)."""
+        from picospec.devices import load_profile
+
+        model = cls.load(
             settings.model,
             device=settings.device,
             dtype=settings.dtype,
             threads=settings.threads,
             quantize=settings.quantize,
         )
+        if settings.device_profile and role is not None:
+            model.pacer = Pacer(load_profile(settings.device_profile).cost(role), role)
+        return model
 
     # --- shape of the model -------------------------------------------------------------
     @property
@@ -265,12 +276,13 @@ class LanguageModel:
 
     @torch.inference_mode()
     def forward(self, cache: Any, tokens: list[int], past: int) -> torch.Tensor:
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        positions = torch.arange(past, past + len(tokens), device=self.device)[None]
-        out = self.model(
-            input_ids=ids, use_cache=True, position_ids=positions, **{self._cache_kwarg: cache}
-        )
-        return out.logits[0].float().cpu()
+        with Stopwatch(self.pacer, len(tokens)):
+            ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+            positions = torch.arange(past, past + len(tokens), device=self.device)[None]
+            out = self.model(
+                input_ids=ids, use_cache=True, position_ids=positions, **{self._cache_kwarg: cache}
+            )
+            return out.logits[0].float().cpu()
 
     def forward_batch(
         self,
@@ -306,7 +318,8 @@ class LanguageModel:
             raise ValueError("every cache of a batch must belong to this model")
         report = on_forward or (lambda _n: None)
         if len(caches) > 1 and not self.batching_unsupported and self._can_pad(caches):
-            out = self._forward_padded(caches, tokens)
+            with Stopwatch(self.pacer, sum(len(t) for t in tokens)):
+                out = self._forward_padded(caches, tokens)
             report(len(caches))
             return out
         logits = []

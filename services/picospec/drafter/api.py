@@ -567,8 +567,10 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     app = application(api, health_routes(lambda: api.ready))
     runner = await serve_http(app, settings.host, settings.port)  # /health while loading
     model = await asyncio.get_running_loop().run_in_executor(
-        None, LanguageModel.from_settings, settings
+        None, LanguageModel.from_settings, settings, "draft"
     )
+    if model.pacer is not None:
+        model.pacer.on_pace = metrics.observe_pace
     nc = await connect_nats(settings, "drafter")
     svc = DrafterService(settings, nc, model)
     await svc.start()

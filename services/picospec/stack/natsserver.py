@@ -270,6 +270,7 @@ class NatsServer:
         run_dir: str | os.PathLike[str] | None = None,
         binary: str | os.PathLike[str] | None = None,
         extra_conf: str = "",
+        cpus: frozenset[int] | None = None,
     ) -> None:
         if (user is None) != (password is None):
             raise ValueError("user and password go together")
@@ -296,6 +297,7 @@ class NatsServer:
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"picospec-{name}-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.extra_conf = extra_conf
+        self.cpus = cpus  # pinned to these CPUs (its side of an edge-cloud stack)
         self.conf_path = self.run_dir / f"{name}.conf"
         self.log_path = self.run_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -431,7 +433,7 @@ class NatsServer:
                 stderr=subprocess.STDOUT,
                 cwd=self.run_dir,
                 start_new_session=True,
-                preexec_fn=child_preexec(),
+                preexec_fn=child_preexec(self.cpus),
             )
         finally:
             log.close()

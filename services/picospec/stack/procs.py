@@ -27,7 +27,7 @@ def _die_with_parent() -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def child_preexec() -> Callable[[], None] | None:
+def child_preexec(cpus: frozenset[int] | None = None) -> Callable[[], None] | None:
     """The ``preexec_fn`` for a child spawned from the calling thread.
 
     Children run in their own session (so a Ctrl-C in the terminal reaches only the parent,
@@ -36,10 +36,45 @@ def child_preexec() -> Callable[[], None] | None:
     run. The kernel ties that signal to the spawning *thread*, so children spawned from other
     threads (``asyncio.to_thread``, executors) do not get it: they would be killed as soon as
     that worker thread exits.
+
+    ``cpus`` pins the child, before it runs anything, to those CPUs: every thread it starts
+    inherits the set (torch's and Go's runtimes size their thread pools from it).
     """
-    if _libc is None or threading.current_thread() is not threading.main_thread():
+    die = _libc is not None and threading.current_thread() is threading.main_thread()
+    if not die and cpus is None:
         return None
-    return _die_with_parent
+
+    def preexec() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        if die:
+            _die_with_parent()
+
+    return preexec
+
+
+def split_cpus(cpus: Iterable[int] | None = None) -> tuple[frozenset[int], frozenset[int]]:
+    """Disjoint (edge, cloud) CPU sets from the CPUs this process may use: the first half for
+    the edge (at least one), the rest for the cloud. On 2 cores: edge {0}, cloud {1}."""
+    avail = sorted(os.sched_getaffinity(0) if cpus is None else set(cpus))
+    if len(avail) < 2:
+        raise ValueError(f"pinning the edge and the cloud apart needs 2 CPUs, have {avail}")
+    half = max(1, len(avail) // 2)
+    return frozenset(avail[:half]), frozenset(avail[half:])
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """``0``, ``0,2`` or ``1-3`` (as taskset's list format) to a set of CPU numbers."""
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"bad CPU list {text!r}: use e.g. 0, 0,2 or 1-3") from None
+    if not out or min(out) < 0:
+        raise ValueError(f"bad CPU list {text!r}")
+    return frozenset(out)
 
 
 def log_tail(path: str | os.PathLike[str], lines: int = 40, max_bytes: int = 16384) -> str:
@@ -58,9 +93,14 @@ def log_tail(path: str | os.PathLike[str], lines: int = 40, max_bytes: int = 163
 
 
 def spawn(
-    argv: list[str], log_path: Path, env: dict[str, str], cwd: Path
+    argv: list[str],
+    log_path: Path,
+    env: dict[str, str],
+    cwd: Path,
+    cpus: frozenset[int] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` with stdout and stderr appended to ``log_path``, in its own session."""
+    """Start ``argv`` with stdout and stderr appended to ``log_path``, in its own session
+    (pinned to ``cpus`` when given)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -71,7 +111,7 @@ def spawn(
             env=env,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=child_preexec(),
+            preexec_fn=child_preexec(cpus),
         )
 
 

@@ -60,7 +60,14 @@ from picospec.stack.natsserver import (
     port_open,
 )
 from picospec.stack.netem import CUT_MESSAGE, READY_MESSAGE, RESTORE_MESSAGE
-from picospec.stack.procs import log_tail, spawn, terminate_all, terminate_each
+from picospec.stack.procs import (
+    log_tail,
+    parse_cpus,
+    spawn,
+    split_cpus,
+    terminate_all,
+    terminate_each,
+)
 from picospec.stack.prometheus import (
     Prometheus,
     PrometheusError,
@@ -117,6 +124,12 @@ class StackConfig:
     tls: bool = False  # TLS on every NATS listener, from a throwaway CA (needs openssl)
     extra_sites: tuple[str, ...] = ()  # secure: also admit these edge sites (their own nodes)
     api_key: str | None = field(default=None, repr=False)  # the drafter's API key
+    # edge-cloud: pin the edge (drafter, sampler, leaf node) and the cloud (verifiers, hub) to
+    # disjoint CPU sets; None pins whenever 2+ CPUs are usable, with split_cpus() as default sets
+    pin_cpus: bool | None = None
+    edge_cpus: frozenset[int] | None = None
+    cloud_cpus: frozenset[int] | None = None
+    device_profile: str | None = None  # emulate hardware (picospec.devices): drafter + verifiers
     run_dir: Path | None = None
     ready_timeout: float = 300.0
     log_level: str = "INFO"
@@ -145,6 +158,34 @@ class StackConfig:
         sites = [self.site, *self.extra_sites]
         if len({subjects.site_token(x) for x in sites}) != len(sites):
             raise ValueError("edge sites must be distinct")
+        if (self.edge_cpus is None) != (self.cloud_cpus is None):
+            raise ValueError("edge_cpus and cloud_cpus go together")
+        if self.edge_cpus is not None and self.cloud_cpus is not None:
+            if self.edge_cpus & self.cloud_cpus:
+                raise ValueError("edge_cpus and cloud_cpus must be disjoint")
+            if self.topology != "edge-cloud" or self.pin_cpus is False:
+                raise ValueError("edge_cpus/cloud_cpus need the edge-cloud topology and pinning")
+        if self.device_profile:
+            from picospec.devices import DeviceProfileError, load_profile
+
+            try:
+                load_profile(self.device_profile)
+            except DeviceProfileError as e:
+                raise ValueError(str(e)) from None
+
+    def cpu_sets(self) -> dict[str, frozenset[int]] | None:
+        """``{"edge": cpus, "cloud": cpus}`` when the two sides are pinned apart, else None."""
+        if self.topology != "edge-cloud" or self.pin_cpus is False:
+            return None
+        if self.edge_cpus is not None and self.cloud_cpus is not None:
+            return {"edge": self.edge_cpus, "cloud": self.cloud_cpus}
+        try:
+            edge, cloud = split_cpus()
+        except ValueError:
+            if self.pin_cpus:
+                raise
+            return None
+        return {"edge": edge, "cloud": cloud}
 
     @property
     def link_enabled(self) -> bool:
@@ -187,6 +228,7 @@ class Service:
     port: int
     env: dict[str, str]
     log_path: Path
+    cpus: frozenset[int] | None = None  # pinned to these CPUs (edge-cloud sides)
     proc: subprocess.Popen[bytes] | None = None
     was_ready: bool = False  # reached /ready since its last start (else nothing to drain)
 
@@ -275,6 +317,7 @@ class Stack:
         self.link: LinkControl | None = None
         self.services: dict[str, Service] = {}
         self._stopped_on_purpose: set[str] = set()
+        self.cpus = self.config.cpu_sets()  # {"edge": ..., "cloud": ...} or None
         self._build()
 
     # -- layout ------------------------------------------------------------------------------
@@ -342,6 +385,7 @@ class Stack:
                 run_dir=self.run_dir,
                 users=self._server_users("hub"),
                 tls=tls,
+                cpus=self._side_cpus("cloud"),
                 **leaf_auth,
                 **common,
             )
@@ -359,6 +403,7 @@ class Stack:
                 run_dir=self.run_dir,
                 users=self._server_users("edge"),
                 tls=tls,
+                cpus=self._side_cpus("edge"),
                 **common,
             )
         cloud_url, edge_url = self.cloud_nats_url, self.nats_url
@@ -373,7 +418,7 @@ class Stack:
                 "PICOSPEC_REPLICA_ID": name,
                 **self._auth_env(name),
             }
-            self.services[name] = self._service(name, "verifier", port, env)
+            self.services[name] = self._service(name, "verifier", port, env, "cloud")
         if cfg.sampler:
             env = {
                 "PICOSPEC_NATS_URL": edge_url,
@@ -382,7 +427,9 @@ class Stack:
                 "PICOSPEC_SITE": cfg.site,
                 **self._auth_env(f"sampler-{cfg.site}"),
             }
-            self.services["sampler"] = self._service("sampler", "sampler", cfg.sampler_port, env)
+            self.services["sampler"] = self._service(
+                "sampler", "sampler", cfg.sampler_port, env, "edge"
+            )
         if cfg.drafter:
             env = {
                 "PICOSPEC_NATS_URL": edge_url,
@@ -394,7 +441,9 @@ class Stack:
             }
             if cfg.api_key is not None:
                 env["PICOSPEC_API_KEY"] = cfg.api_key
-            self.services["drafter"] = self._service("drafter", "drafter", cfg.api_port, env)
+            self.services["drafter"] = self._service(
+                "drafter", "drafter", cfg.api_port, env, "edge"
+            )
 
     def _auth_env(self, user: str) -> dict[str, str]:
         """The NATS credentials and CA of one service (secure / tls)."""
@@ -420,13 +469,21 @@ class Stack:
             out["tls"] = ssl.create_default_context(cafile=str(self.pki.ca))
         return out
 
-    def _service(self, name: str, role: str, port: int, env: dict[str, str]) -> Service:
+    def _side_cpus(self, side: str) -> frozenset[int] | None:
+        return None if self.cpus is None else self.cpus[side]
+
+    def _service(self, name: str, role: str, port: int, env: dict[str, str], side: str) -> Service:
         cfg = self.config
+        cpus = self._side_cpus(side)
         full = dict(os.environ)
         full["PYTHONUNBUFFERED"] = "1"
         full["PICOSPEC_HOST"] = HOST
         if cfg.threads is not None:
             full["PICOSPEC_THREADS"] = str(cfg.threads)
+        elif cpus is not None:  # one torch thread per CPU of the side
+            full["PICOSPEC_THREADS"] = str(len(cpus))
+        if cfg.device_profile:
+            full["PICOSPEC_DEVICE_PROFILE"] = cfg.device_profile
         if cfg.secure or cfg.tls:  # no stray credentials from the caller's environment
             for key in [k for k in full if k.startswith("PICOSPEC_NATS_")]:
                 del full[key]
@@ -435,7 +492,7 @@ class Stack:
             full["PICOSPEC_NATS_PASSWORD"] = self.client_password or ""
         full.update(env)
         full.update(cfg.env)
-        return Service(name, role, port, full, self.run_dir / f"{name}.log")
+        return Service(name, role, port, full, self.run_dir / f"{name}.log", cpus)
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -589,7 +646,9 @@ class Stack:
             raise StackError(f"{name} is already running (pid {svc.proc.pid})")
         self._stopped_on_purpose.discard(name)
         svc.was_ready = False
-        svc.proc = spawn(svc.argv(self.config.log_level), svc.log_path, svc.env, self.run_dir)
+        svc.proc = spawn(
+            svc.argv(self.config.log_level), svc.log_path, svc.env, self.run_dir, svc.cpus
+        )
         if wait:
             self.wait_ready([name], timeout=timeout or self.config.ready_timeout)
 
@@ -812,6 +871,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verifier-port", type=int, default=8101, help="verifier i: this + i - 1")
     p.add_argument("--sampler-port", type=int, default=8201, help="the sampler's HTTP port")
     p.add_argument("--site", default="edge-1", help="edge site label")
+    add_placement_arguments(p)
     p.add_argument(
         "--secure",
         action="store_true",
@@ -846,6 +906,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_placement_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the edge and the cloud compute, and at what emulated speed (``up`` and ``bench``)."""
+    p.add_argument(
+        "--pin-cpus",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="edge-cloud: pin the edge (drafter, sampler, leaf node) and the cloud (verifiers, "
+        "hub) to disjoint CPUs (default: whenever 2+ CPUs are usable; on 2 cores edge=0, "
+        "cloud=1)",
+    )
+    p.add_argument("--edge-cpus", type=parse_cpus, default=None, help="e.g. 0 or 0-1")
+    p.add_argument("--cloud-cpus", type=parse_cpus, default=None, help="e.g. 1 or 2-3")
+    p.add_argument(
+        "--device-profile",
+        default=None,
+        metavar="NAME|FILE",
+        help="emulate hardware: pad every draft step and verifier forward to the profile's "
+        "time (built-in: paper-llama-1b-70b, paper-qwen-0.6b-32b; or a .yaml/.json file)",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> StackConfig:
     return StackConfig(
         topology=args.topology,
@@ -872,6 +953,10 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         env=dict(args.env),
         secure=args.secure,
         tls=args.tls,
+        pin_cpus=args.pin_cpus,
+        edge_cpus=args.edge_cpus,
+        cloud_cpus=args.cloud_cpus,
+        device_profile=args.device_profile,
         api_key=(os.environ.get("PICOSPEC_API_KEY") or secrets.token_urlsafe(24))
         if args.secure
         else None,
@@ -902,6 +987,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     prometheus: Prometheus | None = None
     try:
         print(f"picospec up: {cfg.topology}, logs in {stack.run_dir}", flush=True)
+        if stack.cpus is not None:
+            print(
+                f"CPUs: edge {sorted(stack.cpus['edge'])}, cloud {sorted(stack.cpus['cloud'])}",
+                flush=True,
+            )
+        if cfg.device_profile:
+            print(f"emulated devices: profile {cfg.device_profile}", flush=True)
         if cfg.secure:
             print(
                 "secure: one NATS user per service with least permissions"

@@ -327,8 +327,10 @@ class VerifierService:
         runner = await serve_http(app, self.settings.host, self.settings.port)
         if self.model is None:  # load after /health is up, so startup probes see a live process
             self.model = await asyncio.get_running_loop().run_in_executor(
-                self.pool, LanguageModel.from_settings, self.settings
+                self.pool, LanguageModel.from_settings, self.settings, "verify"
             )
+        if self.model.pacer is not None:
+            self.model.pacer.on_pace = metrics.observe_pace
         metrics.set_build_info(ROLE, self.model.name, self.id, self.settings.site)
         self.nc = await connect_nats(self.settings, f"verifier-{self.id}")
         self._open_sub = await self.nc.subscribe(
