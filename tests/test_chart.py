@@ -12,10 +12,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import re
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +31,8 @@ CHART = ROOT / "charts" / "picospec"
 sys.path.insert(0, str(CHART / "hack"))
 import chart_files  # noqa: E402
 import manifests  # noqa: E402
+
+import chartnats  # noqa: E402
 
 RELEASE, NAMESPACE = "ps", "serving"
 EDGE_KEY = "node-role.kubernetes.io/edge"
@@ -373,17 +373,43 @@ def test_security_context_on_every_pod(combo: str) -> None:
 
 @pytest.mark.parametrize("combo", list(COMBOS))
 def test_no_secret_in_plain_env_and_nats_auth_from_a_secret(combo: str) -> None:
+    """No NATS credential reaches a container as an environment variable: services read theirs
+    as files (PICOSPEC_NATS_USER_FILE, PICOSPEC_NATS_PASSWORD_FILE) mounted from the Secret,
+    NATS servers through their nats-auth init container's vars.conf on a memory volume."""
     values = COMBOS[combo]
     objs = render(values)
+    assert_no_nats_secret_in_env(objs)
     secret_name = values.get("natsAuth", {}).get("existingSecret") or "ps-picospec-nats-auth"
     assert bool(find(objs, "Secret")) == (not values.get("natsAuth", {}).get("existingSecret"))
     for obj, spec in workloads(objs):
+        if component(obj) not in ("verifier", "drafter", "sampler"):
+            continue
+        (c,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["PICOSPEC_NATS_PASSWORD_FILE"] == "/etc/picospec/nats-auth/password"
+        vol = next(v for v in spec["volumes"] if v["name"] == "nats-auth")
+        assert vol["secret"]["secretName"] == secret_name
+        role = component(obj)
+        assert vol["secret"]["items"] == [
+            {"key": f"{role}-user", "path": "user"},
+            {"key": f"{role}-password", "path": "password"},
+        ]
+
+
+def assert_no_nats_secret_in_env(objs: list[dict[str, Any]]) -> None:
+    secret_names = {o["metadata"]["name"] for o in find(objs, "Secret")}
+    for obj, spec in workloads(objs):
         for c in containers(spec):
+            where = (obj["metadata"]["name"], c["name"])
             for e in c.get("env", []):
-                if re.search(r"(PASSWORD|_TOKEN|_USER)$", e["name"]):
-                    ref = e["valueFrom"]["secretKeyRef"]
-                    if e["name"] != "HF_TOKEN":
-                        assert ref["name"] == secret_name, (obj["metadata"]["name"], e)
+                assert not re.search(r"PASSWORD$|_USER$|NATS_CREDS_", e["name"]), (where, e)
+                assert not re.search(r"://[^/\s]*@", e.get("value") or ""), (where, e)  # no login
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:  # only the Hugging Face token (not NATS) comes from a Secret as env
+                    assert e["name"] == "HF_TOKEN" and ref["name"] not in secret_names, (where, e)
+                    assert "nats" not in ref["name"], (where, e)
+            for src in c.get("envFrom", []):
+                assert "secretRef" not in src, (where, src)
 
 
 def test_generated_nats_secret() -> None:
@@ -519,20 +545,19 @@ def test_nats_modes() -> None:
         }
 
     def leaf_urls(values):
+        # the hub URLs the leaf node's nats-auth init container adds the leaf login to
         (ds,) = find(render(values), "DaemonSet", "leafnode")
-        env = ds["spec"]["template"]["spec"]["containers"][0]["env"]
-        return [e["value"] for e in env if e["name"].startswith("PICOSPEC_HUB_URL_")]
+        (init,) = ds["spec"]["template"]["spec"]["initContainers"]
+        env = {e["name"]: e["value"] for e in init["env"]}
+        return env["HUB_URLS"].split()
 
     assert verifier_env({})["PICOSPEC_NATS_URL"] == f"nats://ps-picospec-nats.{NAMESPACE}.svc:4222"
     assert leaf_urls({}) == [
-        "nats-leaf://$(PICOSPEC_LEAF_USER):$(PICOSPEC_LEAF_PASSWORD)"
-        f"@ps-picospec-nats-leafnodes.{NAMESPACE}.svc.cluster.local:7422"
+        f"nats-leaf://ps-picospec-nats-leafnodes.{NAMESPACE}.svc.cluster.local:7422"
     ]
     ext = COMBOS["existing-nats"]
     assert verifier_env(ext)["PICOSPEC_NATS_URL"] == "nats://nats.messaging.svc:4222"
-    assert leaf_urls(ext) == [
-        "nats-leaf://$(PICOSPEC_LEAF_USER):$(PICOSPEC_LEAF_PASSWORD)@nats.example.com:7422"
-    ]
+    assert leaf_urls(ext) == ["nats-leaf://nats.example.com:7422"]
     sub = COMBOS["official-nats-chart"]
     assert verifier_env(sub)["PICOSPEC_NATS_URL"] == f"nats://ps-nats.{NAMESPACE}.svc:4222"
     # the official chart's values this chart ships point at the same Secret keys
@@ -551,34 +576,13 @@ def test_nats_modes() -> None:
     # hub config: auth and leaf-node port
     conf = find(render({}), "ConfigMap", "nats")[0]["data"]["nats.conf"]
     assert "leafnodes {" in conf and 'listen: "0.0.0.0:7422"' in conf
+    assert 'include "../nats-auth/vars.conf"' in conf
     for role in ("verifier", "drafter", "sampler", "leaf"):
         assert f"$PICOSPEC_{role.upper()}_PASSWORD" in conf
     conf3 = find(render(COMBOS["hostport-cloud-sampler-pvc"]), "ConfigMap", "nats")[0]["data"][
         "nats.conf"
     ]
     assert conf3.count("nats-route://") == 3 and "jetstream {" in conf3
-
-
-def _run_nats(conf: str, env: dict[str, str], run_dir: Path, name: str) -> subprocess.Popen:
-    """A real nats-server on a chart-rendered config (pid file moved into ``run_dir``)."""
-    from picospec.stack.natsserver import find_nats_server
-
-    path = run_dir / f"{name}.conf"
-    path.write_text(conf.replace('"/tmp/nats.pid"', f'"{run_dir / name}.pid"'))
-    check = subprocess.run(
-        [str(find_nats_server()), "-t", "-c", str(path)],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert check.returncode == 0, check.stdout + check.stderr  # nats-server's own config test
-    return subprocess.Popen(
-        [str(find_nats_server()), "-c", str(path)],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def test_chart_nats_configs_enforce_the_roles_on_a_real_nats_server(tmp_path: Path) -> None:
@@ -595,27 +599,29 @@ def test_chart_nats_configs_enforce_the_roles_on_a_real_nats_server(tmp_path: Pa
     hub_port, leaf_port, hub_mon, edge_port, edge_mon = free_ports(5)
     values = {
         "cloudNats": {"ports": {"client": hub_port, "leafnodes": leaf_port, "monitor": hub_mon}},
-        "leafNode": {"ports": {"client": edge_port, "monitor": edge_mon}},
+        "leafNode": {
+            "ports": {"client": edge_port, "monitor": edge_mon},
+            "hubUrls": [f"nats-leaf://127.0.0.1:{leaf_port}"],
+        },
     }
     objs = render(values)
     hub_conf = find(objs, "ConfigMap", "nats")[0]["data"]["nats.conf"]
     edge_conf = find(objs, "ConfigMap", "leafnode")[0]["data"]["nats.conf"]
     roles = ("verifier", "drafter", "sampler", "leaf")
     creds = {r: (r, "p" + secrets.token_hex(12)) for r in roles}
-    env = {f"PICOSPEC_{r.upper()}_{k}": v for r, (u, pw) in creds.items()
-           for k, v in (("USER", u), ("PASSWORD", pw))}  # fmt: skip
-    user, pw = creds["leaf"]
-    hub_url = f"nats-leaf://{user}:{pw}@127.0.0.1:{leaf_port}"
-    procs = [_run_nats(hub_conf, {**env, "POD_NAME": "hub-0"}, tmp_path, "hub")]
+    # the generated Secret's keys, as the pods' nats-auth init containers read them
+    auth_secret = {f"{r}-{k}": v for r, (u, pw) in creds.items()
+                   for k, v in (("user", u), ("password", pw))}  # fmt: skip
+    secret_data = {"ps-picospec-nats-auth": auth_secret}
+    (hub_obj,) = find(objs, "StatefulSet", "nats")
+    (edge_obj,) = find(objs, "DaemonSet", "leafnode")
+    hub_auth = chartnats.run_auth_init(hub_obj, secret_data, tmp_path / "hub")
+    edge_auth = chartnats.run_auth_init(edge_obj, secret_data, tmp_path / "edge")
+    hub_path = chartnats.local_conf(hub_conf, hub_auth.parent)
+    edge_path = chartnats.local_conf(edge_conf, edge_auth.parent)
+    procs = [chartnats.start_nats(hub_path, {"POD_NAME": "hub-0"})]
     try:
-        procs.append(
-            _run_nats(
-                edge_conf,
-                {**env, "NODE_NAME": "edge-1", "PICOSPEC_HUB_URL_0": hub_url},
-                tmp_path,
-                "edge",
-            )
-        )
+        procs.append(chartnats.start_nats(edge_path, {"NODE_NAME": "edge-1"}))
         deadline = time.monotonic() + 20
         while not (port_open("127.0.0.1", hub_port) and port_open("127.0.0.1", edge_port)):
             assert time.monotonic() < deadline, "the chart's NATS servers did not start"

@@ -95,6 +95,12 @@ class Settings(BaseSettings):
         "permissions can keep each site to its own replies)",
     )
     nats_timeout_s: float = Field(10.0, gt=0, description="timeout of every NATS request")
+    nats_user_file: str | None = Field(
+        None, description="file holding the NATS user name (e.g. mounted from a Secret)"
+    )
+    nats_password_file: str | None = Field(
+        None, description="file holding the NATS password (e.g. mounted from a Secret)"
+    )
     # models
     model: str = Field("smollm2", description="this role's model: hub id, dir, .gguf, smollm2")
     quantize: str = Field("none", pattern="^(none|int8)$")

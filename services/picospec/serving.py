@@ -91,6 +91,16 @@ def nats_tls_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
+def _read_secret_file(path: str) -> str:
+    """A credential from a file (a mounted Secret key): its text without the trailing newline.
+    Read at every (re)start, so a rotated Secret takes effect when the pod restarts."""
+    with open(path, encoding="utf-8") as f:
+        value = f.read().rstrip("\r\n")
+    if not value:
+        raise ValueError(f"NATS credential file {path} is empty")
+    return value
+
+
 def nats_options(settings: Settings) -> dict[str, Any]:
     """How to authenticate and encrypt: the ``nats.connect`` keyword arguments that come from
     the settings (user/password, credentials file, NKey seed, TLS, inbox prefix)."""
@@ -99,9 +109,15 @@ def nats_options(settings: Settings) -> dict[str, Any]:
         raise RuntimeError(
             "nats_creds and nats_nkey_seed need the nkeys package: pip install 'nats-py[nkeys]'"
         )
-    if settings.nats_user:
-        kwargs["user"] = settings.nats_user
-        if settings.nats_password is not None:
+    user = _read_secret_file(settings.nats_user_file) if settings.nats_user_file else None
+    user = user or settings.nats_user
+    if settings.nats_password_file and not user:
+        raise ValueError("nats_password_file needs nats_user or nats_user_file")
+    if user:
+        kwargs["user"] = user
+        if settings.nats_password_file:
+            kwargs["password"] = _read_secret_file(settings.nats_password_file)
+        elif settings.nats_password is not None:
             kwargs["password"] = settings.nats_password.get_secret_value()
     if settings.nats_creds:
         kwargs["user_credentials"] = settings.nats_creds

@@ -47,6 +47,8 @@ MANAGED = (
     "nats_tls_key",
     "nats_tls_hostname",
     "nats_inbox_prefix",
+    "nats_user_file",
+    "nats_password_file",
     "host",
     "api_key",
 )
@@ -95,13 +97,24 @@ PERMISSIONS = "nats-permissions.json"
 NATS_ROLES = ("verifier", "drafter", "sampler", "leaf")
 
 
+SITE_PLACEHOLDER = "__SITE__"
+SITE_ROLES = ("drafter", "leaf")
+
+
 def nats_permissions() -> bytes:
-    """Each chart NATS user's permissions. One credential per role serves every edge site, so
-    the site part is a wildcard: a site cannot reach another's draft blocks or the cloud's
-    verdict publishing, but can subscribe to any site's verdicts (session ids stay secret)."""
+    """Each chart NATS user's permissions.
+
+    ``<role>``: without ``sites``, one credential per role serves every edge site, so the site
+    part is a wildcard: a site cannot reach another's draft blocks or the cloud's verdict
+    publishing, but can subscribe to any site's verdicts (session ids stay secret).
+    ``site:<role>``: with ``sites``, the drafter and leaf users of one site, confined to its
+    verdict and inbox subjects; the chart puts the site's name in place of ``__SITE__``.
+    """
     from picospec.protocol.subjects import ANY_SITE, permissions
 
-    doc = {role: permissions(role, site=ANY_SITE) for role in NATS_ROLES}
+    doc: dict[str, Any] = {role: permissions(role, site=ANY_SITE) for role in NATS_ROLES}
+    for role in SITE_ROLES:
+        doc[f"site:{role}"] = permissions(role, site=SITE_PLACEHOLDER)
     return (json.dumps(doc, indent=2) + "\n").encode()
 
 

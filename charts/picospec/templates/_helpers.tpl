@@ -144,80 +144,258 @@ app.kubernetes.io/managed-by: {{ $root.Release.Service }}
 {{- if eq .Values.edge.network "hostNetwork" }}127.0.0.1{{ else }}0.0.0.0{{ end }}
 {{- end }}
 
-{{/* NATS credential env vars for a PicoSpec service container: (list . "<role>"), the role's
-own user from the auth Secret (or the mounted credentials file). */}}
-{{- define "picospec.natsAuthEnv" -}}
-{{- $root := index . 0 }}
-{{- $role := index . 1 }}
-{{- $auth := $root.Values.natsAuth }}
-{{- if and $auth.enabled (not $auth.credentialsSecret.name) }}
-- name: PICOSPEC_NATS_USER
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "picospec.natsAuthSecret" $root }}
-      key: {{ $role }}-user
-- name: PICOSPEC_NATS_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "picospec.natsAuthSecret" $root }}
-      key: {{ $role }}-password
+{{/* ---------------------------------------------------------------- sites */}}
+{{/* The edge sites as a JSON list of {name, suffix, var, nodeSelector, authSecret, tlsSecret}.
+Without `sites`: one unnamed site made of every edge node (name "", each node its own site
+label), with the release's shared NATS Secret: the single-site layout. */}}
+{{- define "picospec.sites" -}}
+{{- $out := list }}
+{{- $full := include "picospec.fullname" . | trunc 40 | trimSuffix "-" }}
+{{- if .Values.sites }}
+{{- range $s := .Values.sites }}
+{{- $sel := $s.nodeSelector | default (dict $.Values.edge.siteLabel $s.name) }}
+{{- $out = append $out (dict "name" $s.name "suffix" (printf "-%s" $s.name) "var" (printf "_%s" (upper (replace "-" "_" $s.name))) "nodeSelector" $sel "authSecret" ($s.existingSecret | default (printf "%s-nats-auth-%s" $full $s.name)) "generate" (not $s.existingSecret) "tlsSecret" ($s.tlsSecret | default (printf "%s-leaf-tls-%s" $full $s.name))) }}
 {{- end }}
+{{- else }}
+{{- $out = append $out (dict "name" "" "suffix" "" "var" "" "nodeSelector" (dict) "authSecret" (include "picospec.natsAuthSecret" .) "generate" false "tlsSecret" (.Values.tls.leaf.secretName | default (printf "%s-leaf-tls" $full))) }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/* A per-site object's name: (list $ "component" site). The component's name without a site. */}}
+{{- define "picospec.siteComponentName" -}}
+{{- $root := index . 0 }}
+{{- $site := index . 2 }}
+{{- if $site.name }}
+{{- printf "%s-%s-%s" (include "picospec.fullname" $root | trunc 36 | trimSuffix "-") (index . 1) $site.name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- include "picospec.componentName" (list $root (index . 1)) }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of a per-site workload: (list $ "component" site). */}}
+{{- define "picospec.siteSelectorLabels" -}}
+{{- $site := index . 2 -}}
+{{ include "picospec.selectorLabels" (list (index . 0) (index . 1)) }}
+{{- if $site.name }}
+{{ (index . 0).Values.edge.siteLabel }}: {{ $site.name }}
+{{- end }}
+{{- end }}
+
+{{- define "picospec.siteLabels" -}}
+{{- $site := index . 2 -}}
+{{ include "picospec.labels" (list (index . 0) (index . 1)) }}
+{{- if $site.name }}
+{{ (index . 0).Values.edge.siteLabel }}: {{ $site.name }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- NATS credentials as files */}}
+{{/* The TLS Secret a service pod needs to verify the hub ("" when it does not talk TLS):
+(list $ onEdge site). Edge pods talk to their node's leaf node (loopback, no TLS) unless
+leafNode.enabled is false. */}}
+{{- define "picospec.serviceTlsSecret" -}}
+{{- $root := index . 0 }}
+{{- $onEdge := index . 1 }}
+{{- $site := index . 2 }}
+{{- if $root.Values.tls.enabled }}
+{{- if not $onEdge }}{{ include "picospec.hubTlsSecret" $root }}
+{{- else if not $root.Values.leafNode.enabled }}{{ $site.tlsSecret }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "picospec.hubTlsSecret" -}}
+{{- .Values.tls.hub.secretName | default (printf "%s-nats-tls" (include "picospec.fullname" . | trunc 50 | trimSuffix "-")) }}
+{{- end }}
+
+{{/* NATS settings of a PicoSpec service: (dict "root" $ "role" "drafter" "secret" name "tls" name).
+Credentials are files from the Secret (PICOSPEC_NATS_USER_FILE, _PASSWORD_FILE), never env
+values; the TLS CA is the ca.crt of the hub's (or the site's) TLS Secret. */}}
+{{- define "picospec.natsAuthEnv" -}}
+{{- $auth := .root.Values.natsAuth }}
 {{- if $auth.credentialsSecret.name }}
 - name: PICOSPEC_NATS_CREDS
   value: /etc/picospec/nats/{{ $auth.credentialsSecret.key }}
+{{- else if $auth.enabled }}
+- name: PICOSPEC_NATS_USER_FILE
+  value: /etc/picospec/nats-auth/user
+- name: PICOSPEC_NATS_PASSWORD_FILE
+  value: /etc/picospec/nats-auth/password
+{{- end }}
+{{- if .tls }}
+- name: PICOSPEC_NATS_TLS_CA
+  value: /etc/picospec/nats-tls/ca.crt
 {{- end }}
 {{- end }}
 
-{{/* A NATS server's env vars with the users it accepts: (list . "<role>" ...), each as
-PICOSPEC_<ROLE>_USER and PICOSPEC_<ROLE>_PASSWORD from the auth Secret. */}}
-{{- define "picospec.natsServerAuthEnv" -}}
-{{- $root := first . }}
-{{- if $root.Values.natsAuth.enabled }}
-{{- range $role := rest . }}
-{{- range $part := list "user" "password" }}
-- name: PICOSPEC_{{ upper $role }}_{{ upper $part }}
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "picospec.natsAuthSecret" $root }}
-      key: {{ $role }}-{{ $part }}
+{{- define "picospec.natsCredsMount" -}}
+{{- $auth := .root.Values.natsAuth }}
+{{- if $auth.credentialsSecret.name }}
+- name: nats-creds
+  mountPath: /etc/picospec/nats
+  readOnly: true
+{{- else if $auth.enabled }}
+- name: nats-auth
+  mountPath: /etc/picospec/nats-auth
+  readOnly: true
 {{- end }}
-{{- end }}
+{{- if .tls }}
+- name: nats-tls
+  mountPath: /etc/picospec/nats-tls
+  readOnly: true
 {{- end }}
 {{- end }}
 
-{{/* A NATS server's authorization block: (list . "<role>" ...), one user per role with the
-least permissions of files/nats-permissions.json (generated from picospec.protocol.subjects). */}}
+{{- define "picospec.natsCredsVolume" -}}
+{{- $auth := .root.Values.natsAuth }}
+{{- if $auth.credentialsSecret.name }}
+- name: nats-creds
+  secret:
+    secretName: {{ $auth.credentialsSecret.name }}
+    defaultMode: 0440
+{{- else if $auth.enabled }}
+- name: nats-auth
+  secret:
+    secretName: {{ .secret }}
+    defaultMode: 0440
+    items:
+      - {key: {{ .role }}-user, path: user}
+      - {key: {{ .role }}-password, path: password}
+{{- end }}
+{{- if .tls }}
+- name: nats-tls
+  secret:
+    secretName: {{ .tls }}
+    defaultMode: 0444
+    items:
+      - {key: ca.crt, path: ca.crt}
+{{- end }}
+{{- end }}
+
+{{/* A NATS server's login files: (list $ (list (list secretName key VAR) ...)) -> a projected
+volume whose files are named after the config variables they define. */}}
+{{- define "picospec.natsServerAuthVolume" -}}
+{{- $sources := dict }}
+{{- range $item := index . 1 }}
+{{- $items := get $sources (index $item 0) | default list }}
+{{- $_ := set $sources (index $item 0) (append $items (dict "key" (index $item 1) "path" (index $item 2))) }}
+{{- end -}}
+- name: nats-secrets
+  projected:
+    defaultMode: 0440
+    sources:
+      {{- range $name := keys $sources | sortAlpha }}
+      - secret:
+          name: {{ $name }}
+          items:
+            {{- toYaml (get $sources $name) | nindent 12 }}
+      {{- end }}
+- name: nats-auth
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+{{- end }}
+
+{{/* The init container that turns a NATS server's login files into nats-server variables
+(/etc/nats-auth/vars.conf, on a memory volume): no secret in the environment or the ConfigMap.
+With HUB_URLS (a leaf node), also PICOSPEC_HUB_URL_<n>: each hub URL with the leaf login
+(files LEAF_USER and LEAF_PASSWORD).
+Call with (list $ image hubUrls). */}}
+{{- define "picospec.natsAuthInit" -}}
+{{- $root := index . 0 -}}
+- name: nats-auth
+  image: {{ index . 1 }}
+  imagePullPolicy: IfNotPresent
+  command: ["/bin/sh", "-c"]
+  args:
+    - |
+      set -eu
+      umask 077
+      out="$AUTH_DIR/vars.conf"
+      : > "$out.tmp"
+      for f in "$SECRET_DIR"/PICOSPEC_*; do
+        [ -e "$f" ] || continue
+        v="$(cat "$f")"
+        case "$v" in
+          ""|*[!A-Za-z0-9._-]*) echo "nats-auth: $(basename "$f"): use letters, digits, . _ - only" >&2; exit 1;;
+        esac
+        printf '%s: "%s"\n' "$(basename "$f")" "$v" >> "$out.tmp"
+      done
+      i=0
+      for u in $HUB_URLS; do
+        printf 'PICOSPEC_HUB_URL_%d: "%s://%s:%s@%s"\n' "$i" "${u%%://*}" \
+          "$(cat "$SECRET_DIR/LEAF_USER")" "$(cat "$SECRET_DIR/LEAF_PASSWORD")" "${u#*://}" >> "$out.tmp"
+        i=$((i + 1))
+      done
+      mv "$out.tmp" "$out"
+  env:
+    - name: SECRET_DIR
+      value: /etc/nats-secrets
+    - name: AUTH_DIR
+      value: /etc/nats-auth
+    - name: HUB_URLS
+      value: {{ join " " (index . 2) | quote }}
+  {{- include "picospec.securityContext" $root | nindent 2 }}
+  resources:
+    requests: {cpu: 10m, memory: 16Mi}
+    limits: {memory: 32Mi}
+  volumeMounts:
+    - name: nats-secrets
+      mountPath: /etc/nats-secrets
+      readOnly: true
+    - name: nats-auth
+      mountPath: /etc/nats-auth
+{{- end }}
+
+{{/* A NATS server's authorization block: (list $ users), each user a dict {var, perms, leaf}:
+user $PICOSPEC_<var>_USER with password $PICOSPEC_<var>_PASSWORD (from vars.conf) and the
+permissions given (files/nats-permissions.json, generated from picospec.protocol.subjects); a
+leaf user may log in on the leaf-node port only. */}}
 {{- define "picospec.natsUsers" -}}
-{{- $root := first . }}
+{{- $root := index . 0 }}
 {{- if $root.Values.natsAuth.enabled }}
-{{- $perms := $root.Files.Get "files/nats-permissions.json" | fromJson }}
+# /etc/nats-auth/vars.conf (include paths are relative to this file, /etc/nats/nats.conf)
+include "../nats-auth/vars.conf"
 authorization {
   users = [
-    {{- range $role := rest . }}
-    {user: $PICOSPEC_{{ upper $role }}_USER, password: $PICOSPEC_{{ upper $role }}_PASSWORD, permissions: {{ get $perms $role | toRawJson }}}
+    {{- range $u := index . 1 }}
+    {user: $PICOSPEC_{{ $u.var }}_USER, password: $PICOSPEC_{{ $u.var }}_PASSWORD, permissions: {{ $u.perms | toRawJson }}{{ if $u.leaf }}, allowed_connection_types: ["LEAFNODE"]{{ end }}}
     {{- end }}
   ]
 }
 {{- end }}
 {{- end }}
 
-{{- define "picospec.natsCredsVolume" -}}
-{{- if .Values.natsAuth.credentialsSecret.name }}
-- name: nats-creds
-  secret:
-    secretName: {{ .Values.natsAuth.credentialsSecret.name }}
-    defaultMode: 0440
+{{/* A role's permissions, for one site (its subjects) or every site: (list $ role site). */}}
+{{- define "picospec.permissions" -}}
+{{- $perms := (index . 0).Files.Get "files/nats-permissions.json" | fromJson }}
+{{- $site := index . 2 }}
+{{- if and $site.name (hasKey $perms (printf "site:%s" (index . 1))) }}
+{{- get $perms (printf "site:%s" (index . 1)) | toRawJson | replace "__SITE__" $site.name }}
+{{- else }}
+{{- get $perms (index . 1) | toRawJson }}
 {{- end }}
 {{- end }}
 
-{{- define "picospec.natsCredsMount" -}}
-{{- if .Values.natsAuth.credentialsSecret.name }}
-- name: nats-creds
-  mountPath: /etc/picospec/nats
-  readOnly: true
+{{/* A NATS server's TLS block: (list certFile keyFile caFile verify timeout); "" for a file leaves it out. */}}
+{{- define "picospec.natsTlsBlock" -}}
+tls {
+  {{- with index . 0 }}
+  cert_file: "{{ . }}"
+  {{- end }}
+  {{- with index . 1 }}
+  key_file: "{{ . }}"
+  {{- end }}
+  {{- with index . 2 }}
+  ca_file: "{{ . }}"
+  {{- end }}
+  {{- if index . 3 }}
+  verify: true
+  {{- end }}
+  timeout: {{ index . 4 }}
+}
 {{- end }}
-{{- end }}
-
 {{/* ---------------------------------------------------------------- settings */}}
 {{/* PICOSPEC_* env vars from the shared settings merged with a component's (component wins).
      Call with (list $ .Values.<component>.settings). */}}
