@@ -37,7 +37,7 @@ import chartnats  # noqa: E402
 RELEASE, NAMESPACE = "ps", "serving"
 EDGE_KEY = "node-role.kubernetes.io/edge"
 K8S_VERSIONS = ("1.30.0", kv.latest_version())
-CRD_APIS = ("monitoring.coreos.com/v1", "keda.sh/v1alpha1")
+CRD_APIS = ("monitoring.coreos.com/v1", "keda.sh/v1alpha1", "cert-manager.io/v1")
 STANDARD_LABELS = (
     "app.kubernetes.io/name",
     "app.kubernetes.io/instance",
@@ -105,6 +105,36 @@ COMBOS: dict[str, dict[str, Any]] = {
             "leafnodesService": {"type": "LoadBalancer"},
         },
         "leafNode": {"hubUrls": ["nats-leaf://hub.example.com:7422"]},
+    },
+    # Two edge sites over the public internet: TLS with mutual TLS on the leaf link,
+    # certificates from cert-manager, the hub's leaf port on a LoadBalancer.
+    "sites-tls-cert-manager": {
+        "sites": [
+            {"name": "store-a"},
+            {"name": "store-b", "nodeSelector": {"example.com/store": "b"}},
+        ],
+        "tls": {
+            "enabled": True,
+            "mutualLeafnodes": True,
+            "certManager": {
+                "enabled": True,
+                "issuerRef": {"name": "picospec-ca", "kind": "ClusterIssuer"},
+            },
+            "hub": {"dnsNames": ["nats-hub.example.com"], "ipAddresses": ["203.0.113.7"]},
+        },
+        "cloudNats": {"leafnodesService": {"type": "LoadBalancer"}},
+        "leafNode": {"hubUrls": ["nats-leaf://nats-hub.example.com:7422"]},
+    },
+    # Sites with TLS from Secrets the operator made (one site's credentials too), a cloud
+    # sampler, drafters on the pod network.
+    "sites-tls-own-secrets": {
+        "sites": [
+            {"name": "a", "existingSecret": "site-a-nats", "tlsSecret": "site-a-tls"},
+            {"name": "b"},
+        ],
+        "tls": {"enabled": True, "hub": {"secretName": "hub-tls"}},
+        "sampler": {"placement": "cloud"},
+        "edge": {"network": "hostPort"},
     },
 }
 
@@ -388,7 +418,12 @@ def test_no_secret_in_plain_env_and_nats_auth_from_a_secret(combo: str) -> None:
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["PICOSPEC_NATS_PASSWORD_FILE"] == "/etc/picospec/nats-auth/password"
         vol = next(v for v in spec["volumes"] if v["name"] == "nats-auth")
-        assert vol["secret"]["secretName"] == secret_name
+        site = obj["metadata"]["labels"].get("picospec.io/site")
+        if site:  # a site's own Secret: yours, or the generated <fullname>-nats-auth-<site>
+            mine = {s["name"]: s.get("existingSecret") for s in values["sites"]}[site]
+            assert vol["secret"]["secretName"] == (mine or f"ps-picospec-nats-auth-{site}")
+        else:
+            assert vol["secret"]["secretName"] == secret_name
         role = component(obj)
         assert vol["secret"]["items"] == [
             {"key": f"{role}-user", "path": "user"},
