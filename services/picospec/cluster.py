@@ -1,8 +1,10 @@
 """``picospec cluster``: the operator's view of a PicoSpec deployment, from a terminal.
 
-* ``status``: edge sites (KubeEdge edge nodes with their drafter, sampler and NATS leaf-node
-  pods), verifier replicas with their GPUs, readiness and the sessions each holds (read from the
-  pod's /metrics through the API server's pod proxy), and the autoscaler (HPA or KEDA).
+* ``status``: edge sites (the chart's ``sites``, and each KubeEdge edge node with its drafter,
+  sampler and NATS leaf-node pods, whether the hub lists its leaf link (the hub's /leafz) and
+  whether that link uses TLS), verifier replicas with their GPUs, readiness and the sessions
+  each holds (read from the pod's /metrics through the API server's pod proxy), and the
+  autoscaler (HPA or KEDA).
 * ``scale-verifiers N``: the verifier Deployment's replica count, or the autoscaler's minimum
   when one owns the Deployment.
 
@@ -26,6 +28,9 @@ EDGE_LABEL = "node-role.kubernetes.io/edge"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 EDGE_COMPONENTS = ("drafter", "sampler", "leafnode", "edge-agent")
+SITE_LABEL = "picospec.io/site"  # the chart's `sites`: on nodes and on per-site pods
+LEAF_TLS_ANNOTATION = "picospec.io/leaf-tls"  # off | server | mutual, on leaf-node pods
+HUB_MONITOR_PORT = 8222
 
 
 # --------------------------------------------------------------------------- data
@@ -51,6 +56,9 @@ class EdgeSite:
     ready: bool
     address: str | None
     pods: list[PodView] = field(default_factory=list)
+    site: str | None = None  # the chart's site (node label picospec.io/site), else the node
+    leaf_connected: bool | None = None  # the hub lists this node's leaf node (None: unknown)
+    leaf_tls: str | None = None  # off | server | mutual (the leaf-node pod's annotation)
 
 
 @dataclass
@@ -161,6 +169,31 @@ def pod_metrics(core: Any, namespace: str, pod: Any) -> str | None:
         return None
 
 
+def hub_leaf_names(core: Any, namespace: str, pods: list[Any]) -> set[str] | None:
+    """Server names (the edge nodes' names) of the leaf nodes connected to the chart's NATS
+    hub, from each hub pod's /leafz (monitor port, through the API server's pod proxy); None
+    when no hub pod answers."""
+    names: set[str] | None = None
+    for pod in pods:
+        labels = pod.metadata.labels or {}
+        if labels.get("app.kubernetes.io/component") != "nats" or not _ready(pod):
+            continue
+        try:
+            # raw bytes: the client would turn a JSON body into a Python repr for 'str'
+            resp = core.connect_get_namespaced_pod_proxy_with_path(
+                f"{pod.metadata.name}:{HUB_MONITOR_PORT}",
+                namespace,
+                "leafz",
+                _request_timeout=5,
+                _preload_content=False,
+            )
+            doc = json.loads(resp.data)
+        except Exception:  # noqa: BLE001 - an unreachable hub leaves the state unknown
+            continue
+        names = (names or set()) | {x.get("name", "") for x in doc.get("leafs") or []}
+    return names
+
+
 def _view(pod: Any, nodes: dict[str, Any]) -> PodView:
     labels = pod.metadata.labels or {}
     node = nodes.get(pod.spec.node_name or "")
@@ -218,6 +251,7 @@ def collect(api_client: Any, namespace: str, release: str | None, metrics: bool 
     pods = core.list_namespaced_pod(namespace, label_selector=_selector(release)).items
     views = {p.metadata.name: _view(p, nodes) for p in pods}
 
+    leafs = hub_leaf_names(core, namespace, pods) if metrics else None
     sites = []
     for name, node in sorted(nodes.items()):
         if EDGE_LABEL not in (node.metadata.labels or {}):
@@ -232,6 +266,16 @@ def collect(api_client: Any, namespace: str, release: str | None, metrics: bool 
             (v for v in views.values() if v.node == name and v.component in EDGE_COMPONENTS),
             key=lambda v: v.component,
         )
+        site.site = (node.metadata.labels or {}).get(SITE_LABEL)
+        for pod in pods:
+            if (
+                pod.spec.node_name == name
+                and (pod.metadata.labels or {}).get("app.kubernetes.io/component") == "leafnode"
+            ):
+                site.site = site.site or (pod.metadata.labels or {}).get(SITE_LABEL)
+                site.leaf_tls = (pod.metadata.annotations or {}).get(LEAF_TLS_ANNOTATION, "off")
+                if leafs is not None:
+                    site.leaf_connected = name in leafs
         sites.append(site)
 
     verifiers = []
@@ -331,8 +375,25 @@ def render_text(s: Status) -> str:
     lines.append(f"Edge sites ({len(s.edge_sites)} KubeEdge node(s))")
     if not s.edge_sites:
         lines.append(f"  none: no node labelled {EDGE_LABEL}")
+    by_site: dict[str, list[EdgeSite]] = {}
     for site in s.edge_sites:
-        lines.append(f"  {site.node}  ready={_yes(site.ready)}  address={site.address or '?'}")
+        if site.site:
+            by_site.setdefault(site.site, []).append(site)
+    for name, members in sorted(by_site.items()):
+        up = sum(1 for m in members if m.leaf_connected)
+        tls = sorted({m.leaf_tls or "?" for m in members})
+        known = all(m.leaf_connected is not None for m in members)
+        lines.append(
+            f"  site {name}: {len(members)} node(s), leaf links up "
+            f"{up if known else '?'}/{len(members)}, TLS {'/'.join(tls)}"
+        )
+    for site in s.edge_sites:
+        leaf = {True: "connected", False: "DISCONNECTED", None: "?"}[site.leaf_connected]
+        lines.append(
+            f"  {site.node}  ready={_yes(site.ready)}  address={site.address or '?'}"
+            + (f"  site={site.site}" if site.site else "")
+            + f"  leaf={leaf}  tls={site.leaf_tls or '?'}"
+        )
         have = {p.component for p in site.pods}
         for p in site.pods:
             lines.append(
