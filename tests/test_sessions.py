@@ -191,3 +191,101 @@ def test_vanilla_sends_full_distributions_and_gets_bonus_tokens(target: Language
     assert isinstance(got, Committed) and len(got.tokens) == 4  # 3 accepted + bonus
     (b2,) = d.draft_ready()
     assert b2.prefix == (got.tokens[-1],) and b2.pos == len(PROMPT) + 3
+
+
+# --- the first token from the verifier's prefill ----------------------------------------------
+
+
+def _reference_greedy(model: LanguageModel, prompt: list[int], n: int) -> list[int]:
+    cache, out = model.new_cache(), []
+    logits = cache.extend(prompt)[-1]
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = cache.extend([out[-1]])[-1]
+    return out
+
+
+def _run(d: DrafterSession, v: VerifierSession, blocks: list) -> None:
+    """Shuttle ``blocks`` (and whatever the drafter drafts next) until the session is done."""
+    pending = list(blocks)
+    while not d.done:
+        pending += d.draft_ready()
+        for verdict in v.submit(pending.pop(0)):
+            got = d.on_verdict(verdict)
+            if isinstance(got, SampleRequest):
+                d.on_correction(sample(got).token)
+
+
+@pytest.mark.parametrize("same_model", [True, False])
+def test_first_token_from_the_prefill_reconciles_with_blocks_drafted_meanwhile(
+    target: LanguageModel, draft: LanguageModel, same_model: bool
+) -> None:
+    """The drafter drafts while the session opens; the open's first token then either matches
+    its first draft token (speculation kept, blocks renumbered) or not (rolled back)."""
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=3, lookahead=2)
+    model = target if same_model else draft
+    # a prompt on which the other draft's first guess is wrong, so both branches are covered
+    prompt = next(
+        p
+        for p in ([1, 2, 3, 4], [5, 1, 1], [2, 2], [7, 3, 0, 6], [4], [6, 6, 1], [3, 5])
+        if same_model or _reference_greedy(draft, p, 1) != _reference_greedy(target, p, 1)
+    )
+    sid = os.urandom(16)
+    d = DrafterSession(model, sid, prompt, GREEDY, spec, 30)
+    v = VerifierSession(target, sid, prompt, GREEDY, spec)
+    held = d.draft_ready()  # drafted before the open's reply arrived; none sent
+    drafted = [t for b in held for t in b.tokens]
+    first = v.first_token()
+    assert first == _reference_greedy(target, prompt, 1)[0]
+    got, blocks = d.accept_first(first)
+    assert got == Committed(tokens=[first], done=False) and d.generated == [first]
+    if same_model:
+        # the speculation after the first token survives, re-sealed from seq 0 at the prompt's
+        # end with the first token as prefix
+        assert drafted[0] == first
+        assert [t for b in blocks for t in b.tokens] == drafted[1:]
+        assert [b.seq for b in blocks] == list(range(len(blocks)))
+        assert blocks[0].pos == len(prompt) and blocks[0].prefix == (first,)
+        assert all(b.prefix == () for b in blocks[1:])
+        assert all(
+            a.pos + len(a.prefix) + len(a.tokens) == b.pos
+            for a, b in zip(blocks, blocks[1:], strict=False)
+        )
+    else:
+        assert drafted[0] != first
+        assert blocks == [] and d.stats.wasted == len(drafted)
+    assert d.stats.sent == sum(len(b.tokens) for b in blocks)
+    _run(d, v, blocks)
+    assert d.generated == _reference_greedy(target, prompt, 30)
+    if same_model:
+        assert d.stats.rollbacks == 0 and d.stats.accepted == d.stats.drafted == 29
+    with pytest.raises(ProtocolError, match="first token"):
+        d.accept_first(first)
+
+
+def test_the_first_token_can_end_the_session(target: LanguageModel) -> None:
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=2)
+    d, v = _pair(target, target, spec, n=1)
+    d.draft_ready()
+    got, blocks = d.accept_first(v.first_token())
+    assert got.done and blocks == [] and d.finish_reason == "length" and len(d.generated) == 1
+    sid = os.urandom(16)
+    first = VerifierSession(target, sid, PROMPT, GREEDY, spec).first_token()
+    d = DrafterSession(target, sid, PROMPT, GREEDY, spec, 10, eos_ids=frozenset({first}))
+    d.draft_ready()
+    got, blocks = d.accept_first(first)
+    assert got.done and blocks == [] and d.finish_reason == "stop"
+    d = DrafterSession(target, sid, PROMPT, GREEDY, spec, 10)
+    with pytest.raises(ProtocolError, match="outside the vocabulary"):
+        d.accept_first(target.vocab_size)
+
+
+def test_the_first_token_is_what_ar_decodes_with_the_same_seed(target: LanguageModel) -> None:
+    """Sampled: the verifier draws it with ar's own position-keyed randomness."""
+    for seed in range(20):
+        params = SamplingParams(temperature=1.0, seed=seed)
+        sid = os.urandom(16)
+        spec = SpecConfig(mode=Mode.PICOSPEC)
+        first = VerifierSession(target, sid, PROMPT, params, spec).first_token()
+        ar = VerifierSession(target, sid, PROMPT, params, SpecConfig(mode=Mode.AR))
+        assert first == ar.ar_step()

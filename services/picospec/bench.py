@@ -37,9 +37,11 @@ off (:func:`break_even_acceptance`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
+import os
 import statistics
 import time
 import urllib.request
@@ -106,7 +108,7 @@ class ModeResult:
     emulation: dict[str, Any] | None = None  # device-profile pacing of this mode's run
     identical_to_ar: bool | None = None  # greedy: every prompt's text equals ar's
 
-    def summary(self, draft_len: int) -> dict[str, Any]:
+    def summary(self, draft_len: int | str) -> dict[str, Any]:
         tps = sorted(r.tokens / r.elapsed_s for r in self.runs if r.elapsed_s > 0)
         tokens = sum(r.tokens for r in self.runs)
         st = [r.stats for r in self.runs]
@@ -118,6 +120,10 @@ class ModeResult:
         forwards = sum(_verifier_forwards(s, r.tokens) for s, r in zip(st, self.runs, strict=True))
         q = statistics.quantiles(tps, n=10) if len(tps) > 1 else [tps[0]] * 9
         decode = [d for s in st if (d := s.get("decode_tokens_per_s")) is not None]
+        chosen: dict[str, int] = {}  # adaptive: rounds drafted at each γ, over all prompts
+        for s in st:
+            for g, n in (s.get("draft_len_rounds") or {}).items():
+                chosen[g] = chosen.get(g, 0) + n
         return {
             "prompts": len(self.runs),
             "tokens": tokens,
@@ -142,6 +148,10 @@ class ModeResult:
             "verify_round_trip_s": self.rtt_s,
             "draft_step_s": self.draft_step_s,
             "draft_len": draft_len,
+            "draft_len_rounds": chosen or None,
+            "draft_len_mean": sum(int(g) * n for g, n in chosen.items()) / sum(chosen.values())
+            if chosen
+            else None,
             "identical_to_ar": self.identical_to_ar,
             "emulation": self.emulation,
         }
@@ -158,7 +168,9 @@ def _verifier_forwards(stats: dict[str, Any], tokens: int) -> int:
     return opens + stats.get("rounds", 0)
 
 
-def _stream(api: str, prompt: str, mode: str, args: argparse.Namespace) -> Run:
+def _stream(
+    api: str, prompt: str, mode: str, args: argparse.Namespace, draft_len: int | str | None = None
+) -> Run:
     body = {
         "model": "picospec",
         "messages": [{"role": "user", "content": prompt}],
@@ -168,7 +180,7 @@ def _stream(api: str, prompt: str, mode: str, args: argparse.Namespace) -> Run:
         "seed": args.seed,
         "stream": True,
         "mode": mode,
-        "draft_len": args.draft_len,
+        "draft_len": args.draft_len if draft_len is None else draft_len,
     }
     req = urllib.request.Request(
         f"{api}/chat/completions",
@@ -318,7 +330,7 @@ def run_profile(
     cfg = stack_config(name, args, drafter or args.drafter, quantize)
     greedy = args.temperature == 0
     results: dict[str, ModeResult] = {}
-    with Stack(cfg) as stack:
+    with Stack(cfg) as stack, _pinned(stack.cpus["cloud"] if stack.cpus else None):
         if placement is not None:
             placement.update(_placement(stack))
         drafter_url = stack.services["drafter"].url
@@ -326,34 +338,84 @@ def run_profile(
         task = progress(f"{name}: warm-up", 1)
         _stream(stack.api_url, prompts[0], "picospec", args)  # first-touch costs out of the way
         task(1)
-        for mode in args.modes:
-            res = results[mode] = ModeResult()
+        emulated = cfg.device_profile is not None
+
+        def run_mode(mode: str, draft_len: int | str | None = None) -> ModeResult:
+            res = ModeResult()
             before = _histogram_means(drafter_url, HISTOGRAMS)
-            paced = _emulation_counters(sides) if cfg.device_profile else None
-            task = progress(f"{name}: {mode}", len(prompts))
+            paced = _emulation_counters(sides) if emulated else None
+            label = mode if draft_len is None else f"{mode} γ={draft_len}"
+            task = progress(f"{name}: {label}", len(prompts))
             for i, prompt in enumerate(prompts):
-                res.runs.append(_stream(stack.api_url, prompt, mode, args))
+                res.runs.append(_stream(stack.api_url, prompt, mode, args, draft_len))
                 task(i + 1)
             after = _histogram_means(drafter_url, HISTOGRAMS)
             res.rtt_s, res.draft_step_s = (_mean_between(before[h], after[h]) for h in HISTOGRAMS)
             if paced is not None:
                 res.emulation = _emulation_between(paced, _emulation_counters(sides))
+            return res
+
+        for mode in args.modes:
+            results[mode] = run_mode(mode)
+        sweep = {str(g): run_mode("picospec", g) for g in _sweep_values(args)}
     if greedy and "ar" in results:
         ref = [r.text for r in results["ar"].runs]
-        for mode, res in results.items():
+        for mode, res in [*results.items(), *(("picospec", r) for r in sweep.values())]:
             if mode != "edge":  # the draft alone is not the target
                 res.identical_to_ar = [r.text for r in res.runs] == ref
-    out = {mode: r.summary(args.draft_len) for mode, r in results.items()}
+    out: dict[str, Any] = {mode: r.summary(args.draft_len) for mode, r in results.items()}
     for row in out.values():
         for base in ("ar", "vanilla"):
             if base in out and out[base]["tokens_per_s"]:
                 row[f"speedup_vs_{base}"] = row["tokens_per_s"] / out[base]["tokens_per_s"]
     p = out.get("picospec")
     if p and p["acceptance_rate"] is not None and p["verify_round_trip_s"] and p["draft_step_s"]:
-        b = bound(p["draft_step_s"], p["acceptance_rate"], args.draft_len, p["verify_round_trip_s"])
+        gamma = p["draft_len_mean"] or (4 if args.draft_len == "auto" else args.draft_len)
+        b = bound(p["draft_step_s"], p["acceptance_rate"], gamma, p["verify_round_trip_s"])
         p["bound_tokens_per_s"] = b
         p["bound_ratio"] = p["decode_tokens_per_s"] / b if p["decode_tokens_per_s"] else None
+    if sweep:
+        out["_draft_len_sweep"] = {g: r.summary(g) for g, r in sweep.items()}
     return out
+
+
+def _sweep_values(args: argparse.Namespace) -> list[int | str]:
+    """``--draft-len-sweep`` (e.g. ``2,4,6,8,auto``) as request values."""
+    if not args.draft_len_sweep:
+        return []
+    return [v if v == "auto" else int(v) for v in args.draft_len_sweep.split(",") if v]
+
+
+def _draft_len_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {value!r}") from None
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError("draft length must be 1..64")
+    return n
+
+
+def _sweep_arg(value: str) -> str:
+    for v in value.split(","):
+        _draft_len_arg(v.strip())
+    return ",".join(v.strip() for v in value.split(","))
+
+
+@contextlib.contextmanager
+def _pinned(cpus: frozenset[int] | None) -> Any:
+    """Run the benchmark's own client on ``cpus`` (the cloud's), off the edge's compute."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _placement(stack: Any) -> dict[str, Any]:
@@ -365,7 +427,8 @@ def _placement(stack: Any) -> dict[str, Any]:
         "edge": ["drafter", "sampler", "nats-edge (leaf node)"],
         "cloud": ["verifier-1", "nats-hub"],
         "ar_runs_on": "cloud",
-        "link_emulator": "unpinned",
+        "link_emulator": "cloud",
+        "benchmark_client": "cloud",
     }
 
 
@@ -532,6 +595,7 @@ def speedup_map(
             modes = run_profile(
                 name, args, prompts, progress, drafter, quantize, report["placement"]
             )
+            modes.pop("_draft_len_sweep", None)
             p, ar = modes.get("picospec", {}), modes.get("ar", {})
             t_d = p.get("draft_step_s")
             rtt = p.get("verify_round_trip_s")
@@ -544,7 +608,7 @@ def speedup_map(
                 **{f"{m}_vs_ar": modes[m].get("speedup_vs_ar") for m in modes if m != "ar"},
                 "identical_to_ar": all(modes[m].get("identical_to_ar") is not False for m in modes),
                 "rollbacks": p.get("rollbacks"),
-                "break_even_acceptance": break_even_acceptance(step, t_d, args.draft_len, rtt)
+                "break_even_acceptance": break_even_acceptance(step, t_d, _gamma(p, args), rtt)
                 if step and t_d and rtt
                 else None,
                 "modes": modes,
@@ -588,6 +652,36 @@ def map_table(report: dict[str, Any], console: Any) -> None:
             f"{v['picospec'] / v['ar']:.2f}x",
         )
     console.print(paper)
+
+
+def sweep_plot(report: dict[str, Any], out_dir: Path) -> Path:
+    """Tokens/s of picospec at each swept draft length (and auto), per network profile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = report["draft_len_sweep"]
+    names = list(sweep)
+    values = list(next(iter(sweep.values())))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / len(values)
+    for i, g in enumerate(values):
+        xs = [j + i * width for j in range(len(names))]
+        ax.bar(xs, [sweep[n][g] for n in names], width, label=f"γ={g}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+    ax.set_ylabel("generated tokens/s (median)")
+    emulated = report["config"]["device_profile"]
+    tag = f"EMULATED {emulated}" if emulated else "real compute"
+    ax.set_title(f"picospec: fixed draft lengths and auto ({tag})")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    tag_file = "emulated" if emulated else "real"
+    path = out_dir / f"draft_len_sweep_{tag_file}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def map_plot(report: dict[str, Any], out_dir: Path) -> Path:
@@ -642,7 +736,14 @@ def map_plot(report: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
-def model_curves(report: dict[str, Any], draft_len: int) -> dict[str, Any]:
+def _gamma(row: dict[str, Any], args: argparse.Namespace) -> float:
+    """The draft length a row ran with: the fixed one, or the adaptive mean."""
+    if row.get("draft_len_mean"):
+        return float(row["draft_len_mean"])
+    return 4.0 if args.draft_len == "auto" else float(args.draft_len)
+
+
+def model_curves(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The rate model's picospec speedup against acceptance at each profile, from the self-draft
     row's measured draft step and round trip and the profile's (or measured) ar step."""
     out: dict[str, Any] = {}
@@ -659,7 +760,7 @@ def model_curves(report: dict[str, Any], draft_len: int) -> dict[str, Any]:
         alphas = [i / 20 for i in range(21)]
         out[name] = {
             "alpha": alphas,
-            "speedup": [bound(t_d, a, draft_len, rtt) * step for a in alphas],
+            "speedup": [bound(t_d, a, _gamma(p, args), rtt) * step for a in alphas],
             "t_d_s": t_d,
             "rtt_s": rtt,
             "ar_step_s": step,
@@ -702,9 +803,14 @@ def main(args: argparse.Namespace) -> int:
             report["map"] = speedup_map(report, args, prompts, progress)
         else:
             for name in profiles:
-                report["profiles"][name] = run_profile(
-                    name, args, prompts, progress, placement=report["placement"]
-                )
+                rows = run_profile(name, args, prompts, progress, placement=report["placement"])
+                sweep = rows.pop("_draft_len_sweep", None)
+                report["profiles"][name] = rows
+                if sweep:
+                    report.setdefault("draft_len_sweep", {})[name] = {
+                        g: r["tokens_per_s"] for g, r in sweep.items()
+                    }
+                    report.setdefault("draft_len_sweep_detail", {})[name] = sweep
     finally:
         progress.stop()
     del report["profiles_requested"]
@@ -741,13 +847,15 @@ def main(args: argparse.Namespace) -> int:
             "of a real small->large pair"
         )
     if args.map:
-        report["model_curves"] = model_curves(report, args.draft_len)
+        report["model_curves"] = model_curves(report, args)
         report["paper_table1"] = PAPER_TABLE1
     if args.plot_dir:
         if args.map:
             report["plots"] = [str(map_plot(report, Path(args.plot_dir)))]
         else:
             report["plots"] = [str(p) for p in plots(report, Path(args.plot_dir))]
+            if "draft_len_sweep" in report:
+                report["plots"].append(str(sweep_plot(report, Path(args.plot_dir))))
     if args.json:
         print(json.dumps(report, indent=1))
     elif args.map:
@@ -779,7 +887,20 @@ def register(sub: Any) -> None:
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--top-p", type=float, default=1.0)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--draft-len", type=int, default=4)
+    b.add_argument(
+        "--draft-len",
+        type=_draft_len_arg,
+        default="auto",
+        help="γ of every speculative request, or auto (adaptive, the default)",
+    )
+    b.add_argument(
+        "--draft-len-sweep",
+        type=_sweep_arg,
+        default=None,
+        metavar="LIST",
+        help="after the modes, run picospec at each of these draft lengths in the same "
+        "stack, e.g. 2,4,6,8,auto (reported as draft_len_sweep)",
+    )
     b.add_argument("--drafter", default="smollm2")
     b.add_argument("--verifier", default="smollm2")
     b.add_argument("--quantize-draft", choices=["none", "int8"], default="none")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from picospec.protocol import subjects
 from picospec.protocol.codec import MAX_DRAFT_TOKENS, ValueCodec
+
+DEFAULT_DRAFT_LEN = 4  # γ of a fixed-length session by default, and where 'auto' starts
 
 
 class Mode(StrEnum):
@@ -47,6 +50,11 @@ class SpecConfig(BaseModel):
     )
     top_k: int = Field(256, ge=1, description="entries of p_j sent at a sampled rejection (K)")
     value_codec: ValueCodec = ValueCodec.F32
+    adaptive: bool = Field(
+        False,
+        description="draft_len 'auto': the drafter picks γ and the look-ahead per session "
+        "from its measurements (drafter/tuning.py); draft_len and lookahead are where it starts",
+    )
 
     @property
     def max_inflight(self) -> int:
@@ -115,7 +123,11 @@ class Settings(BaseSettings):
     )
     # speculation defaults (requests may override draft_len and mode)
     mode: Mode = Mode.PICOSPEC
-    draft_len: int = Field(4, ge=1, le=MAX_DRAFT_TOKENS)
+    draft_len: int | Literal["auto"] = Field(
+        "auto",
+        description="γ, draft tokens per block, or 'auto': chosen per session from the measured "
+        "acceptance, draft step time, verifier cost and round trip",
+    )
     lookahead: int = Field(3, ge=1, le=64)
     compress_k: int = Field(256, ge=1)
     value_codec: ValueCodec = ValueCodec.F32
@@ -204,11 +216,22 @@ class Settings(BaseSettings):
         """This client's request/reply inbox prefix: the setting, or ``_INBOX.<site>``."""
         return self.nats_inbox_prefix or subjects.inbox_prefix(self.site)
 
-    def spec(self, mode: Mode | None = None, draft_len: int | None = None) -> SpecConfig:
+    @model_validator(mode="after")
+    def _v_draft_len(self) -> Settings:
+        if self.draft_len != "auto" and not 1 <= self.draft_len <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"draft_len must be 'auto' or 1..{MAX_DRAFT_TOKENS}")
+        return self
+
+    def spec(self, mode: Mode | None = None, draft_len: int | str | None = None) -> SpecConfig:
+        """A session's speculation settings; ``draft_len`` (a request's) overrides the
+        setting, and ``"auto"`` makes them adaptive, starting from γ = 4."""
+        chosen = draft_len or self.draft_len
+        auto = chosen == "auto"
         return SpecConfig(
             mode=mode or self.mode,
-            draft_len=draft_len or self.draft_len,
+            draft_len=DEFAULT_DRAFT_LEN if auto else int(chosen),
             lookahead=self.lookahead,
             top_k=self.compress_k,
             value_codec=self.value_codec,
+            adaptive=auto,
         )

@@ -55,6 +55,12 @@ class Cost(BaseModel):
     per_token_s: float = Field(
         0.0, ge=0, le=10, description="each further token of the same forward"
     )
+    dtype: str | None = Field(
+        None,
+        pattern="^(float32|bfloat16|float16)$",
+        description="the precision the device runs its model in; the real compute uses it too "
+        "(unless a dtype is set explicitly), so it can keep up with the profile",
+    )
 
     def seconds(self, n_tokens: int) -> float:
         return self.step_s + self.per_token_s * max(0, n_tokens - 1)
@@ -164,7 +170,7 @@ class Pacer:
                 s.overrun_s += real_s - target
                 if real_s - target > s.max_overrun_s:
                     s.max_overrun_s = real_s - target
-                if s.overruns == 1:
+                if s.overruns == 1 and self.on_pace is not None:  # not during warm-up
                     log.warning(
                         "real compute ran slower than the device profile: a %d-token %s "
                         "forward took %.1f ms, the profile allows %.1f ms (%s)",

@@ -112,6 +112,11 @@ def generate(
         raise ValueError(f"mode {spec.mode.value} needs a draft model")
     check_vocabulary(draft, target)
     drafter = DrafterSession(draft, session, prompt, params, spec, max_new_tokens, eos)
+    # the first token comes from the verifier's prefill (the open reply carries it)
+    first, _ = drafter.accept_first(verifier.first_token())
+    wire.down += 4
+    if stop and not first.done and stop(drafter.generated):
+        drafter.finish("stop")
     to_cloud: deque[DraftBlock] = deque()
     while not drafter.done:
         to_cloud.extend(wire.carry(block, "up") for block in drafter.draft_ready())

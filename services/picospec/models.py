@@ -6,6 +6,7 @@ the edge, optionally int8-quantised) and the verifier (large model on a cloud GP
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import warnings
@@ -237,15 +238,21 @@ class LanguageModel:
         (``draft`` on the edge, ``verify`` in the cloud)."""
         from picospec.devices import load_profile
 
+        cost = None
+        if settings.device_profile and role is not None:
+            cost = load_profile(settings.device_profile).cost(role)
+        dtype = settings.dtype
+        if cost is not None and cost.dtype and dtype == "auto" and settings.quantize == "none":
+            dtype = cost.dtype  # the emulated device's precision (e.g. fp16 on a Jetson)
         model = cls.load(
             settings.model,
             device=settings.device,
-            dtype=settings.dtype,
+            dtype=dtype,
             threads=settings.threads,
             quantize=settings.quantize,
         )
-        if settings.device_profile and role is not None:
-            model.pacer = Pacer(load_profile(settings.device_profile).cost(role), role)
+        if cost is not None:
+            model.pacer = Pacer(cost, role or "")
         return model
 
     # --- shape of the model -------------------------------------------------------------
@@ -454,6 +461,16 @@ class LanguageModel:
 
     def decode(self, ids: list[int]) -> str:
         return str(self._need_tokenizer().decode(ids, skip_special_tokens=True))
+
+    def warm_up_prompt(self) -> list[int]:
+        """A short real prompt for a service's warm-up (through the chat template and the
+        tokenizer, so they are warm too), or plain ids for a model without a tokenizer."""
+        if self.tokenizer is not None:
+            with contextlib.suppress(ModelError):
+                ids = self.encode_chat([{"role": "user", "content": "Say hello, briefly."}])
+                self.decode(ids)
+                return ids
+        return [i % self.vocab_size for i in range(1, 17)]
 
 
 def _rope_types(rope: Any) -> set[str]:

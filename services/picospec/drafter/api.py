@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from picospec import metrics
 from picospec.config import Mode, Settings
 from picospec.drafter.service import BadRequest, DrafterService, Generation, Unavailable
+from picospec.drafter.session import warm_up
 from picospec.models import LanguageModel, ModelError
 from picospec.protocol.codec import MAX_DRAFT_TOKENS
 from picospec.sampling import SamplingParams
@@ -62,8 +63,17 @@ class _Request(BaseModel):
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
     # PicoSpec extensions
     mode: Mode | None = None
-    draft_len: int | None = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
+    draft_len: int | Literal["auto"] | None = Field(
+        None, description="γ of this request, or 'auto' (the default setting)"
+    )
     fallback: Literal["none", "edge"] | None = None
+
+    @field_validator("draft_len")
+    @classmethod
+    def _draft_len(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, bool) or (isinstance(v, int) and not 1 <= v <= MAX_DRAFT_TOKENS):
+            raise ValueError(f"draft_len must be 'auto' or an integer in 1..{MAX_DRAFT_TOKENS}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -569,10 +579,13 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     model = await asyncio.get_running_loop().run_in_executor(
         None, LanguageModel.from_settings, settings, "draft"
     )
-    if model.pacer is not None:
-        model.pacer.on_pace = metrics.observe_pace
     nc = await connect_nats(settings, "drafter")
     svc = DrafterService(settings, nc, model)
+    # first-touch costs before ready (on the model thread), so the first request is as fast
+    # as the hundredth
+    await asyncio.get_running_loop().run_in_executor(svc.pool, warm_up, model)
+    if model.pacer is not None:
+        model.pacer.on_pace = metrics.observe_pace
     await svc.start()
     metrics.set_build_info("drafter", model.name, svc.id, settings.site)
     api.attach(svc, model)

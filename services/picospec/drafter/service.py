@@ -31,7 +31,9 @@ from picospec.drafter.session import Committed, DrafterSession, DrafterStats, Pr
 from picospec.models import LanguageModel
 from picospec.protocol import subjects
 from picospec.protocol.codec import (
+    MAX_DRAFT_TOKENS,
     CodecError,
+    DraftBlock,
     SampleReply,
     SampleRequest,
     Verdict,
@@ -42,6 +44,7 @@ from picospec.protocol.codec import (
 from picospec.protocol.control import CloseSession, ErrorReply, OpenReply, OpenSession
 from picospec.sampling import SamplingParams
 from picospec.serving import event, headers
+from picospec.tuning import MAX_GAMMA, DraftLenController, SiteEstimates
 from picospec.verifier.session import VerifierSession
 
 ROLE = "drafter"
@@ -74,11 +77,20 @@ class Stats:
     elapsed_s: float = 0.0
     verifier: str = ""
     verified: bool = True  # False when (part of) the answer came from the draft model alone
+    tuner: DraftLenController | None = None  # adaptive speculation (draft_len "auto")
 
     def as_dict(self) -> dict[str, object]:
+        tuning: dict[str, object] = {}
+        if self.tuner is not None:
+            tuning = {
+                "draft_len": self.tuner.gamma,
+                "lookahead": self.tuner.lookahead,
+                "draft_len_rounds": {str(g): n for g, n in sorted(self.tuner.history.items())},
+            }
         return {
             "mode": self.mode,
             **self.speculation.report(),
+            **tuning,
             "migrations": self.migrations,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
@@ -108,6 +120,7 @@ class DrafterService:
         # each session's verdicts, with their size on the wire
         self.inbox: dict[bytes, asyncio.Queue[tuple[Verdict, int]]] = {}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="draft")
+        self.site = SiteEstimates()  # what adaptive speculation has learnt of this site
 
     async def start(self) -> None:
         await self.nc.subscribe(self.verdict_subject, cb=self.on_verdict)
@@ -164,16 +177,20 @@ class Generation:
         self.verifier: str | None = None
         self._queue: asyncio.Queue[tuple[Verdict, int]] = asyncio.Queue()
         self._stop_requested = False
-        self._sent_at: dict[int, float] = {}
+        self._sent_at: dict[int, tuple[float, int, int]] = {}  # seq: (time, fed, drafted)
         self._steps = 0  # draft-model steps run for this request
+        self._open_rtt: float | None = None  # the last open's request/reply time
+        # adaptive speculation (draft_len "auto"): this session's controller
+        self.tuner: DraftLenController | None = None
 
     def stop(self) -> None:
         """Stop after the current step (a stop string matched, or the client went away)."""
         self._stop_requested = True
 
     # --- cloud plumbing ----------------------------------------------------------------
-    async def _open(self, committed: list[int], epoch: int) -> None:
-        """Open (or re-open) the session on any verifier, retrying until the deadline."""
+    async def _open(self, committed: list[int], epoch: int, first_token: bool = False) -> OpenReply:
+        """Open (or re-open) the session on any verifier, retrying until the deadline; with
+        ``first_token`` the reply carries the target's first token from the prefill."""
         s = self.svc.settings
         req = OpenSession(
             session=self.sid.hex(),
@@ -185,12 +202,14 @@ class Generation:
             max_new_tokens=max(1, self.max_tokens - len(self.generated)),
             eos_ids=sorted(self.svc.model.eos_ids),
             epoch=epoch,
+            first_token=first_token,
         )
         body = req.model_dump_json().encode()
         deadline = time.monotonic() + s.request_timeout_s
         last = "no verifier answered"
         while time.monotonic() < deadline:
             timeout = max(0.1, min(s.nats_timeout_s, deadline - time.monotonic()))
+            sent = time.monotonic()
             try:
                 msg = await self.svc.nc.request(
                     subjects.SESSIONS_OPEN,
@@ -217,7 +236,8 @@ class Generation:
                 continue
             reply = OpenReply.model_validate_json(msg.data)
             self.verifier = self.stats.verifier = reply.verifier
-            return
+            self._open_rtt = time.monotonic() - sent
+            return reply
         raise Unavailable(
             f"no verifier could take the session within {s.request_timeout_s:.0f}s ({last})"
         )
@@ -387,11 +407,15 @@ class Generation:
         out, seconds = await asyncio.get_running_loop().run_in_executor(self.svc.pool, timed)
         if self._steps:  # the first step carries the prompt's prefill
             metrics.DRAFT_STEP.labels(self.spec.mode.value).observe(seconds)
+            if self.tuner is not None:
+                self.tuner.observe_step(seconds)
         self._steps += 1
         return out
 
-    async def _publish_block(self, seq: int, data: bytes) -> None:
-        self._sent_at[seq] = time.perf_counter()
+    async def _publish_block(self, block: DraftBlock, data: bytes | None = None) -> None:
+        fed = len(block.prefix) + len(block.tokens)
+        self._sent_at[block.seq] = (time.perf_counter(), fed, len(block.tokens))
+        data = encode(block) if data is None else data
         await self.svc.nc.publish(
             subjects.verify(self.verifier or "-"),
             data,
@@ -399,6 +423,35 @@ class Generation:
             headers=headers(),
         )
         self._count_up(len(data))
+
+    def _max_draft_len(self) -> int:
+        """The longest block the link carries: blocks with full draft distributions (vanilla)
+        must fit NATS's max_payload (1 MB by default: 10 tokens at a 49,152-token vocabulary
+        in f16). Raises :class:`BadRequest` for a fixed ``draft_len`` above it."""
+        if not self.spec.mode.dense_q:
+            return MAX_DRAFT_TOKENS
+        payload = getattr(self.svc.nc, "max_payload", 0) or 1 << 20
+        cap = max(1, (payload - 4096) // (2 * self.svc.model.vocab_size))
+        if not self.spec.adaptive and self.spec.draft_len > cap:
+            raise BadRequest(
+                f"draft_len {self.spec.draft_len} is too long for mode {self.spec.mode.value}: "
+                f"its blocks carry full draft distributions, and at most {cap} fit the "
+                f"link's {payload}-byte message limit"
+            )
+        return cap
+
+    def _tune(self, session: DrafterSession, reply: OpenReply | None = None) -> None:
+        """Adaptive speculation: learn from the open reply, then set γ and the look-ahead."""
+        tuner = self.tuner
+        if tuner is None:
+            return
+        if reply is not None:
+            tuner.observe_verify_cost(reply.verify_step_s, reply.verify_per_token_s)
+            if self._open_rtt is not None and reply.prefill_s is not None:
+                tuner.observe_open(self._open_rtt - reply.prefill_s)
+        left = self.max_tokens - len(session.generated)
+        session.draft_len, session.lookahead = tuner.choose(tokens_left=left)
+        metrics.DRAFT_LEN.labels(self.spec.mode.value).set(session.draft_len)
 
     def _emitted(self, new: list[int]) -> list[int]:
         if new and self.stats.first_token_s is None:
@@ -437,9 +490,13 @@ class Generation:
         """Draft, publish, apply verdicts. The session opens on a verifier while the first
         blocks are drafted (they wait in ``held``, bounded by the look-ahead), so the edge's
         prefill and first block overlap the cloud's round trip and prefill."""
-        opening: asyncio.Task[None] | None = asyncio.create_task(self._open(self.prompt, 0))
+        cap = self._max_draft_len()  # before the open: a refused request opens nothing
+        opening: asyncio.Task[OpenReply] | None = asyncio.create_task(
+            self._open(self.prompt, 0, first_token=True)
+        )
         opening.add_done_callback(lambda t: t.cancelled() or t.exception())  # always retrieved
-        held: list[tuple[int, bytes]] = []
+        held: list[DraftBlock] = []
+        streamed_first = False
         try:
             svc = self.svc
             session = DrafterSession(
@@ -452,27 +509,54 @@ class Generation:
                 svc.model.eos_ids,
             )
             self.stats.speculation = session.stats
-            metrics.DRAFT_LEN.labels(self.spec.mode.value).set(self.spec.draft_len)
+            if self.spec.adaptive:
+                self.tuner = DraftLenController(
+                    pipelined=self.spec.mode.pipelined,
+                    prior=svc.site,
+                    start_gamma=min(self.spec.draft_len, cap),
+                    start_lookahead=self.spec.max_inflight,
+                    max_gamma=min(MAX_GAMMA, cap),
+                )
+                self.stats.tuner = self.tuner
+                self._tune(session)
+            metrics.DRAFT_LEN.labels(self.spec.mode.value).set(session.draft_len)
             mode = self.spec.mode.value
             last_progress = time.monotonic()
             while not session.done and not self._stop_requested:
                 # apply every verdict that has arrived, then draft while allowed, else wait
                 verdict: Verdict | None
                 if opening is not None and opening.done():
-                    opening.result()  # Unavailable or BadRequest end the request here
+                    reply = opening.result()  # Unavailable or BadRequest end the request here
                     opening = None
-                    for seq, data in held:
-                        await self._publish_block(seq, data)
+                    self._tune(session, reply)
+                    if reply.first_token is not None:  # the target's, from the prefill
+                        first, held = session.accept_first(reply.first_token)
+                        if first.tokens and not streamed_first:
+                            yield self._emitted(first.tokens)
+                        if session.done or self._stop_requested:
+                            break
+                    for block in held:
+                        await self._publish_block(block)
                     held.clear()
                 if not self._queue.empty():
                     verdict = self._took(self._queue.get_nowait())
                 elif session.can_draft():
-                    block = await self._model_step(session.draft_step)
+                    step = asyncio.ensure_future(self._model_step(session.draft_step))
+                    if opening is not None and not streamed_first:
+                        # the first token may arrive while the draft model is busy (its first
+                        # step carries the prompt's prefill): stream it at once; the session
+                        # takes it in once the step is done (it must not change meanwhile)
+                        await asyncio.wait({step, opening}, return_when=asyncio.FIRST_COMPLETED)
+                        reply = opening.result() if opening.done() else None
+                        if reply is not None and reply.first_token is not None:
+                            streamed_first = True
+                            yield self._emitted([reply.first_token])
+                    block = await step
                     if block is not None:
                         if opening is None:
-                            await self._publish_block(block.seq, encode(block))
+                            await self._publish_block(block)
                         else:
-                            held.append((block.seq, encode(block)))
+                            held.append(block)
                     continue
                 elif opening is not None:
                     await asyncio.wait([opening])
@@ -504,7 +588,12 @@ class Generation:
                     continue
                 sent = self._sent_at.pop(verdict.seq, None)
                 if sent is not None:
-                    metrics.VERIFY_RTT.labels(mode).observe(time.perf_counter() - sent)
+                    round_trip = time.perf_counter() - sent[0]
+                    metrics.VERIFY_RTT.labels(mode).observe(round_trip)
+                    if self.tuner is not None:
+                        rejected = verdict.accepted < sent[2]
+                        self.tuner.observe_round(verdict.accepted, rejected, round_trip, sent[1])
+                        self._tune(session)
                 if isinstance(got, SampleRequest):
                     metrics.TAIL_MASS.inc(got.sparse.tail_mass)
                     got = session.on_correction(await self._sample(got))
@@ -516,6 +605,8 @@ class Generation:
         finally:
             if opening is not None:
                 opening.cancel()
+            if self.tuner is not None:
+                self.svc.site = self.tuner.estimates()  # the next sessions start from here
 
     def _count_round(self, session: DrafterSession, before: tuple[int, int, int, int]) -> None:
         mode, s = self.spec.mode.value, session.stats

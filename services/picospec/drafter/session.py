@@ -118,6 +118,10 @@ class DrafterSession:
         self.epoch = 0
         self.finish_reason: str | None = None
         self.stats = DrafterStats(accepted_per_pos=[0] * spec.draft_len)
+        # γ and the look-ahead of the blocks drafted from now on (adaptive speculation may
+        # change them between blocks; the verifier takes blocks of any length)
+        self.draft_len = spec.draft_len
+        self.lookahead = spec.max_inflight
         self._seq = 0
         self._cache = model.new_cache()
         self._pending: list[int] = list(prompt)  # fed to the draft model before the next draw
@@ -152,7 +156,7 @@ class DrafterSession:
         if len(self.generated) + self._n_spec() >= self.max_new_tokens:
             return False
         building = self._specs and self._specs[-1].block is None
-        return building or self.inflight < self.spec.max_inflight
+        return building or self.inflight < self.lookahead
 
     # --- drafting -------------------------------------------------------------------------
     def draft_step(self) -> DraftBlock | None:
@@ -169,7 +173,7 @@ class DrafterSession:
         cur = self._specs[-1]
         cur.tokens.append(token)
         cur.dists.append(q)
-        full = len(cur.tokens) >= self.spec.draft_len
+        full = len(cur.tokens) >= self.draft_len
         budget_spent = len(self.generated) + self._n_spec() >= self.max_new_tokens
         if full or budget_spent or token in self.eos_ids:
             return self._seal(cur)
@@ -191,6 +195,13 @@ class DrafterSession:
             - len(self._unsent)
             + sum(len(s.tokens) for s in self._specs if s is not cur)
         )
+        block = self._block(cur, pos)
+        self.stats.sent += len(cur.tokens)
+        self.stats.blocks += 1
+        return block
+
+    def _block(self, cur: _Spec, pos: int) -> DraftBlock:
+        """Make ``cur``'s block at ``pos``, carrying the unsent committed tokens as prefix."""
         dense = torch.stack(cur.dists).numpy() if self.spec.mode.dense_q else None
         block = DraftBlock(
             session=self.session,
@@ -206,9 +217,52 @@ class DrafterSession:
         self._seq = (self._seq + 1) % 2**32
         self._unsent = []
         cur.block = block
-        self.stats.sent += len(cur.tokens)
-        self.stats.blocks += 1
         return block
+
+    # --- the first token --------------------------------------------------------------------
+    def accept_first(self, token: int) -> tuple[Committed, list[DraftBlock]]:
+        """Commit the target's first token, chosen by the verifier from its prefill.
+
+        It must come before any block was sent (the drafter holds the blocks it drafts while
+        the session opens). If the draft guessed the same token, the speculation after it
+        stays; otherwise it is dropped and the draft cache rolls back, as after a rejection.
+        Either way the token goes to the verifier as the next block's prefix. Returns the
+        commit and the blocks to send in place of those sealed so far (renumbered from 0).
+        The first token is not a drafted token: acceptance counts leave it out.
+        """
+        if len(self.committed) != self.n_prompt or self.epoch or self.done:
+            raise ProtocolError("the first token comes before anything else is committed")
+        if not 0 <= token < self.model.vocab_size:
+            raise ProtocolError(f"first token {token} is outside the vocabulary")
+        sealed = [s for s in self._specs if s.block is not None]
+        self.stats.sent -= sum(len(s.tokens) for s in sealed)
+        self.stats.blocks -= len(sealed)
+        before = len(self.committed)
+        head = self._specs[0] if self._specs else None
+        if head is not None and head.tokens[0] == token:
+            head.tokens.pop(0)
+            head.dists.pop(0)
+            if not head.tokens:
+                self._specs.popleft()
+            self.committed.append(token)
+            self._unsent = [token]
+            self._check_finished(before)
+            got = Committed(tokens=self.committed[before:], done=self.done)
+        else:
+            got = self._commit(before, [token])
+        if self.done:
+            self._specs.clear()
+            return got, []
+        self._seq = 0
+        pos, blocks = before, []
+        for spec in self._specs:
+            if spec.block is None:
+                break
+            blocks.append(self._block(spec, pos))
+            pos += len(blocks[-1].prefix) + len(spec.tokens)
+        self.stats.sent += sum(len(b.tokens) for b in blocks)
+        self.stats.blocks += len(blocks)
+        return got, blocks
 
     # --- verdicts -------------------------------------------------------------------------
     def on_verdict(self, verdict: Verdict) -> Committed | SampleRequest | None:
@@ -237,6 +291,8 @@ class DrafterSession:
         self.stats.rounds += 1
         self.stats.drafted += len(head.tokens)
         self.stats.accepted += n
+        if n > len(self.stats.accepted_per_pos):
+            self.stats.accepted_per_pos.extend([0] * (n - len(self.stats.accepted_per_pos)))
         for i in range(n):
             self.stats.accepted_per_pos[i] += 1
         if n == len(head.tokens):
@@ -317,3 +373,12 @@ class DrafterSession:
         """End the session early (a stop string matched, the client went away)."""
         if not self.done:
             self.finish_reason = reason
+
+
+def warm_up(model: LanguageModel) -> None:
+    """Run what the first request would, before the drafter reports ready: the chat template
+    and tokenizer, a prefill and a few draft steps, greedy and sampled (first-touch costs of
+    torch's kernels and allocator are paid here, not by a user)."""
+    prompt = model.warm_up_prompt()
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.7)):
+        DrafterSession(model, b"\0" * 16, prompt, params, SpecConfig(), 8).draft_ready()

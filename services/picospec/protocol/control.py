@@ -32,11 +32,26 @@ class OpenSession(_Strict):
     max_new_tokens: int = Field(ge=1, description="ar mode: tokens to stream")
     eos_ids: list[int] = Field(default_factory=list, max_length=64)
     epoch: int = Field(0, ge=0, lt=2**32, description="first epoch (re-opened sessions)")
+    first_token: bool = Field(
+        False,
+        description="speculative modes: commit the session's first token from the prefill "
+        "(the target's own choice at the first position) and return it in the reply",
+    )
 
 
 class OpenReply(_Strict):
     verifier: str
     session: str
+    first_token: int | None = Field(
+        None, ge=0, description="the target's token at the first position, when asked for"
+    )
+    prefill_s: float | None = Field(None, ge=0, description="how long this prefill took")
+    verify_step_s: float | None = Field(
+        None, ge=0, description="the replica's recent forward cost: one token (adaptive γ)"
+    )
+    verify_per_token_s: float | None = Field(
+        None, ge=0, description="... and each further token of a forward"
+    )
 
 
 class CloseSession(_Strict):

@@ -14,3 +14,14 @@ def sample(request: SampleRequest) -> SampleReply:
     gen.manual_seed(request.seed % 2**63)
     token = sample_correction(request.sparse, torch.tensor(request.q), gen)
     return SampleReply(token=token)
+
+
+def warm_up() -> None:
+    """One draw before the sampler reports ready (first-touch costs of torch's kernels)."""
+    import numpy as np
+
+    from picospec.protocol.codec import sparse_from_probs
+
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    q = np.array([0.2, 0.2, 0.3, 0.3], dtype=np.float32)
+    sample(SampleRequest(sparse=sparse_from_probs(p, 4), q=q, seed=1))

@@ -14,7 +14,7 @@ from picospec import metrics
 from picospec.config import Settings
 from picospec.protocol import subjects
 from picospec.protocol.codec import CodecError, SampleRequest, decode_as, encode
-from picospec.sampler.core import sample
+from picospec.sampler.core import sample, warm_up
 from picospec.serving import connect_nats, event, headers, health_routes, run, serve_http
 
 ROLE = "sampler"
@@ -64,6 +64,7 @@ class SamplerService:
         runner = await serve_http(app, self.settings.host, self.settings.port)
         metrics.set_build_info(ROLE, "-", self.settings.replica_id or "-", self.settings.site)
         self.nc = await connect_nats(self.settings, "sampler")
+        await asyncio.get_running_loop().run_in_executor(self.pool, warm_up)
         await self.nc.subscribe(subjects.SAMPLE, queue=subjects.SAMPLERS_QUEUE, cb=self.on_sample)
         self.ready = True
         event("ready")

@@ -620,7 +620,9 @@ class Stack:
             argv += ["--bandwidth-mbit", str(cfg.bandwidth_mbit)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         before = _count_lines(log_path, READY_MESSAGE)
-        self.netem = spawn(argv, log_path, env, self.run_dir)
+        # pinned with the cloud: under emulation the cloud's CPUs mostly wait out padding, and
+        # the link's timers must not steal the edge's compute
+        self.netem = spawn(argv, log_path, env, self.run_dir, self._side_cpus("cloud"))
         self.link = LinkControl(self.netem, log_path)
         deadline = time.monotonic() + 15.0
         while _count_lines(log_path, READY_MESSAGE) <= before:

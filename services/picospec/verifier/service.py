@@ -39,7 +39,8 @@ from picospec.protocol.codec import (
 )
 from picospec.protocol.control import CloseSession, ErrorReply, OpenReply, OpenSession
 from picospec.serving import connect_nats, event, headers, health_routes, serve_http
-from picospec.verifier.session import BlockRefused, VerifierSession, verify_many
+from picospec.tuning import CostLine
+from picospec.verifier.session import BlockRefused, VerifierSession, verify_many, warm_up
 
 ROLE = "verifier"
 QUIET_S = 2.0  # a session idle this long may be evicted under the memory cap
@@ -71,6 +72,7 @@ class VerifierService:
         self.ready = False
         self.draining = False
         self._open_sub = None
+        self.cost = CostLine()  # recent forward cost, told to drafters at open (adaptive γ)
 
     # --- NATS handlers ---------------------------------------------------------------
     async def on_open(self, msg: Msg) -> None:
@@ -104,17 +106,9 @@ class VerifierService:
             await self._reply_error(msg, "full", f"all {self.settings.max_sessions} sessions busy")
             return
         loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
         try:
-            vs = await loop.run_in_executor(
-                self.pool,
-                VerifierSession,
-                self.model,
-                sid,
-                req.prompt,
-                req.params,
-                req.spec,
-                req.epoch,
-            )
+            vs, first = await loop.run_in_executor(self.pool, self._prefill, sid, req)
         except Exception as e:  # noqa: BLE001 - whatever the prefill refuses is a bad prompt
             _reject("bad_prompt", error=str(e)[:200])
             await self._reply_error(msg, "bad_prompt", f"the prompt was refused: {e}"[:1000])
@@ -127,15 +121,30 @@ class VerifierService:
         self._gauges()
         if req.spec.mode is Mode.AR:
             held.ar_task = asyncio.create_task(self._ar_stream(sid, held))
-        await msg.respond(
-            OpenReply(verifier=self.id, session=req.session).model_dump_json().encode(),
+        prefill_s = time.perf_counter() - t0
+        self.cost.observe(len(req.prompt), prefill_s)
+        line = self.cost.line() or (None, None)
+        reply = OpenReply(
+            verifier=self.id,
+            session=req.session,
+            first_token=first,
+            prefill_s=prefill_s,
+            verify_step_s=line[0],
+            verify_per_token_s=line[1],
         )
+        await msg.respond(reply.model_dump_json().encode())
         event(
             "session_opened",
             session=req.session[:8],
             mode=req.spec.mode.value,
             prompt_tokens=len(req.prompt),
         )
+
+    def _prefill(self, sid: bytes, req: OpenSession) -> tuple[VerifierSession, int | None]:
+        """Prefill the session (on the model thread), and pick its first token when asked."""
+        vs = VerifierSession(self.model, sid, req.prompt, req.params, req.spec, req.epoch)
+        first = vs.first_token() if req.first_token and req.spec.mode.speculative else None
+        return vs, first
 
     async def on_block(self, msg: Msg) -> None:
         try:
@@ -185,7 +194,11 @@ class VerifierService:
             work = [(self.sessions.get(sid), block) for _, sid, block in batch]
             t0 = time.perf_counter()
             results = await loop.run_in_executor(self.pool, self._verify_batch, work)
-            metrics.VERIFY_FORWARD.observe(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            metrics.VERIFY_FORWARD.observe(seconds)
+            fed = sum(len(b.prefix) + len(b.tokens) for h, b in work if h is not None)
+            if fed:
+                self.cost.observe(fed, seconds)
             for held, verdicts in results:
                 for v in verdicts:
                     await self._publish(held.reply_to, v)
@@ -329,6 +342,10 @@ class VerifierService:
             self.model = await asyncio.get_running_loop().run_in_executor(
                 self.pool, LanguageModel.from_settings, self.settings, "verify"
             )
+        # first-touch costs before ready, so the first request is as fast as the hundredth
+        timed = await asyncio.get_running_loop().run_in_executor(self.pool, warm_up, self.model)
+        for n, seconds in timed:
+            self.cost.observe(n, seconds)
         if self.model.pacer is not None:
             self.model.pacer.on_pace = metrics.observe_pace
         metrics.set_build_info(ROLE, self.model.name, self.id, self.settings.site)

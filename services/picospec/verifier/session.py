@@ -78,6 +78,20 @@ class VerifierSession:
         self._waiting: dict[int, DraftBlock] = {}
         self._ar_pending: int | None = None
 
+    def first_token(self) -> int:
+        """The target's token at the first position after the prompt, from the prefill alone.
+
+        Chosen exactly as cloud-only decoding chooses it (argmax when greedy, else a draw keyed
+        by the seed and the position), so it is the target's own output, and the same token
+        ``ar`` would give. The drafter commits it at once and sends it as the first block's
+        prefix, like a correction token; nothing here changes, so the prefix mechanism keeps
+        the order and epoch rules as they are.
+        """
+        if self.stats.verified_tokens or self._ar_pending is not None:
+            raise ValueError("the first token comes before any block is verified")
+        probs = probs_from_logits(self.next_logits, self.params)
+        return pick(probs, self.params, self._rng, STREAM_DRAW, self.cache.length)
+
     # --- speculative modes ------------------------------------------------------------
     def submit(self, block: DraftBlock) -> list[Verdict]:
         """Take one block; return the verdicts it made ready (zero, one, or several when it
@@ -217,6 +231,47 @@ class VerifierSession:
         token = pick(probs, self.params, self._rng, STREAM_DRAW, self.cache.length)
         self._ar_pending = token
         return token
+
+
+def warm_up(model: LanguageModel) -> list[tuple[int, float]]:
+    """Run what the first request would, before the verifier reports ready: a prefill, a few
+    decode steps, and one batched verification of two sessions (first-touch costs of torch's
+    kernels and allocator are paid here, not by a user). Returns ``(tokens, seconds)`` of the
+    forwards after the first (paced like any other, under a device profile)."""
+    import time
+
+    from picospec.protocol.codec import DraftBlock
+
+    timed: list[tuple[int, float]] = []
+    prompt = model.warm_up_prompt()
+    params = SamplingParams(temperature=0.0)
+    ar = VerifierSession(model, b"\0" * 16, prompt, params, SpecConfig(mode=Mode.AR))
+    for _ in range(4):
+        t0 = time.perf_counter()
+        ar.ar_step()
+        if ar.stats.forwards > 1:
+            timed.append((1, time.perf_counter() - t0))
+    sessions = [
+        VerifierSession(model, bytes([i]) * 16, prompt[: len(prompt) - i], params, SpecConfig())
+        for i in range(2)
+    ]
+    blocks = [
+        DraftBlock(
+            session=vs.session,
+            epoch=0,
+            seq=0,
+            pos=vs.cache.length,
+            prefix=(),
+            tokens=tuple(prompt[:4]),
+            q=(1.0,) * len(prompt[:4]),
+            vocab_size=model.vocab_size,
+        )
+        for vs in sessions
+    ]
+    t0 = time.perf_counter()
+    verify_many(list(zip(sessions, blocks, strict=True)))
+    timed.append((sum(len(b.tokens) for b in blocks), time.perf_counter() - t0))
+    return timed
 
 
 _Program = Generator[tuple[VerifierSession, list[int]], torch.Tensor | None, None]

@@ -1,0 +1,264 @@
+"""Adaptive speculation: choose the draft length (and the look-ahead) from what a session sees.
+
+The drafter runs a :class:`DraftLenController` per session; the verifier keeps a
+:class:`CostLine` of its forwards and tells drafters about it when a session opens.
+
+The best draft length depends on the acceptance, the draft model's step time, the verifier's
+forward time and the round trip, and all of them change with the prompt, the site and the
+link. :class:`DraftLenController` keeps running estimates of each and picks the ``(γ, k)``
+(tokens per block, blocks in flight) that the speed model below predicts is fastest.
+
+The model (:func:`predicted_rate`) refines the first-order rate ``1 / (t_d + (1-α)(W+R))``
+with the two limits that formula leaves out: the verifier's own speed (a forward of ``n``
+tokens costs ``a + b·(n-1)``, and blocks queue behind each other there) and the bounded
+look-ahead (at most ``k`` blocks in flight). It follows one *epoch* (from one rejection to the
+next) block by block on a timeline:
+
+- the drafter finishes its current step (half a step on average), then drafts block ``m`` in
+  ``γ·t_d`` once fewer than ``k`` blocks are in flight;
+- the block crosses half the round trip, waits for the verifier to be free, is verified in
+  ``a + b·(n-1)`` (``n = γ``, plus the correction token for the epoch's first block), and its
+  verdict crosses back;
+- a rejection falls in block ``m`` at position ``i`` with probability ``α^(mγ+i)(1-α)`` and ends
+  the epoch when that verdict arrives, having committed ``mγ + i + 1`` tokens.
+
+The rate is E[tokens] / E[time] over the epoch, truncated at the request's remaining tokens
+(so a short answer does not pay for a pipeline it cannot fill). The synchronous modes
+(``vanilla``, ``dssd``) use the classic round: ``γ·t_d + RTT + a + b·γ`` for
+``(1-α^(γ+1)) / (1-α)`` tokens.
+
+Acceptance is estimated per token as ``accepted / (accepted + rejections)`` (the maximum
+likelihood estimate of the per-token acceptance: tokens after a rejection were never tested),
+with older rounds decaying (a half-life of about three rounds), starting from a prior (the
+drafter's recent sessions).
+The choice changes only when the predicted gain is at least ``hysteresis`` (5%), so a steady
+link gives a steady length; a change in the link or in acceptance moves the estimates within a
+few rounds, and the length follows.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+MAX_GAMMA = 12
+MAX_LOOKAHEAD = 6
+DEFAULT_GAMMA = 4
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the speed model needs; all times in seconds."""
+
+    t_d: float  # one draft step (edge)
+    rtt_s: float  # the network round trip, without the verifier's compute
+    verify_step_s: float  # a verifier forward of one token
+    verify_per_token_s: float  # each further token of a forward
+    alpha: float  # per-token acceptance
+    pipelined: bool = True
+    tokens_left: int = 256
+
+
+def _verify_s(inp: Inputs, n: int) -> float:
+    return inp.verify_step_s + inp.verify_per_token_s * max(0, n - 1)
+
+
+def predicted_rate(inp: Inputs, gamma: int, lookahead: int = 1) -> float:
+    """Expected committed tokens per second for draft length ``gamma`` and ``lookahead``
+    blocks in flight (the module docstring's model)."""
+    a = min(max(inp.alpha, 0.0), 1.0)
+    if not inp.pipelined:
+        tokens = gamma + 1.0 if a >= 1.0 else (1 - a ** (gamma + 1)) / (1 - a)
+        return tokens / (gamma * inp.t_d + inp.rtt_s + _verify_s(inp, gamma + 1))
+    half = inp.rtt_s / 2
+    arrivals: list[float] = []
+    verifier_free = 0.0
+    drafted = 0.5 * inp.t_d  # the drafter finishes the step it is in when the epoch starts
+    alive = 1.0  # probability that no rejection happened before this block
+    e_tokens = e_time = 0.0
+    ag = a**gamma
+    # per block: P(reject inside) = 1 - a^g; E[(i+1) 1{reject at i}] summed over the block
+    s0 = 1.0 - ag
+    s1 = sum(a**i * (1 - a) * (i + 1) for i in range(gamma))
+    blocks = max(1, -(-max(1, inp.tokens_left) // gamma))
+    for m in range(blocks):
+        start = drafted if m < lookahead else max(drafted, arrivals[m - lookahead])
+        drafted = start + gamma * inp.t_d
+        n = gamma + (1 if m == 0 else 0)
+        verifier_free = max(drafted + half, verifier_free) + _verify_s(inp, n)
+        arrivals.append(verifier_free + half)
+        e_tokens += alive * (s0 * m * gamma + s1)
+        e_time += alive * s0 * arrivals[-1]
+        alive *= ag
+        if alive < 1e-6:
+            break
+    if alive >= 1e-6:  # the request ends before a rejection: everything drafted commits
+        e_tokens += alive * len(arrivals) * gamma
+        e_time += alive * arrivals[-1]
+    return e_tokens / e_time if e_time > 0 else 0.0
+
+
+def best_choice(
+    inp: Inputs, max_gamma: int = MAX_GAMMA, max_lookahead: int = MAX_LOOKAHEAD
+) -> tuple[int, int, float]:
+    """The fastest ``(γ, k, rate)``; of near-equals (within 1%) the shortest γ and the
+    fewest blocks in flight, which waste less on a rejection."""
+    ks = range(1, max_lookahead + 1) if inp.pipelined else (1,)
+    scored = [(predicted_rate(inp, g, k), g, k) for g in range(1, max_gamma + 1) for k in ks]
+    top = max(r for r, _, _ in scored)
+    rate, g, k = min(
+        ((r, g, k) for r, g, k in scored if r >= 0.99 * top), key=lambda x: (x[1], x[2])
+    )
+    return g, k, rate
+
+
+@dataclass
+class _Windowed:
+    """A running mean that follows change: exponentially weighted, seeded by a prior."""
+
+    value: float
+    weight: float = 0.25
+
+    def add(self, x: float) -> None:
+        self.value += self.weight * (x - self.value)
+
+
+@dataclass
+class SiteEstimates:
+    """What a drafter has learnt of its site across sessions (the next session's prior)."""
+
+    t_d: float | None = None
+    rtt_s: float | None = None
+    verify_step_s: float | None = None
+    verify_per_token_s: float = 0.0
+    alpha: float = 0.7
+
+
+@dataclass
+class DraftLenController:
+    """Per session: feed it what happens, ask it for ``(γ, k)`` (module docstring)."""
+
+    pipelined: bool = True
+    prior: SiteEstimates = field(default_factory=SiteEstimates)
+    start_gamma: int = DEFAULT_GAMMA
+    start_lookahead: int = 3
+    max_gamma: int = MAX_GAMMA
+    max_lookahead: int = MAX_LOOKAHEAD
+    hysteresis: float = 0.05
+    decay: float = 0.8  # per round, of the acceptance evidence (a half-life of ~3 rounds)
+    prior_tokens: float = 8.0  # how many tested tokens the prior's acceptance is worth
+
+    def __post_init__(self) -> None:
+        p = self.prior
+        self.gamma, self.lookahead = self.start_gamma, self.start_lookahead
+        self._t_d = _Windowed(p.t_d) if p.t_d is not None else None
+        self._rtt: deque[float] = deque(maxlen=8)  # the minimum filters queueing out
+        self._rtt_prior = p.rtt_s
+        self._verify = (p.verify_step_s, p.verify_per_token_s)
+        # decayed counts of accepted and rejected (tested) tokens, seeded by the prior
+        self._accepted = p.alpha * self.prior_tokens
+        self._rejected = (1 - p.alpha) * self.prior_tokens
+        self.history: dict[int, int] = {}  # γ -> rounds drafted with it
+
+    # --- observations ------------------------------------------------------------------
+    def observe_step(self, seconds: float) -> None:
+        """One draft-model step's time."""
+        if self._t_d is None:
+            self._t_d = _Windowed(seconds)
+        else:
+            self._t_d.add(seconds)
+
+    def observe_open(self, network_rtt_s: float) -> None:
+        """The open's round trip less the verifier's prefill: a first look at the network."""
+        if not self._rtt and network_rtt_s >= 0:
+            self._rtt_prior = network_rtt_s
+
+    def observe_verify_cost(self, step_s: float | None, per_token_s: float | None) -> None:
+        """The verifier's own forward cost line (from the open reply)."""
+        if step_s:
+            self._verify = (step_s, per_token_s or 0.0)
+
+    def observe_round(
+        self, accepted: int, rejected: bool, round_trip_s: float | None, n_fed: int
+    ) -> None:
+        """One verdict: its accepted count, whether it rejected, and the block's round trip
+        (send to verdict) for a forward of ``n_fed`` tokens."""
+        self._accepted = self._accepted * self.decay + accepted
+        self._rejected = self._rejected * self.decay + int(rejected)
+        self.history[self.gamma] = self.history.get(self.gamma, 0) + 1
+        step, per_token = self._verify
+        if round_trip_s is not None and step is not None:
+            # what is left after the verifier's compute is the network (plus any queueing;
+            # the minimum over recent blocks filters the queueing out)
+            self._rtt.append(max(0.0, round_trip_s - step - per_token * max(0, n_fed - 1)))
+
+    # --- estimates ---------------------------------------------------------------------
+    @property
+    def alpha(self) -> float:
+        """Per-token acceptance: accepted over tested tokens, recent rounds weighing most."""
+        return self._accepted / (self._accepted + self._rejected)
+
+    def inputs(self, tokens_left: int = 256) -> Inputs | None:
+        """The model's inputs, or None while something is still unknown."""
+        rtt = min(self._rtt) if self._rtt else self._rtt_prior
+        step, per_token = self._verify
+        if self._t_d is None or rtt is None or step is None:
+            return None
+        return Inputs(
+            t_d=self._t_d.value,
+            rtt_s=rtt,
+            verify_step_s=step,
+            verify_per_token_s=per_token,
+            alpha=self.alpha,
+            pipelined=self.pipelined,
+            tokens_left=tokens_left,
+        )
+
+    def estimates(self) -> SiteEstimates:
+        """This session's view, for the next sessions' prior."""
+        inp = self.inputs()
+        if inp is None:
+            return replace(self.prior, alpha=self.alpha)
+        return SiteEstimates(
+            inp.t_d, inp.rtt_s, inp.verify_step_s, inp.verify_per_token_s, inp.alpha
+        )
+
+    # --- the choice ----------------------------------------------------------------------
+    def choose(self, tokens_left: int = 256) -> tuple[int, int]:
+        """The ``(γ, k)`` to draft with now; unchanged unless the model predicts a gain of at
+        least ``hysteresis`` over the current choice."""
+        inp = self.inputs(tokens_left)
+        if inp is None:
+            return self.gamma, self.lookahead
+        g, k, rate = best_choice(inp, self.max_gamma, self.max_lookahead if self.pipelined else 1)
+        current = predicted_rate(inp, self.gamma, self.lookahead if self.pipelined else 1)
+        if rate > current * (1 + self.hysteresis):
+            self.gamma, self.lookahead = g, k
+        return self.gamma, self.lookahead
+
+
+@dataclass
+class CostLine:
+    """The verifier's forward cost ``a + b·(n-1)`` for ``n`` tokens, fitted by exponentially
+    weighted least squares over recent work (so it follows load and emulation alike)."""
+
+    decay: float = 0.97
+    _s: list[float] = field(default_factory=lambda: [0.0] * 5)  # Σw, Σwx, Σwy, Σwxx, Σwxy
+
+    def observe(self, n_tokens: int, seconds: float) -> None:
+        x = float(max(0, n_tokens - 1))
+        s = self._s
+        for i in range(5):
+            s[i] *= self.decay
+        for i, v in enumerate((1.0, x, seconds, x * x, x * seconds)):
+            s[i] += v
+
+    def line(self) -> tuple[float, float] | None:
+        """``(a, b)``, or None before any work was seen."""
+        w, sx, sy, sxx, sxy = self._s
+        if w <= 0:
+            return None
+        den = w * sxx - sx * sx
+        b = max(0.0, (w * sxy - sx * sy) / den) if den > 1e-9 * max(1.0, w * sxx) else 0.0
+        a = max(1e-6, (sy - b * sx) / w)
+        return a, b

@@ -1,0 +1,136 @@
+"""Adaptive speculation: the speed model against a simulation of the pipeline, the choices it
+makes, and the controller's stability and reaction. No wall-clock timing: every time here is
+an input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from picospec.tuning import (
+    CostLine,
+    DraftLenController,
+    Inputs,
+    SiteEstimates,
+    best_choice,
+    predicted_rate,
+)
+
+PAPER = dict(t_d=0.0317, rtt_s=0.06, verify_step_s=0.1456, verify_per_token_s=0.0052)
+
+
+def simulate(inp: Inputs, gamma: int, k: int, tokens: int = 20000, seed: int = 0) -> float:
+    """A direct event simulation of the pipelined drafter and the verifier, with random
+    acceptance: the tokens/s the model should predict."""
+    rnd = random.Random(seed)
+    t = 0.5 * inp.t_d
+    committed, clock = 0, 0.0
+    verifier_free = 0.0
+    while committed < tokens:
+        # one epoch from time `clock`: draft blocks, verify them in order until a rejection
+        drafted, arrivals, m = clock + 0.5 * inp.t_d, [], 0
+        verifier_free = max(verifier_free, clock)
+        while True:
+            start = drafted if m < k else max(drafted, arrivals[m - k])
+            drafted = start + gamma * inp.t_d
+            n = gamma + (1 if m == 0 else 0)
+            verifier_free = max(drafted + inp.rtt_s / 2, verifier_free) + (
+                inp.verify_step_s + inp.verify_per_token_s * (n - 1)
+            )
+            arrivals.append(verifier_free + inp.rtt_s / 2)
+            accepted = 0
+            while accepted < gamma and rnd.random() < inp.alpha:
+                accepted += 1
+            if accepted < gamma:
+                committed += accepted + 1
+                clock = arrivals[-1]
+                break
+            committed += gamma
+            m += 1
+    del t
+    return committed / clock
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.7, 0.9])
+@pytest.mark.parametrize("gamma,k", [(2, 2), (4, 3), (6, 2)])
+def test_the_model_predicts_a_simulated_pipeline(alpha: float, gamma: int, k: int) -> None:
+    inp = Inputs(alpha=alpha, tokens_left=100000, **PAPER)
+    assert predicted_rate(inp, gamma, k) == pytest.approx(simulate(inp, gamma, k), rel=0.05)
+
+
+def test_the_model_has_the_first_order_limits() -> None:
+    # α = 1 and a fast verifier: the draft model's own speed
+    fast = Inputs(t_d=0.02, rtt_s=0.05, verify_step_s=0.001, verify_per_token_s=0.0,
+                  alpha=1.0, tokens_left=100000)  # fmt: skip
+    assert predicted_rate(fast, 8, 4) == pytest.approx(1 / 0.02, rel=0.02)
+    # α = 1 and a slow verifier: γ tokens per verifier forward
+    slow = Inputs(alpha=1.0, tokens_left=100000, **PAPER)
+    assert predicted_rate(slow, 4, 6) == pytest.approx(4 / (0.1456 + 3 * 0.0052), rel=0.02)
+    # synchronous rounds: (1 - α^(γ+1)) / (1 - α) tokens per γ·t_d + RTT + a + b·γ
+    sync = Inputs(alpha=0.5, pipelined=False, **PAPER)
+    rate = (1 - 0.5**5) / 0.5 / (4 * 0.0317 + 0.06 + 0.1456 + 4 * 0.0052)
+    assert predicted_rate(sync, 4) == pytest.approx(rate)
+
+
+def test_longer_drafts_pay_with_acceptance_and_shorter_with_rejections() -> None:
+    choices = {a: best_choice(Inputs(alpha=a, **PAPER))[0] for a in (0.2, 0.6, 0.9, 1.0)}
+    assert choices[0.2] <= choices[0.6] <= choices[0.9] <= choices[1.0]
+    assert choices[0.2] <= 3 and choices[1.0] >= 5
+    # and the best choice is at least as fast as every fixed length in the model
+    inp = Inputs(alpha=0.8, **PAPER)
+    g, k, rate = best_choice(inp)
+    assert all(rate >= 0.99 * predicted_rate(inp, x, y) for x in range(1, 13) for y in (1, 3, 6))
+
+
+def _feed(c: DraftLenController, alpha: float, rtt: float, rounds: int, rnd: random.Random):
+    """Rounds of the controller's current γ with acceptance ``alpha`` on a link of ``rtt``."""
+    chosen = []
+    for _ in range(rounds):
+        g, _ = c.choose(tokens_left=200)
+        c.observe_step(0.0317)
+        accepted = 0
+        while accepted < g and rnd.random() < alpha:
+            accepted += 1
+        c.observe_round(accepted, accepted < g, rtt + 0.1456 + 0.0052 * (g - 1), g)
+        chosen.append(c.choose(tokens_left=200)[0])
+    return chosen
+
+
+def test_the_controller_is_steady_on_a_steady_link_and_follows_a_change() -> None:
+    rnd = random.Random(7)
+    c = DraftLenController(prior=SiteEstimates(verify_step_s=0.1456, verify_per_token_s=0.0052))
+    c.observe_verify_cost(0.1456, 0.0052)
+    steady = _feed(c, 0.95, 0.06, 60, rnd)
+    # after a short settling, no oscillation
+    changes = sum(a != b for a, b in zip(steady[10:], steady[11:], strict=False))
+    assert changes <= 1, steady
+    high = steady[-1]
+    # acceptance collapses: the length drops within a few rounds
+    low = _feed(c, 0.2, 0.06, 12, rnd)
+    assert low[-1] < high and min(low[:5]) < high, low
+    # the link slows down a lot: the estimates follow within a few rounds too
+    assert c.inputs().rtt_s == pytest.approx(0.06, abs=0.01)
+    _feed(c, 0.2, 0.5, 8, rnd)
+    assert c.inputs().rtt_s == pytest.approx(0.5, abs=0.05)
+
+
+def test_the_first_session_starts_from_what_the_site_learnt() -> None:
+    learnt = SiteEstimates(t_d=0.0317, rtt_s=0.06, verify_step_s=0.1456,
+                           verify_per_token_s=0.0052, alpha=0.98)  # fmt: skip
+    c = DraftLenController(prior=learnt)
+    g, k = c.choose()
+    assert g == best_choice(c.inputs())[0] and g > 4
+    assert c.estimates().alpha == pytest.approx(0.98)
+
+
+def test_cost_line_fits_the_verifiers_forwards() -> None:
+    line = CostLine()
+    assert line.line() is None
+    for n in (1, 5, 40, 5, 1, 9, 5):
+        line.observe(n, 0.1456 + 0.0052 * (n - 1))
+    a, b = line.line()
+    assert a == pytest.approx(0.1456, rel=1e-6) and b == pytest.approx(0.0052, rel=1e-6)
+    one = CostLine()
+    one.observe(5, 0.2)  # one kind of forward only: no slope to fit
+    assert one.line() == (pytest.approx(0.2), 0.0)
