@@ -32,6 +32,17 @@ BENCH_ARGS ?= --quick --profiles lan,4g,poor --quantize-draft int8
 bench: setup
 	$(BIN)/picospec bench $(BENCH_ARGS) --plot-dir docs
 
+# The speedup map: the paper's hardware emulated (device profile), every draft over lan, 4g and
+# poor, picospec/dssd/vanilla against ar, with the draft-length sweep (about 40 minutes).
+MAP_ARGS ?= --quick --profiles lan,4g,poor --device-profile paper-llama-1b-70b --map-drafts self,int8 --draft-len-sweep 2,4,6,8,auto
+.PHONY: bench-map bench-overhead
+bench-map: setup
+	$(BIN)/picospec bench --map $(MAP_ARGS) --plot-dir docs --json > docs/bench-map-emulated.json
+
+# The software cost of one verification round on loopback, without the model's compute.
+bench-overhead: setup
+	$(BIN)/picospec bench --overhead --json
+
 # Every role in one process, no NATS: the quickest look at the algorithm.
 generate: setup
 	$(BIN)/picospec generate "$(PROMPT)" --mode picospec --max-tokens 96 --quantize-draft int8

@@ -79,7 +79,15 @@ def test_break_even_acceptance() -> None:
 def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
     """One emulated run (a tiny device profile) with the edge and the cloud pinned apart."""
     (tmp_path / "tiny.yaml").write_text(TINY_PROFILE)
-    report = _bench(tmp_path, "--profiles", "lan", "--device-profile", str(tmp_path / "tiny.yaml"))
+    report = _bench(
+        tmp_path,
+        "--profiles",
+        "lan",
+        "--device-profile",
+        str(tmp_path / "tiny.yaml"),
+        "--draft-len-sweep",
+        "2,auto",
+    )
     assert report["config"]["prompts"] == 3 and report["config"]["max_tokens"] == 24
     assert report["config"]["emulated"] and report["config"]["device"]["name"] == "tiny-emulated"
     assert any(n.startswith("EMULATED") for n in report["notes"])
@@ -109,6 +117,13 @@ def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
     )
     assert p["bound_ratio"] == pytest.approx(p["decode_tokens_per_s"] / p["bound_tokens_per_s"])
     assert rows["ar"]["draft_step_s"] is None  # the draft model does not run in ar
+    # the draft-length sweep ran picospec at each length in the same stack, and auto (the
+    # default) reports the lengths it chose
+    assert set(report["draft_len_sweep"]["lan"]) == {"2", "auto"}
+    detail = report["draft_len_sweep_detail"]["lan"]
+    assert detail["2"]["draft_len_rounds"] is None and detail["auto"]["draft_len_rounds"]
+    assert all(d["identical_to_ar"] is True for d in detail.values())
+    assert rows["picospec"]["draft_len"] == "auto" and rows["picospec"]["draft_len_mean"] >= 1
     # greedy output under emulation is token-identical to ar in every verified mode
     assert all(rows[m]["identical_to_ar"] is True for m in ("ar", "vanilla", "dssd", "picospec"))
     # every forward was paced: the draft model's on the edge, the target's in the cloud

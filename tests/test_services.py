@@ -150,6 +150,9 @@ def test_greedy_through_the_stack_matches_the_verifier_alone(
     assert stats["mode"] == mode and stats["bytes_up"] > 0 and stats["bytes_down"] > 0
     if mode != "ar":
         assert stats["rounds"] > 0 and 0 <= stats["acceptance_rate"] <= 1
+        # draft_len "auto" is the default: the lengths chosen, round by round, are reported
+        assert sum(stats["draft_len_rounds"].values()) == stats["rounds"]
+        assert 1 <= stats["draft_len"] <= 12 and 1 <= stats["lookahead"] <= 6
     # the steady-state rate leaves out the first commit and the time before it
     assert 0 < stats["ttft_s"] < stats["elapsed_s"]
     assert stats["decode_tokens_per_s"] * (stats["elapsed_s"] - stats["ttft_s"]) < 60
@@ -212,12 +215,18 @@ def test_api_errors_have_the_openai_shape_and_status(stack: Stack) -> None:
         (chat(api, "x", temperature="hot"), 400),
         (chat(api, "x", frobnicate=True), 400),
         (post(f"{api}/completions", {"model": "picospec"}), 400),
+        (chat(api, "x", draft_len=0), 400),
+        (chat(api, "x", draft_len=65), 400),
+        (chat(api, "x", draft_len=True), 400),
+        (chat(api, "x", draft_len="fast"), 400),
     ]
     for (status, body), want in cases:
         assert status == want, body
         err = body["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert chat(api, "still fine", max_tokens=5)[0] == 200
+    assert chat(api, "fixed", max_tokens=5, draft_len=3)[0] == 200
+    assert chat(api, "adaptive", max_tokens=5, draft_len="auto")[0] == 200
 
 
 def test_malformed_messages_on_every_subject_are_dropped_and_counted(

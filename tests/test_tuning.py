@@ -33,7 +33,7 @@ def simulate(inp: Inputs, gamma: int, k: int, tokens: int = 20000, seed: int = 0
         verifier_free = max(verifier_free, clock)
         while True:
             start = drafted if m < k else max(drafted, arrivals[m - k])
-            drafted = start + gamma * inp.t_d
+            drafted = start + gamma * inp.t_d + inp.block_s
             n = gamma + (1 if m == 0 else 0)
             verifier_free = max(drafted + inp.rtt_s / 2, verifier_free) + (
                 inp.verify_step_s + inp.verify_per_token_s * (n - 1)
@@ -62,14 +62,14 @@ def test_the_model_predicts_a_simulated_pipeline(alpha: float, gamma: int, k: in
 def test_the_model_has_the_first_order_limits() -> None:
     # α = 1 and a fast verifier: the draft model's own speed
     fast = Inputs(t_d=0.02, rtt_s=0.05, verify_step_s=0.001, verify_per_token_s=0.0,
-                  alpha=1.0, tokens_left=100000)  # fmt: skip
+                  alpha=1.0, tokens_left=100000, block_s=0.0)  # fmt: skip
     assert predicted_rate(fast, 8, 4) == pytest.approx(1 / 0.02, rel=0.02)
     # α = 1 and a slow verifier: γ tokens per verifier forward
     slow = Inputs(alpha=1.0, tokens_left=100000, **PAPER)
     assert predicted_rate(slow, 4, 6) == pytest.approx(4 / (0.1456 + 3 * 0.0052), rel=0.02)
     # synchronous rounds: (1 - α^(γ+1)) / (1 - α) tokens per γ·t_d + RTT + a + b·γ
-    sync = Inputs(alpha=0.5, pipelined=False, **PAPER)
-    rate = (1 - 0.5**5) / 0.5 / (4 * 0.0317 + 0.06 + 0.1456 + 4 * 0.0052)
+    sync = Inputs(alpha=0.5, pipelined=False, block_s=0.002, **PAPER)
+    rate = (1 - 0.5**5) / 0.5 / (4 * 0.0317 + 0.002 + 0.06 + 0.1456 + 4 * 0.0052)
     assert predicted_rate(sync, 4) == pytest.approx(rate)
 
 
@@ -80,7 +80,7 @@ def test_longer_drafts_pay_with_acceptance_and_shorter_with_rejections() -> None
     # and the best choice is at least as fast as every fixed length in the model
     inp = Inputs(alpha=0.8, **PAPER)
     g, k, rate = best_choice(inp)
-    assert all(rate >= 0.99 * predicted_rate(inp, x, y) for x in range(1, 13) for y in (1, 3, 6))
+    assert all(rate >= 0.98 * predicted_rate(inp, x, y) for x in range(1, 13) for y in (1, 3, 6))
 
 
 def _feed(c: DraftLenController, alpha: float, rtt: float, rounds: int, rnd: random.Random):

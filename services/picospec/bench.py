@@ -42,6 +42,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import statistics
 import time
 import urllib.request
@@ -591,11 +592,17 @@ def speedup_map(
     t_ar = load_profile(args.device_profile).verify.step_s if args.device_profile else None
     for label, drafter, quantize in _drafts(args.map_drafts, args.verifier):
         rows: dict[str, Any] = {}
+        sweeps: dict[str, Any] = {}
         for name in report["profiles_requested"]:
             modes = run_profile(
                 name, args, prompts, progress, drafter, quantize, report["placement"]
             )
-            modes.pop("_draft_len_sweep", None)
+            sweep = modes.pop("_draft_len_sweep", None)
+            if sweep:
+                sweeps[name] = {g: r["tokens_per_s"] for g, r in sweep.items()}
+                sweeps[name]["_auto_draft_len_rounds"] = sweep.get("auto", {}).get(
+                    "draft_len_rounds"
+                )
             p, ar = modes.get("picospec", {}), modes.get("ar", {})
             t_d = p.get("draft_step_s")
             rtt = p.get("verify_round_trip_s")
@@ -614,6 +621,8 @@ def speedup_map(
                 "modes": modes,
             }
         out[label] = {"drafter": drafter, "quantize": quantize, "profiles": rows}
+        if sweeps:
+            out[label]["draft_len_sweep"] = sweeps
     return out
 
 
@@ -654,16 +663,20 @@ def map_table(report: dict[str, Any], console: Any) -> None:
     console.print(paper)
 
 
-def sweep_plot(report: dict[str, Any], out_dir: Path) -> Path:
-    """Tokens/s of picospec at each swept draft length (and auto), per network profile."""
+def sweep_plot(report: dict[str, Any], out_dir: Path, draft: str | None = None) -> Path:
+    """Tokens/s of picospec at each swept draft length (and auto), per network profile (of
+    one draft of the map, when ``draft`` is given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = report["draft_len_sweep"]
+    if draft is None:
+        sweep = report["draft_len_sweep"]
+    else:
+        sweep = report["map"][draft]["draft_len_sweep"]
     names = list(sweep)
-    values = list(next(iter(sweep.values())))
+    values = [g for g in next(iter(sweep.values())) if not g.startswith("_")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.8 / len(values)
     for i, g in enumerate(values):
@@ -673,10 +686,12 @@ def sweep_plot(report: dict[str, Any], out_dir: Path) -> Path:
     ax.set_ylabel("generated tokens/s (median)")
     emulated = report["config"]["device_profile"]
     tag = f"EMULATED {emulated}" if emulated else "real compute"
-    ax.set_title(f"picospec: fixed draft lengths and auto ({tag})")
+    which = f"{draft} draft, " if draft else ""
+    ax.set_title(f"picospec: fixed draft lengths and auto ({which}{tag})")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    tag_file = "emulated" if emulated else "real"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(draft).name) if draft else ""
+    tag_file = ("emulated" if emulated else "real") + (f"_{safe}" if safe else "")
     path = out_dir / f"draft_len_sweep_{tag_file}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -774,6 +789,15 @@ def main(args: argparse.Namespace) -> int:
     from picospec.devices import DeviceProfileError, load_profile
 
     console = Console(stderr=True)
+    if args.overhead:
+        from picospec.overhead import measure
+
+        result = measure(args)
+        if args.json:
+            print(json.dumps({"overhead": result}, indent=1))
+        else:
+            Console().print_json(json.dumps(result))
+        return 0
     prompts = load_prompts(args.prompts, args.quick)
     if args.modes is None:
         args.modes = ",".join(MAP_MODES if args.map else MODES)
@@ -852,6 +876,9 @@ def main(args: argparse.Namespace) -> int:
     if args.plot_dir:
         if args.map:
             report["plots"] = [str(map_plot(report, Path(args.plot_dir)))]
+            for label, d in report["map"].items():
+                if "draft_len_sweep" in d:
+                    report["plots"].append(str(sweep_plot(report, Path(args.plot_dir), label)))
         else:
             report["plots"] = [str(p) for p in plots(report, Path(args.plot_dir))]
             if "draft_len_sweep" in report:
@@ -928,6 +955,12 @@ def register(sub: Any) -> None:
         default="self,int8",
         help="drafts for --map: self (the verifier's checkpoint), int8 (its int8 "
         "quantisation), or draft model names/paths",
+    )
+    b.add_argument(
+        "--overhead",
+        action="store_true",
+        help="measure the software cost of one verification round on loopback, without the "
+        "model's compute (picospec.overhead)",
     )
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot-dir", default=None, help="write PNG plots here")
