@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     )
     # speculation defaults (requests may override draft_len and mode)
     mode: Mode = Mode.PICOSPEC
-    draft_len: int | Literal["auto"] = Field(
+    draft_len: Annotated[int, Field(ge=1, le=MAX_DRAFT_TOKENS)] | Literal["auto"] = Field(
         "auto",
         description="γ, draft tokens per block, or 'auto': chosen per session from the measured "
         "acceptance, draft step time, verifier cost and round trip",
@@ -215,12 +215,6 @@ class Settings(BaseSettings):
     def inbox_prefix(self) -> str:
         """This client's request/reply inbox prefix: the setting, or ``_INBOX.<site>``."""
         return self.nats_inbox_prefix or subjects.inbox_prefix(self.site)
-
-    @model_validator(mode="after")
-    def _v_draft_len(self) -> Settings:
-        if self.draft_len != "auto" and not 1 <= self.draft_len <= MAX_DRAFT_TOKENS:
-            raise ValueError(f"draft_len must be 'auto' or 1..{MAX_DRAFT_TOKENS}")
-        return self
 
     def spec(self, mode: Mode | None = None, draft_len: int | str | None = None) -> SpecConfig:
         """A session's speculation settings; ``draft_len`` (a request's) overrides the
