@@ -164,3 +164,21 @@ def test_speedup_map_runs_each_draft_with_rollbacks(tmp_path: Path) -> None:
             row["modes"]["picospec"]["tokens_per_s"] / row["modes"]["ar"]["tokens_per_s"]
         )
     assert report["paper_table1"] and report["model_curves"]["lan"]["alpha"][-1] == 1.0
+
+
+def test_overhead_measures_a_round_without_the_model(tmp_path: Path) -> None:
+    target = tinymodels.build(tmp_path / "target", seed=1)
+    out = subprocess.run(
+        [sys.executable, "-m", "picospec.cli", "bench", "--overhead", "--json",
+         "--drafter", str(target), "--verifier", str(target), "--max-tokens", "24"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    o = json.loads(out.stdout)["overhead"]
+    assert o["rounds"] >= 4 * 24 // 5  # dssd with γ=4 commits at most 5 tokens a round
+    assert o["round_trip_ms"] > o["verifier_batch_ms"] > 0
+    assert o["overhead_ms"] == pytest.approx(
+        o["round_trip_ms"] - o["verifier_batch_ms"] + o["acceptance_test_ms"]
+    )
+    b = o["breakdown"]
+    assert b["codec_block_us"] > 0 and b["codec_verdict_us"] > 0 and b["nats_request_reply_us"] > 0

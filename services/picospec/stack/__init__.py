@@ -3,7 +3,10 @@
 - :mod:`picospec.stack.natsserver`: :class:`NatsServer` (single server, cloud hub, edge leaf).
 - :mod:`picospec.stack.netem`: :class:`LinkEmulator`, a TCP proxy adding delay and a bandwidth
   cap, with cut/restore; ``picospec netem``.
-- :mod:`picospec.stack.up`: :class:`Stack` / :class:`StackConfig`; ``picospec up``.
+- :mod:`picospec.stack.config`: :class:`StackConfig` (topology, models, ports, CPU sets).
+- :mod:`picospec.stack.supervisor`: :class:`Stack`, the running processes.
+- :mod:`picospec.stack.up`: ``picospec up`` (its flags and the demo request).
+- :mod:`picospec.stack.procs`: spawning (pinned to CPUs), log tails, stopping in order.
 
 Submodules are imported lazily, so ``python -m picospec.stack.up`` and ``-m picospec.stack.netem``
 run cleanly and importing the CLI stays cheap.
@@ -23,10 +26,10 @@ _EXPORTS = {
     "free_port": "natsserver",
     "free_ports": "natsserver",
     "LinkEmulator": "netem",
-    "Stack": "up",
-    "StackConfig": "up",
-    "StackError": "up",
-    "LinkControl": "up",
+    "Stack": "supervisor",
+    "StackConfig": "config",
+    "StackError": "config",
+    "LinkControl": "supervisor",
 }
 
 __all__ = [*_EXPORTS, "register"]

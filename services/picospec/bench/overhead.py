@@ -105,7 +105,7 @@ async def nats_request_us(url: str, n: int = 2000) -> float:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Start a loopback stack, run ``dssd`` requests one at a time, and report the overhead."""
-    from picospec.bench import _histogram_means, _mean_between, _stream
+    from picospec.bench.run import _histogram_means, _mean_between, _stream
     from picospec.stack.up import Stack, StackConfig
 
     cfg = StackConfig(

@@ -1,0 +1,221 @@
+"""``picospec bench``: its flags and the run it makes of them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from picospec.bench.report import _progress_factory, plots, sweep_plot, table
+from picospec.bench.run import MODES, PROFILES, QUICK_PROMPTS, load_prompts, run_profile
+from picospec.bench.speedup_map import (
+    MAP_MODES,
+    PAPER_TABLE1,
+    map_plot,
+    map_table,
+    model_curves,
+    speedup_map,
+)
+
+
+def _draft_len_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {value!r}") from None
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError("draft length must be 1..64")
+    return n
+
+
+def _sweep_arg(value: str) -> str:
+    for v in value.split(","):
+        _draft_len_arg(v.strip())
+    return ",".join(v.strip() for v in value.split(","))
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from picospec.devices import DeviceProfileError, load_profile
+
+    console = Console(stderr=True)
+    if args.overhead:
+        from picospec.bench.overhead import measure
+
+        result = measure(args)
+        if args.json:
+            print(json.dumps({"overhead": result}, indent=1))
+        else:
+            Console().print_json(json.dumps(result))
+        return 0
+    prompts = load_prompts(args.prompts, args.quick)
+    if args.modes is None:
+        args.modes = ",".join(MAP_MODES if args.map else MODES)
+    args.modes = [m.strip() for m in args.modes.split(",")]
+    bad = [m for m in args.modes if m not in MODES]
+    profiles = [p.strip() for p in args.profiles.split(",")]
+    bad += [p for p in profiles if p not in PROFILES]
+    if bad:
+        console.print(f"[red]unknown mode/profile: {', '.join(bad)}[/red]")
+        return 2
+    device = None
+    if args.device_profile:
+        try:
+            device = load_profile(args.device_profile)
+        except DeviceProfileError as e:
+            console.print(f"[red]{e}[/red]")
+            return 2
+    progress = _progress_factory(console)
+    report: dict[str, Any] = {
+        "profiles": {},
+        "notes": [],
+        "placement": {},
+        "profiles_requested": profiles,
+    }
+    try:
+        if args.map:
+            report["map"] = speedup_map(report, args, prompts, progress)
+        else:
+            for name in profiles:
+                rows = run_profile(name, args, prompts, progress, placement=report["placement"])
+                sweep = rows.pop("_draft_len_sweep", None)
+                report["profiles"][name] = rows
+                if sweep:
+                    report.setdefault("draft_len_sweep", {})[name] = {
+                        g: r["tokens_per_s"] for g, r in sweep.items()
+                    }
+                    report.setdefault("draft_len_sweep_detail", {})[name] = sweep
+    finally:
+        progress.stop()
+    del report["profiles_requested"]
+    report["config"] = {
+        "drafter": args.drafter,
+        "verifier": args.verifier,
+        "quantize_draft": args.quantize_draft,
+        "draft_len": args.draft_len,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "prompts": len(prompts),
+        "prompt_source": args.prompts or "mt-bench",
+        "threads_per_service": args.threads or "one per CPU of its side",
+        "leaf_compression": args.leaf_compression or "s2_auto",
+        "device_profile": args.device_profile,
+        "device": device.summary() if device else None,
+        "emulated": device is not None,
+        "profiles": {
+            p: {"rtt_ms": PROFILES[p][0], "bandwidth_mbit": PROFILES[p][1]} for p in profiles
+        },
+    }
+    if device is not None:
+        report["notes"].append(
+            f"EMULATED: every draft step and verifier forward is padded to the device profile "
+            f"{device.name} (real tokens, real acceptance, real emulated network); see "
+            "'emulation' in each mode for forwards whose real compute overran the profile"
+        )
+    if not args.map and args.drafter == args.verifier and args.quantize_draft == "none":
+        report["notes"].append(
+            "draft and verifier are the same checkpoint: every greedy draft is accepted, so the "
+            "speedup over ar is bounded by the draft-bound pipeline and is not representative "
+            "of a real small->large pair"
+        )
+    if args.map:
+        report["model_curves"] = model_curves(report, args)
+        report["paper_table1"] = PAPER_TABLE1
+    if args.plot_dir:
+        if args.map:
+            report["plots"] = [str(map_plot(report, Path(args.plot_dir)))]
+            for label, d in report["map"].items():
+                if "draft_len_sweep" in d:
+                    report["plots"].append(str(sweep_plot(report, Path(args.plot_dir), label)))
+        else:
+            report["plots"] = [str(p) for p in plots(report, Path(args.plot_dir))]
+            if "draft_len_sweep" in report:
+                report["plots"].append(str(sweep_plot(report, Path(args.plot_dir))))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    elif args.map:
+        map_table(report, Console())
+    else:
+        table(report, Console())
+    return 0
+
+
+def register(sub: Any) -> None:
+    from picospec.stack.up import add_placement_arguments
+
+    b = sub.add_parser("bench", help="edge-cloud benchmark of every mode over emulated WANs")
+    b.add_argument("--quick", action="store_true", help=f"first {QUICK_PROMPTS} prompts only")
+    b.add_argument(
+        "--profiles", default="lan,wifi,5g,4g,poor", help=f"comma-separated: {', '.join(PROFILES)}"
+    )
+    b.add_argument(
+        "--modes",
+        default=None,
+        help=f"default: {','.join(MODES)} ({','.join(MAP_MODES)} with --map)",
+    )
+    b.add_argument(
+        "--prompts",
+        default=None,
+        help="text file, one prompt per line (default: the 80 MT-Bench questions)",
+    )
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--top-p", type=float, default=1.0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument(
+        "--draft-len",
+        type=_draft_len_arg,
+        default="auto",
+        help="γ of every speculative request, or auto (adaptive, the default)",
+    )
+    b.add_argument(
+        "--draft-len-sweep",
+        type=_sweep_arg,
+        default=None,
+        metavar="LIST",
+        help="after the modes, run picospec at each of these draft lengths in the same "
+        "stack, e.g. 2,4,6,8,auto (reported as draft_len_sweep)",
+    )
+    b.add_argument("--drafter", default="smollm2")
+    b.add_argument("--verifier", default="smollm2")
+    b.add_argument("--quantize-draft", choices=["none", "int8"], default="none")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per service (default: one per CPU of its pinned side, else 1)",
+    )
+    b.add_argument(
+        "--leaf-compression",
+        default=None,
+        choices=["off", "s2_auto", "s2_fast"],
+        help="NATS leaf-link compression (default: nats' s2_auto); 'off' makes "
+        "vanilla pay for its full distributions on the wire",
+    )
+    add_placement_arguments(b)
+    b.add_argument(
+        "--map",
+        action="store_true",
+        help="the speedup map: every --map-drafts draft over every profile, against ar",
+    )
+    b.add_argument(
+        "--map-drafts",
+        default="self,int8",
+        help="drafts for --map: self (the verifier's checkpoint), int8 (its int8 "
+        "quantisation), or draft model names/paths",
+    )
+    b.add_argument(
+        "--overhead",
+        action="store_true",
+        help="measure the software cost of one verification round on loopback, without the "
+        "model's compute (picospec.bench.overhead)",
+    )
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--plot-dir", default=None, help="write PNG plots here")
+    b.set_defaults(func=main)
