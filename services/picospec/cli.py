@@ -192,11 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_settings_args(sp)
         sp.set_defaults(func=cmd_service)
 
-    from picospec import bench, cluster, stack
+    from picospec import bench, cluster, distill, stack
 
     stack.register(sub)
     bench.register(sub)
     cluster.register(sub)
+    distill.register(sub)
     return parser
 
 

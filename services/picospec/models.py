@@ -201,6 +201,10 @@ class LanguageModel:
 
         ``quantize="int8"`` applies dynamic int8 quantisation of the linear layers (CPU only).
         """
+        from picospec.distill import draft_dir, load_draft
+
+        if draft_dir(name) is not None:  # a distilled draft (smollm2-draft): target + its file
+            return load_draft(name, device=device, dtype=dtype, threads=threads, quantize=quantize)
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,253 @@
+"""``picospec distill`` end to end on a tiny target, the draft file, and the data's exclusions.
+
+The pipeline runs through the real command line on the tiny Llama of ``tests/tinymodels.py``
+(its real tokenizer and chat template): the target answers synthesised prompts, its top-k is
+cached, a 1-layer draft with a reduced head trains a few steps, is saved and loaded back through
+``LanguageModel.load``. A second run, stopped after every step (``--max-time-s 0``) and resumed,
+must end with the same draft. Then: the file holds only what the draft adds; the reduced head
+gives ``q = 0`` outside its tokens; greedy output with the draft equals ``ar``; sampled output
+with a reduced-head draft follows the target's exact distribution (chi-square, as in
+``tests/test_lossless.py``). No test times anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from scipy.stats import chisquare
+
+from conftest import tiny_model
+from picospec.cli import main
+from picospec.config import Mode, SpecConfig
+from picospec.distill import data as D
+from picospec.distill.format import META, TENSORS, draft_from_target, read_meta
+from picospec.distill.student import ReducedHead, build_student, parse_layers, spread_layers
+from picospec.engine import generate
+from picospec.models import LanguageModel
+from picospec.sampling import SamplingParams, probs_from_logits
+
+HEAD = 40  # of the tiny tokenizer's 75 tokens
+
+
+def _args(target: Path, work: Path, *extra: str) -> list[str]:
+    return [
+        "distill",
+        "--target", str(target),
+        "--work", str(work),
+        "--layers", "1",
+        "--head-size", str(HEAD),
+        "--sources", "chat",
+        "--prompts", "12",
+        "--shard-prompts", "6",
+        "--gen-batch", "6",
+        "--max-new-tokens", "12",
+        "--eval-prompts", "3",
+        "--eval-max-new-tokens", "12",
+        "--topk", "8",
+        "--steps", "4",
+        "--warmup", "2",
+        "--batch-tokens", "200",
+        "--lr", "3e-3",
+        "--ckpt-every", "2",
+        "--eval-every", "2",
+        "--device", "cpu",
+        "--no-progress",
+        "--no-timing",
+        "--engine-prompts", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_dirs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("distill") / "work"
+    assert main(_args(tiny_dirs[0], work)) == 0
+    return work
+
+
+def test_distill_writes_a_draft_with_its_report(distilled: Path) -> None:
+    out = distilled / "draft"
+    meta = read_meta(out)
+    report = json.loads((out / "report.json").read_text())
+    assert meta["layers"] == [0] and meta["head_size"] == HEAD
+    assert report["tokens_seen"] > 0 and report["train_tokens_available"] > 0
+    curve = report["curve"]
+    assert [p["step"] for p in curve] == [0, 2, 4]
+    assert all(0.0 <= p["greedy"] <= 1.0 and 0.0 <= p["t0.7"] <= 1.0 for p in curve)
+    assert curve[-1]["tokens"] > curve[0]["tokens"] == 0
+    acc = report["acceptance_teacher_forced"]
+    assert 0.0 <= acc["greedy"] <= 1.0 and acc["positions"] > 0
+    assert report["acceptance_engine"]["greedy_identical_to_ar"] is True
+    status = json.loads((distilled / "status.json").read_text())
+    assert status["stage"] == "done" and status["step"] == 4
+
+
+def test_a_stopped_run_resumes_to_the_same_draft(
+    distilled: Path, tiny_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    pauses = 0
+    for _ in range(30):
+        assert main(_args(tiny_dirs[0], work, "--max-time-s", "0")) == 0
+        if json.loads((work / "status.json").read_text())["stage"] == "done":
+            break
+        pauses += 1
+    assert pauses >= 4  # after each data shard and each checkpointed step
+    log = (work / "train.log").read_text()
+    assert "resumed at step" in log
+    a = load_file(str(distilled / "draft" / TENSORS))
+    b = load_file(str(work / "draft" / TENSORS))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # a changed recipe is refused in the same work directory
+    assert main(_args(tiny_dirs[0], work, "--steps", "7")) == 2
+
+
+def test_the_draft_file_holds_only_what_the_draft_adds(distilled: Path) -> None:
+    out = distilled / "draft"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [META, TENSORS, "report.json", "report.md"]
+    )
+    tensors = load_file(str(out / TENSORS))
+    target = LanguageModel.load(read_meta(out)["target"], device="cpu")
+    layer0 = target.model.model.layers[0].state_dict()
+    expected = {f"layers.0.{k}" for k in layer0} | {"norm.weight"}
+    stored = {k.rsplit(".", 1)[0] for k in tensors if k != "head_ids"}
+    assert stored == expected
+    for k, v in tensors.items():
+        if k.endswith(".q"):
+            assert v.dtype == torch.int8 and v.shape == layer0[k[len("layers.0.") : -2]].shape
+        assert target.vocab_size not in v.shape or k == "head_ids"  # no embedding or head rows
+    assert tensors["head_ids"].numel() == HEAD and tensors["head_ids"].dtype == torch.int32
+    added = sum(v.numel() * v.element_size() for v in tensors.values())
+    layer_fp32 = sum(v.numel() * 4 for v in layer0.values())
+    assert added < layer_fp32 / 3  # int8 deltas
+    assert added < sum(p.numel() * 4 for p in target.model.parameters()) / 5
+
+
+def test_load_rebuilds_the_trained_draft_and_the_reduced_head_has_q_zero_outside(
+    distilled: Path,
+) -> None:
+    draft = LanguageModel.load(str(distilled / "draft"), device="cpu")
+    target = LanguageModel.load(read_meta(distilled / "draft")["target"], device="cpu")
+    head = draft.model.lm_head
+    assert isinstance(head, ReducedHead) and head.size == HEAD
+    assert target.eos_ids <= set(head.ids.tolist())
+    # training moved the layer away from its source (the deltas are not all zero)
+    assert not torch.allclose(
+        draft.model.model.layers[0].mlp.up_proj.weight,
+        target.model.model.layers[0].mlp.up_proj.weight,
+    )
+    inside = torch.zeros(draft.vocab_size, dtype=torch.bool)
+    inside[head.ids] = True
+    prompt = target.encode_chat([{"role": "user", "content": "Tell me about tea."}])
+    logits = draft.new_cache().extend(prompt)
+    assert logits.shape == (len(prompt), target.vocab_size)
+    assert torch.isneginf(logits[:, ~inside]).all() and torch.isfinite(logits[:, inside]).all()
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_p=0.9)):
+        q = probs_from_logits(logits, params)
+        assert (q[:, ~inside] == 0).all() and torch.allclose(q.sum(-1), torch.ones(len(prompt)))
+
+
+@pytest.mark.parametrize("mode", [Mode.PICOSPEC, Mode.VANILLA])
+def test_greedy_with_the_distilled_draft_is_token_identical_to_ar(
+    distilled: Path, reference: LanguageModel, mode: Mode
+) -> None:
+    draft = LanguageModel.load(str(distilled / "draft"), device="cpu")
+    params = SamplingParams(temperature=0.0)
+    rollbacks = 0
+    for text in ["Tell me about tea.", "Write a haiku about bees.", "What is 7 times 8?"]:
+        prompt = reference.encode_chat([{"role": "user", "content": text}])
+        ar = generate(reference, None, prompt, params, SpecConfig(mode=Mode.AR), 24)
+        got = generate(reference, draft, prompt, params, SpecConfig(mode=mode, draft_len=3), 24)
+        assert got.tokens == ar.tokens
+        rollbacks += got.speculation.rollbacks
+    assert rollbacks > 0, "the draft must disagree sometimes, or nothing was tested"
+
+
+def test_draft_of_another_target_is_refused(distilled: Path) -> None:
+    other = tiny_model(vocab=75, seed=5)
+    with pytest.raises(RuntimeError, match="different model"):
+        draft_from_target(distilled / "draft", other)
+
+
+# --- sampled output with a reduced-head draft: the target's exact distribution ----------------
+
+VOCAB, LENGTH, N_RUNS = 4, 3, 1500
+
+
+@torch.inference_mode()
+def _full_logits(model: LanguageModel, ids: list[int]) -> torch.Tensor:
+    return model.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+def test_sampled_output_with_a_reduced_head_draft_follows_the_target() -> None:
+    target = tiny_model(VOCAB, seed=11)
+    ids = torch.tensor([0, 2])  # tokens 1 and 3 are never drafted (q = 0)
+    student = build_student(target.model, [1], ids)
+    draft = LanguageModel(model=student, name="reduced")
+    prompt, params = [1, 3], SamplingParams(temperature=1.0)
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=2, top_k=VOCAB)
+    exact: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(LENGTH):
+        nxt = {}
+        for seq, pr in exact.items():
+            p = probs_from_logits(_full_logits(target, prompt + list(seq)), params).double()
+            nxt.update({seq + (t,): pr * float(p[t]) for t in range(VOCAB)})
+        exact = nxt
+    outcomes = list(itertools.product(range(VOCAB), repeat=LENGTH))
+    index = {o: i for i, o in enumerate(outcomes)}
+    counts = np.zeros(len(outcomes))
+    rollbacks = drafted_outside = 0
+    for seed in range(N_RUNS):
+        run = generate(
+            target, draft, prompt, params.model_copy(update={"seed": seed}), spec, LENGTH
+        )
+        counts[index[tuple(run.tokens)]] += 1
+        rollbacks += run.speculation.rollbacks
+        drafted_outside += sum(t in (1, 3) for t in run.tokens)
+    assert rollbacks > N_RUNS // 4, "draft and target must disagree often for the test to bite"
+    assert drafted_outside > N_RUNS // 10, "tokens outside the head must still be produced"
+    expected = np.array([exact[o] for o in outcomes]) * N_RUNS
+    order = np.argsort(expected)
+    small = order[np.cumsum(expected[order]) < 10]
+    keep = np.setdiff1d(np.arange(len(outcomes)), small)
+    obs = np.append(counts[keep], counts[small].sum())
+    exp = np.append(expected[keep], expected[small].sum())
+    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-4
+
+
+# --- data: never the benchmark's prompts ----------------------------------------------------
+
+
+def test_no_training_prompt_equals_or_contains_an_mtbench_question() -> None:
+    questions = [" ".join(q.lower().split()) for q in D.benchmark_prompts()]
+    assert len(questions) == 160  # 80 questions, two turns each
+    train = D.synthesise_prompts(0)
+    held_out = D.synthesise_prompts(0, held_out=True)
+    assert len(train) > 1000 and len(held_out) > 100
+    assert not set(train) & set(held_out)
+    for text in [*train, *held_out, *D.project_texts()]:
+        norm = " ".join(text.lower().split())
+        assert not any(q in norm for q in questions), text
+
+
+def test_exclusion_drops_benchmark_prompts_however_embedded() -> None:
+    q = D.benchmark_prompts()[0]
+    texts = ["Explain tea.", q, f"Please answer:  {q.upper()}  thanks", q[: len(q) // 2]]
+    assert D.exclude_benchmark(texts) == ["Explain tea.", q[: len(q) // 2]]
+
+
+def test_layer_choices() -> None:
+    assert spread_layers(30, 4) == [0, 10, 19, 29]
+    assert parse_layers("first:3", 30) == [0, 1, 2]
+    assert parse_layers("0,-1", 30) == [0, 29]
+    with pytest.raises(ValueError):
+        parse_layers("0,30", 30)
