@@ -119,3 +119,30 @@ scan: $(STAMP)
 	test -x $(SCAN_VENV)/bin/checkov || { $(PYTHON) -m venv $(SCAN_VENV) && \
 	  $(SCAN_VENV)/bin/pip install --quiet 'checkov>=3.2,<4'; }
 	$(BIN)/python charts/picospec/hack/scan.py --checkov $(SCAN_VENV)/bin/checkov
+
+# The shipped draft of the embedded model, smollm2-draft (docs/distill.md): data from SmolLM2's
+# own answers, a few of its layers trained by KD, int8 deltas + a reduced head written to
+# DRAFT_OUT. Hours on 2 CPU cores. It checkpoints to DRAFT_WORK and, run again, resumes where
+# it stopped; DRAFT_ARGS adds options (e.g. --max-time-s 3000 to stop resumably in time).
+# `make draft-bg` runs it in the background (nice, nohup, log in DRAFT_WORK/make.log);
+# `make draft-status` shows the stage, step, tokens/s, ETA and the acceptance curve.
+DRAFT_WORK ?= build/distill/smollm2-draft
+DRAFT_OUT ?= services/picospec/distill/drafts/smollm2-draft
+DRAFT_ARGS ?=
+DRAFT_RECIPE := --target smollm2 --layers 4 --head-size 8192 --sources chat,docs \
+	--max-new-tokens 192 --temperatures 0,0.7 --topk 32 --steps 6000 --batch-tokens 2048 \
+	--lr 3e-4 --warmup 100 --kd both --hard-weight 0.2 --eval-prompts 16 --eval-every 250 \
+	--ckpt-every 50 --seed 0
+.PHONY: draft draft-bg draft-status
+draft: $(STAMP)
+	nice -n 19 $(BIN)/picospec distill $(DRAFT_RECIPE) --work $(DRAFT_WORK) --out $(DRAFT_OUT) \
+		$(DRAFT_ARGS)
+
+draft-bg: $(STAMP)
+	mkdir -p $(DRAFT_WORK)
+	nohup $(MAKE) draft DRAFT_ARGS="--no-progress $(DRAFT_ARGS)" >> $(DRAFT_WORK)/make.log 2>&1 & \
+		echo $$! > $(DRAFT_WORK)/make.pid; echo "started (pid $$(cat $(DRAFT_WORK)/make.pid)); log: $(DRAFT_WORK)/make.log"
+
+draft-status: $(STAMP)
+	$(BIN)/picospec distill --status --work $(DRAFT_WORK)
+	@test ! -f $(DRAFT_WORK)/train.log || tail -n 5 $(DRAFT_WORK)/train.log

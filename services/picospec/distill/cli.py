@@ -34,6 +34,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (background runs)")
     p.add_argument("--no-timing", action="store_true", help="report without the step-time ratio")
     p.add_argument("--engine-prompts", type=int, default=4, help="prompts for engine acceptance")
+    p.add_argument(
+        "--eval-mtbench",
+        type=int,
+        default=0,
+        help="the report also measures acceptance on the first N MT-Bench questions (never "
+        "trained on)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="report on and save the latest checkpoint without training further",
+    )
     p.add_argument("--status", action="store_true", help="print the run's status and exit")
     p.set_defaults(func=cmd_distill)
 
@@ -55,6 +67,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         timing=not args.no_timing,
         engine_prompts=args.engine_prompts,
+        eval_mtbench=args.eval_mtbench,
+        report_only=args.report_only,
     )
     report = run(recipe, opts)
     if report.get("paused"):

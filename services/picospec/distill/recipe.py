@@ -67,4 +67,6 @@ class Options:
     timing: bool = True
     engine_prompts: int = 4
     engine_max_tokens: int = 64
+    eval_mtbench: int = 0  # the report also measures the first N MT-Bench questions (eval only)
+    report_only: bool = False  # report on (and save) the latest checkpoint, without training
     prompt_source: list[str] | None = field(default=None, repr=False)  # tests: fixed prompts

@@ -284,9 +284,9 @@ def train(
     eval_ex: list[D.Example],
     recipe: Recipe,
     opts: Options,
-) -> list[dict[str, Any]]:
-    """Train ``student`` for ``recipe.steps`` steps (resuming from ``ckpt.pt``); returns the
-    acceptance curve."""
+) -> dict[str, Any]:
+    """Train ``student`` for ``recipe.steps`` steps (resuming from ``ckpt.pt``); returns
+    ``{"step", "tokens", "curve"}`` (the acceptance curve)."""
     device = target.device
     params = trainable_parameters(student)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -307,6 +307,9 @@ def train(
         torch.set_rng_state(blob["rng"]["torch"])
         random.setstate(blob["rng"]["python"])
         _log_line(opts.work, f"resumed at step {step} ({seen} tokens)")
+    if opts.report_only:
+        student.eval()
+        return {"step": step, "tokens": seen, "curve": curve}
     eval_logits = cache_target_logits(target, eval_ex) if eval_ex else None
 
     def evaluate_now() -> None:
@@ -393,7 +396,7 @@ def train(
         if progress:
             progress.stop()
     student.eval()
-    return curve
+    return {"step": step, "tokens": seen, "curve": curve}
 
 
 def _progress(enabled: bool) -> Any:
@@ -473,11 +476,11 @@ def run(recipe: Recipe, opts: Options, target: Any = None) -> dict[str, Any]:
             head_ids = D.head_ids_from(counts, min(recipe.head_size, target.vocab_size), always)
         student = build_student(target.model, layers, head_ids)
         write_status(opts.work, stage="train", examples=len(examples), layers=layers)
-        curve = train(target, student, examples, eval_ex, recipe, opts)
+        trained = train(target, student, examples, eval_ex, recipe, opts)
     except TimeUp:
         write_status(opts.work, stage="paused (time budget): run the same command to resume")
         return {"paused": True}
-    report = make_report(target, student, eval_ex, recipe, opts, layers, curve, examples)
+    report = make_report(target, student, eval_ex, recipe, opts, layers, trained, examples)
     out = opts.out or opts.work / "draft"
     save_draft(
         out,
@@ -501,7 +504,7 @@ def make_report(
     recipe: Recipe,
     opts: Options,
     layers: list[int],
-    curve: list[dict[str, Any]],
+    trained: dict[str, Any],
     examples: list[D.Example],
 ) -> dict[str, Any]:
     from picospec.models import LanguageModel
@@ -515,11 +518,28 @@ def make_report(
         "head_size": recipe.head_size or None,
         "train_examples": len(examples),
         "train_tokens_available": sum(e.trained for e in examples),
-        "tokens_seen": curve[-1]["tokens"] if curve else 0,
+        "steps": trained["step"],
+        "tokens_seen": trained["tokens"],
         "acceptance_teacher_forced": acceptance(target, student, eval_ex) if eval_ex else None,
-        "curve": curve,
+        "curve": trained["curve"],
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
+    if opts.eval_mtbench:
+        from picospec.bench import mtbench_questions
+
+        bench = list(
+            D.target_responses(
+                target,
+                mtbench_questions()[: opts.eval_mtbench],
+                max_new_tokens=recipe.eval_max_new_tokens,
+                temperatures=[0.0],
+                batch_size=recipe.gen_batch,
+            )
+        )
+        report["acceptance_mtbench_teacher_forced"] = {
+            **acceptance(target, student, bench),
+            "prompts": opts.eval_mtbench,
+        }
     if opts.engine_prompts and eval_ex:
         prompts = [e.ids[: e.start + 1] for e in eval_ex[: opts.engine_prompts]]
         report["acceptance_engine"] = engine_acceptance(
@@ -541,9 +561,15 @@ def report_markdown(r: dict[str, Any]) -> str:
         "",
         "| measure | greedy | T=0.7 |",
         "|---|---|---|",
-        f"| per-token acceptance, teacher-forced | {acc.get('greedy', 0):.3f} | "
+        f"| per-token acceptance, teacher-forced, held-out prompts | {acc.get('greedy', 0):.3f} | "
         f"{acc.get('t0.7', 0):.3f} |",
     ]
+    mt = r.get("acceptance_mtbench_teacher_forced")
+    if mt:
+        lines.append(
+            f"| per-token acceptance, teacher-forced, {mt['prompts']} MT-Bench questions | "
+            f"{mt['greedy']:.3f} | {mt['t0.7']:.3f} |"
+        )
     eng = r.get("acceptance_engine")
     if eng:
         lines.append(
