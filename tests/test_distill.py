@@ -30,7 +30,12 @@ from picospec.distill.format import META, TENSORS, draft_from_target, read_meta
 from picospec.distill.student import ReducedHead, build_student, parse_layers, spread_layers
 from picospec.engine import generate
 from picospec.models import LanguageModel
-from picospec.sampling import SamplingParams, probs_from_logits
+from picospec.sampling import (
+    SamplingParams,
+    output_distribution,
+    probs_from_logits,
+    total_variation,
+)
 
 HEAD = 40  # of the tiny tokenizer's 75 tokens
 
@@ -106,6 +111,11 @@ def test_a_stopped_run_resumes_to_the_same_draft(
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # --report-only saves the latest checkpoint's draft again, without training
+    (work / "draft" / TENSORS).unlink()
+    assert main(_args(tiny_dirs[0], work, "--report-only")) == 0
+    c = load_file(str(work / "draft" / TENSORS))
+    assert all(torch.equal(a[k], c[k]) for k in a)
     # a changed recipe is refused in the same work directory
     assert main(_args(tiny_dirs[0], work, "--steps", "7")) == 2
 
@@ -156,6 +166,25 @@ def test_load_rebuilds_the_trained_draft_and_the_reduced_head_has_q_zero_outside
         assert (q[:, ~inside] == 0).all() and torch.allclose(q.sum(-1), torch.ones(len(prompt)))
 
 
+def test_one_token_through_separate_rejection_sampling_is_exactly_the_target(
+    distilled: Path, reference: LanguageModel
+) -> None:
+    """Exact, per position: accept with min(1, p/q), else draw from the residual: the output
+    distribution equals p although the reduced head's q is 0 on most tokens."""
+    draft = LanguageModel.load(str(distilled / "draft"), device="cpu")
+    prompt = reference.encode_chat([{"role": "user", "content": "Tell me about tea."}])
+    p_rows = reference.new_cache().extend(prompt)
+    q_rows = draft.new_cache().extend(prompt)
+    disagree = 0.0
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=20)):
+        for p_logits, q_logits in zip(p_rows, q_rows, strict=True):
+            p, q = probs_from_logits(p_logits, params), probs_from_logits(q_logits, params)
+            out = output_distribution(p, q, top_k=reference.vocab_size)
+            assert total_variation(out, p) < 1e-6
+            disagree = max(disagree, total_variation(p, q))
+    assert disagree > 0.3, "q must differ from p, or nothing was tested"
+
+
 @pytest.mark.parametrize("mode", [Mode.PICOSPEC, Mode.VANILLA])
 def test_greedy_with_the_distilled_draft_is_token_identical_to_ar(
     distilled: Path, reference: LanguageModel, mode: Mode
@@ -180,7 +209,7 @@ def test_draft_of_another_target_is_refused(distilled: Path) -> None:
 
 # --- sampled output with a reduced-head draft: the target's exact distribution ----------------
 
-VOCAB, LENGTH, N_RUNS = 4, 3, 1500
+VOCAB, LENGTH, N_RUNS = 4, 2, 1000
 
 
 @torch.inference_mode()
@@ -214,7 +243,7 @@ def test_sampled_output_with_a_reduced_head_draft_follows_the_target() -> None:
         rollbacks += run.speculation.rollbacks
         drafted_outside += sum(t in (1, 3) for t in run.tokens)
     assert rollbacks > N_RUNS // 4, "draft and target must disagree often for the test to bite"
-    assert drafted_outside > N_RUNS // 10, "tokens outside the head must still be produced"
+    assert drafted_outside > N_RUNS // 20, "tokens outside the head must still be produced"
     expected = np.array([exact[o] for o in outcomes]) * N_RUNS
     order = np.argsort(expected)
     small = order[np.cumsum(expected[order]) < 10]

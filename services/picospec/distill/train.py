@@ -261,12 +261,12 @@ def loss_on(
         s_logp = logp[ok].gather(-1, t_ids[ok].clamp(min=0))
         ce = -(p * s_logp).sum(-1)
         ent = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
-        soft = ce.mean()
-        total = total + soft
-        parts["kl"] = float((ce - ent).mean().detach())
+        n = max(1, int(ok.sum()))  # rows whose teacher top-k misses the head are skipped
+        total = total + ce.sum() / n
+        parts["kl"] = float((ce - ent).sum().detach()) / n
     if recipe.kd in ("seq", "both"):
         ok = nxt_t >= 0
-        hard = -logp[ok].gather(-1, nxt_t[ok, None]).mean()
+        hard = -logp[ok].gather(-1, nxt_t[ok, None]).sum() / max(1, int(ok.sum()))
         total = total + (recipe.hard_weight if recipe.kd == "both" else 1.0) * hard
         parts["ce"] = float(hard.detach())
     parts["tokens"] = float(logp.shape[0])
@@ -454,6 +454,9 @@ def run(recipe: Recipe, opts: Options, target: Any = None) -> dict[str, Any]:
     """Data, student, training, report; returns the report (and saves the draft to ``out``)."""
     global _START
     _START = time.time()
+    if recipe.kd not in ("token", "seq", "both"):
+        raise ValueError(f"unknown --kd {recipe.kd!r}: use token, seq or both")
+    recipe.source_list  # noqa: B018 (validates)
     check_recipe(opts.work, recipe)
     if opts.threads:
         torch.set_num_threads(opts.threads)
