@@ -1,8 +1,10 @@
-"""Batched verification: several sessions' blocks in one padded forward, exactly as if alone.
+"""Batched verification: several sessions' blocks in one forward, exactly as if alone.
 
 Every check compares the batched path with the unbatched one on real tiny models (no mocks):
 the logits, the key/value state each session keeps afterwards, the verdicts of whole pipelined
-exchanges, and complete greedy generations against a cache-free reference decoding.
+exchanges, and complete greedy generations against a cache-free reference decoding. Both KV
+layouts are checked: ``slots`` (the varlen forward over preallocated per-session caches, the
+default) and ``copy`` (DynamicCache padded into a temporary batched cache).
 """
 
 from __future__ import annotations
@@ -36,7 +38,19 @@ GREEDY = SamplingParams(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def target() -> LanguageModel:
-    return tiny_model(V, seed=21)
+    """The tiny target with the default (slot) layout."""
+    lm = tiny_model(V, seed=21)
+    assert lm.effective_kv_layout == "slots"
+    return lm
+
+
+@pytest.fixture(scope="module", params=["slots", "copy"])
+def either(request: pytest.FixtureRequest) -> LanguageModel:
+    """The same tiny target, once per KV layout."""
+    lm = tiny_model(V, seed=21)
+    lm.kv_layout = request.param
+    assert lm.effective_kv_layout == request.param
+    return lm
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +60,25 @@ def draft() -> LanguageModel:
 
 @contextmanager
 def count_forwards(lm: LanguageModel) -> Iterator[list[int]]:
-    """Record the batch size of every top-level forward of ``lm``'s network."""
+    """Record the number of sessions of every forward of ``lm``'s network: the batch size of
+    a transformers forward (copy layout), the sessions of a varlen forward (slot layout)."""
     sizes: list[int] = []
     handle = lm.model.register_forward_hook(
         lambda _m, _args, kwargs, _out: sizes.append(int(kwargs["input_ids"].shape[0])),
         with_kwargs=True,
     )
+    plain = lm._forward_slots
+
+    def varlen(caches: list[KVCache], *args: object) -> list[torch.Tensor]:
+        sizes.append(len(caches))
+        return plain(caches, *args)  # type: ignore[arg-type]
+
+    lm._forward_slots = varlen  # type: ignore[method-assign]
     try:
         yield sizes
     finally:
         handle.remove()
+        del lm._forward_slots
 
 
 def _ids(rng: random.Random, n: int) -> list[int]:
@@ -74,13 +97,15 @@ def _twin_caches(lm: LanguageModel, pasts: list[int], rng: random.Random) -> tup
 
 
 def _assert_same_kv(batched: KVCache, alone: KVCache) -> None:
-    assert batched.length == alone.length
-    la, lb = batched._cache.layers, alone._cache.layers
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb, strict=True):
-        assert x.keys.shape == y.keys.shape and x.values.shape == y.values.shape
-        torch.testing.assert_close(x.keys, y.keys, atol=ATOL, rtol=0)
-        torch.testing.assert_close(x.values, y.values, atol=ATOL, rtol=0)
+    assert batched.length == alone.length and batched.layout == alone.layout
+    if batched.length == 0:
+        return
+    for i in range(batched._model.model.config.num_hidden_layers):
+        (kx, vx), (ky, vy) = batched.kv(i), alone.kv(i)
+        assert kx.shape == ky.shape == vx.shape == vy.shape
+        assert kx.shape[-2] == batched.length
+        torch.testing.assert_close(kx, ky, atol=ATOL, rtol=0)
+        torch.testing.assert_close(vx, vy, atol=ATOL, rtol=0)
 
 
 # --- forward_batch ------------------------------------------------------------------------
@@ -95,8 +120,9 @@ def _assert_same_kv(batched: KVCache, alone: KVCache) -> None:
     ],
 )
 def test_forward_batch_equals_each_session_alone(
-    target: LanguageModel, pasts: list[int], news: list[int]
+    either: LanguageModel, pasts: list[int], news: list[int]
 ) -> None:
+    target = either
     assert target.batching_unsupported is None
     rng = random.Random(sum(pasts) * 31 + sum(news))
     batched, alone = _twin_caches(target, pasts, rng)
@@ -117,7 +143,8 @@ def test_forward_batch_equals_each_session_alone(
         torch.testing.assert_close(cb.extend(nxt), ca.extend(nxt), atol=ATOL, rtol=0)
 
 
-def test_repeated_batched_rounds_with_rejections_stay_equal(target: LanguageModel) -> None:
+def test_repeated_batched_rounds_with_rejections_stay_equal(either: LanguageModel) -> None:
+    target = either
     rng = random.Random(5)
     batched, alone = _twin_caches(target, [0, 1, 6, 3], rng)
     for _ in range(8):
@@ -134,7 +161,8 @@ def test_repeated_batched_rounds_with_rejections_stay_equal(target: LanguageMode
             ca.crop(keep)
 
 
-def test_forward_batch_of_one_takes_the_plain_path(target: LanguageModel) -> None:
+def test_forward_batch_of_one_takes_the_plain_path(either: LanguageModel) -> None:
+    target = either
     one, ref = _twin_caches(target, [4], random.Random(1))
     with count_forwards(target) as sizes:
         got = target.forward_batch(one, [[1, 2]])
@@ -255,23 +283,43 @@ def _apply(d: DrafterSession, verdicts: list[Verdict]) -> None:
 PROMPTS = [[1, 2, 3], [4], [0, 7, 7, 5, 1, 6, 2], [9, 9], [3, 14, 15, 9, 2, 6]]
 
 
+SAMPLED = SamplingParams()
+SAMPLED_TOP_P = SamplingParams(temperature=0.8, top_p=0.9)
+HOT = SamplingParams(temperature=1.2)
+
+
 @pytest.mark.parametrize(
-    ("spec", "params"),
+    ("spec", "params", "layout"),
     [
-        (SpecConfig(mode=Mode.PICOSPEC, draft_len=3, lookahead=3), GREEDY),
-        (SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=4, top_k=5), SamplingParams()),
-        (SpecConfig(mode=Mode.VANILLA, draft_len=3), GREEDY),
-        (SpecConfig(mode=Mode.VANILLA, draft_len=2), SamplingParams(temperature=0.8, top_p=0.9)),
-        (SpecConfig(mode=Mode.DSSD, draft_len=4, top_k=V), SamplingParams(temperature=1.2)),
+        (SpecConfig(mode=Mode.PICOSPEC, draft_len=3, lookahead=3), GREEDY, "slots"),
+        (SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=4, top_k=5), SAMPLED, "slots"),
+        (SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=4, top_k=5), SAMPLED, "copy"),
+        (SpecConfig(mode=Mode.VANILLA, draft_len=3), GREEDY, "slots"),
+        (SpecConfig(mode=Mode.VANILLA, draft_len=2), SAMPLED_TOP_P, "slots"),
+        (SpecConfig(mode=Mode.DSSD, draft_len=4, top_k=V), HOT, "slots"),
     ],
-    ids=["picospec-greedy", "picospec-sampled", "vanilla-greedy", "vanilla-sampled", "dssd"],
+    ids=[
+        "picospec-greedy",
+        "picospec-sampled",
+        "picospec-sampled-copy",
+        "vanilla-greedy",
+        "vanilla-sampled",
+        "dssd",
+    ],
 )
 def test_verify_many_gives_the_verdicts_of_submit(
-    target: LanguageModel, draft: LanguageModel, spec: SpecConfig, params: SamplingParams
+    target: LanguageModel,
+    draft: LanguageModel,
+    spec: SpecConfig,
+    params: SamplingParams,
+    layout: str,
 ) -> None:
     """Two identical sets of verifier sessions: one takes every block through ``submit`` one
     by one, the other through ``verify_many`` (blocks of all sessions interleaved, some
     sessions' blocks reversed so they wait in the buffer, stale and refused blocks mixed in)."""
+    if layout != target.kv_layout:
+        target = tiny_model(V, seed=21)
+        target.kv_layout = layout
     drafters, alone, batched = [], [], []
     for k, prompt in enumerate(PROMPTS):
         sid = os.urandom(16)

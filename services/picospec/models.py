@@ -11,13 +11,21 @@ import importlib.util
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from picospec.devices import Pacer, Stopwatch
+from picospec.kvslots import (
+    CacheCounters,
+    Geometry,
+    Slot,
+    geometry,
+    varlen_forward,
+    why_not_slots,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,36 +117,90 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class KVCache:
-    """One session's KV cache in one model, croppable to any committed length."""
+    """One session's KV cache in one model, croppable to any committed length.
 
-    def __init__(self, model: LanguageModel) -> None:
-        from transformers import DynamicCache
+    Two layouts (:attr:`LanguageModel.kv_layout`): ``slots``, a preallocated buffer written in
+    place by the varlen forward (:mod:`picospec.kvslots`; crop is O(1), nothing is copied), for
+    the Llama family; ``copy``, a transformers ``DynamicCache`` (every other model, and the
+    comparison). ``capacity`` is the number of tokens a slot reserves up front (it grows
+    geometrically past it, a counted copy).
+    """
 
+    def __init__(self, model: LanguageModel, capacity: int | None = None) -> None:
         self._model = model
-        self._cache = DynamicCache()
         self.length = 0
+        self.layout = model.effective_kv_layout
+        self._slot: Slot | None = None
+        self._cache: Any = None
+        if self.layout == "slots":
+            self._slot = Slot(
+                model.kv_geometry,
+                model.kv_counters,
+                None if capacity is None else max(1, min(capacity, model.max_context)),
+                model.max_context,
+            )
+        else:
+            from transformers import DynamicCache
 
-    def extend(self, tokens: list[int]) -> torch.Tensor:
+            self._cache = DynamicCache()
+
+    def extend(self, tokens: list[int], keep: int | None = None) -> torch.Tensor:
         """Feed ``tokens``; return float32 logits ``[len(tokens), V]`` on the CPU: row ``i`` is the
-        distribution of the token *after* ``tokens[i]``."""
+        distribution of the token *after* ``tokens[i]``. With ``keep``, only the last ``keep``
+        rows (the LM head runs for those alone in the slot layout)."""
         if not tokens:
             raise ValueError("extend() needs at least one token")
-        logits = self._model.forward(self._cache, tokens, self.length)
+        keep = _rows(keep, len(tokens))
+        if self._slot is not None:
+            return self._model._forward_slots([self], [list(tokens)], [keep])[0]
+        logits = self._model.forward(self._cache, tokens, self.length)[-keep:]
         self.length += len(tokens)
         return logits
 
     def crop(self, length: int) -> None:
-        """Roll back to the first ``length`` tokens."""
+        """Roll back to the first ``length`` tokens (a slot only moves its length)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot crop a cache of {self.length} tokens to {length}")
         if length < self.length:
-            if length == 0:
-                from transformers import DynamicCache
+            if self._slot is None:
+                if length == 0:
+                    from transformers import DynamicCache
 
-                self._cache = DynamicCache()
-            else:
-                self._cache.crop(length - self.length)  # transformers 5: negative = tokens to drop
+                    self._cache = DynamicCache()
+                else:
+                    self._cache.crop(length - self.length)  # transformers 5: negative = to drop
             self.length = length
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s keys and values, ``[1, kv_heads, length, head_dim]`` (views)."""
+        if self._slot is not None:
+            return self._slot.kv(layer, self.length)
+        lay = self._cache.layers[layer]
+        return lay.keys, lay.values
+
+    def clone(self) -> KVCache:
+        """An independent copy holding the same tokens, capacity and layout (benchmarks seed
+        many sessions from one prefill with it)."""
+        twin = KVCache.__new__(KVCache)
+        twin._model, twin.length, twin.layout = self._model, self.length, self.layout
+        twin._slot, twin._cache = None, None
+        if self._slot is not None:
+            s = self._slot
+            twin._slot = Slot(s.geometry, s.counters, s.capacity_hint, s.max_capacity)
+            twin._slot.buf = None if s.buf is None else s.buf.clone()
+        else:
+            from transformers import DynamicCache
+
+            twin._cache = DynamicCache()
+            for i in range(len(self._cache.layers) if self.length else 0):
+                keys, values = self.kv(i)
+                twin._cache.update(keys.clone(), values.clone(), i)
+        return twin
+
+    @property
+    def capacity(self) -> int:
+        """Tokens this cache holds without growing (its length for the copy layout)."""
+        return self._slot.capacity if self._slot is not None else self.length
 
     def _layers_consistent(self) -> bool:
         """Every layer is a plain full-attention ``DynamicLayer`` holding exactly ``length``
@@ -166,12 +228,29 @@ class KVCache:
         return self.length == 0 or bool(cache.layers)
 
     def nbytes(self) -> int:
+        """Memory held: a slot's whole reserved buffer, or the DynamicCache's tensors."""
+        if self._slot is not None:
+            return self._slot.nbytes()
         total = 0
         for layer in getattr(self._cache, "layers", []):
             for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if isinstance(t, torch.Tensor):
                     total += t.numel() * t.element_size()
         return total
+
+    def used_bytes(self) -> int:
+        """Bytes of the ``length`` valid tokens' keys/values."""
+        if self._slot is not None:
+            return self.length * self._slot.geometry.token_bytes
+        return self.nbytes()
+
+
+def _rows(keep: int | None, n: int) -> int:
+    if keep is None:
+        return n
+    if not 1 <= keep <= n:
+        raise ValueError(f"cannot keep {keep} rows of a {n}-token forward")
+    return keep
 
 
 @dataclass
@@ -186,6 +265,13 @@ class LanguageModel:
     """Let :meth:`forward_batch` run several sessions in one padded forward (where supported)."""
     pacer: Pacer | None = None
     """Device emulation: every forward is padded to the time the profile gives it."""
+    kv_layout: str = "slots"
+    """``slots``: per-session preallocated caches and the varlen forward (:mod:`picospec.kvslots`)
+    where the model supports it, else ``copy``; ``copy``: transformers' ``DynamicCache``, padded
+    into a temporary batched cache each batched round (kept for comparison). Caches keep the
+    layout they were made with."""
+    kv_counters: CacheCounters = field(default_factory=CacheCounters)
+    """Forwards run and cache bytes copied (see :class:`picospec.kvslots.CacheCounters`)."""
 
     @classmethod
     def load(
@@ -257,6 +343,9 @@ class LanguageModel:
         )
         if cost is not None:
             model.pacer = Pacer(cost, role or "")
+        layout = getattr(settings, "kv_layout", None)
+        if layout:
+            model.kv_layout = str(layout)
         return model
 
     # --- shape of the model -------------------------------------------------------------
@@ -282,33 +371,100 @@ class LanguageModel:
         return frozenset(ids)
 
     # --- compute ------------------------------------------------------------------------
-    def new_cache(self) -> KVCache:
-        return KVCache(self)
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """A session's cache; ``capacity``: the tokens it is expected to hold (a slot reserves
+        them at once, so it never grows in a session that keeps to it)."""
+        return KVCache(self, capacity)
+
+    @property
+    def slots_unsupported(self) -> str | None:
+        """Why this model's caches cannot take the slot layout; None if they can."""
+        if not hasattr(self, "_no_slots"):
+            self._no_slots = why_not_slots(self.model)
+            if self._no_slots:
+                log.info("model %s keeps DynamicCache caches: %s", self.name, self._no_slots)
+        return self._no_slots
+
+    @property
+    def effective_kv_layout(self) -> str:
+        """The layout new caches get: ``kv_layout``, or ``copy`` where slots are unsupported."""
+        if self.kv_layout not in ("slots", "copy"):
+            raise ModelError(f"unknown kv_layout {self.kv_layout!r}: use slots or copy")
+        if self.kv_layout == "slots" and self.slots_unsupported is None:
+            return "slots"
+        return "copy"
+
+    @property
+    def kv_geometry(self) -> Geometry:
+        if not hasattr(self, "_geometry"):
+            self._geometry = geometry(self.model, self.device)
+        return self._geometry
+
+    @property
+    def kv_token_bytes(self) -> int:
+        """Bytes of one token's keys and values over all layers."""
+        if self.effective_kv_layout == "slots":
+            return self.kv_geometry.token_bytes
+        cfg = self.model.config
+        heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        size = next(self.model.parameters()).element_size()
+        return 2 * int(cfg.num_hidden_layers) * heads * dim * size
 
     @torch.inference_mode()
     def forward(self, cache: Any, tokens: list[int], past: int) -> torch.Tensor:
+        """One session's forward through transformers with a ``DynamicCache`` (the copy
+        layout): its update concatenates, so the ``past`` tokens are copied (counted)."""
         with Stopwatch(self.pacer, len(tokens)):
             ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
             positions = torch.arange(past, past + len(tokens), device=self.device)[None]
             out = self.model(
                 input_ids=ids, use_cache=True, position_ids=positions, **{self._cache_kwarg: cache}
             )
+            self.kv_counters.forwards += 1
+            if past:
+                self.kv_counters.copied_bytes += past * self.kv_token_bytes
             return out.logits[0].float().cpu()
+
+    def _forward_slots(
+        self, caches: list[KVCache], tokens: list[list[int]], keep: list[int]
+    ) -> list[torch.Tensor]:
+        """The slot layout's forward (:func:`picospec.kvslots.varlen_forward`) of one or more
+        sessions; every cache advances by its tokens. Float32 CPU logits of the kept rows."""
+        news = [len(t) for t in tokens]
+        slots: list[Slot] = []
+        for c, n in zip(caches, news, strict=True):
+            assert c._slot is not None
+            c._slot.reserve(c.length, c.length + n)
+            slots.append(c._slot)
+        with Stopwatch(self.pacer, sum(news)):
+            logits = varlen_forward(
+                self.model, slots, [c.length for c in caches], tokens, keep, self.device
+            )
+            rows = logits.float().cpu()
+        self.kv_counters.forwards += 1
+        for c, n in zip(caches, news, strict=True):
+            c.length += n
+        return list(rows.split(keep))
 
     def forward_batch(
         self,
         caches: list[KVCache],
         tokens: list[list[int]],
         on_forward: Callable[[int], None] | None = None,
+        keep: list[int] | None = None,
     ) -> list[torch.Tensor]:
         """Feed ``tokens[b]`` to session cache ``caches[b]`` for every ``b`` in ONE forward.
 
-        Returns what ``caches[b].extend(tokens[b])`` would, per session: float32 CPU logits
-        ``[len(tokens[b]), V]`` (equal within float tolerance), with every cache advanced by its
-        own tokens. The sessions may hold different numbers of tokens (0 included) and feed
-        different numbers of tokens.
+        Returns what ``caches[b].extend(tokens[b], keep[b])`` would, per session: float32 CPU
+        logits ``[len(tokens[b]), V]`` (only the last ``keep[b]`` rows with ``keep``; equal
+        within float tolerance), with every cache advanced by its own tokens. The sessions may
+        hold different numbers of tokens (0 included) and feed different numbers of tokens.
 
-        How: a temporary batched cache holds every session's keys/values *left*-padded with
+        Slot caches (:mod:`picospec.kvslots`) take the varlen forward: the new tokens of all
+        sessions concatenated, each session's keys/values written in place, nothing copied.
+
+        Copy caches: a temporary batched cache holds every session's keys/values *left*-padded with
         zeros to the longest past ``P``; the new tokens are *right*-padded to the longest block
         ``N``. A 2-D ``attention_mask [B, P + N]`` marks the real positions (past and new) with
         1, so no real token attends to a pad; ``position_ids`` give each real token its true
@@ -327,15 +483,22 @@ class LanguageModel:
             raise ValueError("a cache appears twice in one batch")
         if any(c._model is not self for c in caches):
             raise ValueError("every cache of a batch must belong to this model")
+        wanted = keep or [None] * len(tokens)
+        rows = [_rows(k, len(t)) for k, t in zip(wanted, tokens, strict=True)]
         report = on_forward or (lambda _n: None)
-        if len(caches) > 1 and not self.batching_unsupported and self._can_pad(caches):
-            with Stopwatch(self.pacer, sum(len(t) for t in tokens)):
-                out = self._forward_padded(caches, tokens)
-            report(len(caches))
-            return out
+        if len(caches) > 1 and not self.batching_unsupported:
+            if all(c._slot is not None for c in caches):
+                out = self._forward_slots(caches, [list(t) for t in tokens], rows)
+                report(len(caches))
+                return out
+            if all(c._slot is None for c in caches) and self._can_pad(caches):
+                with Stopwatch(self.pacer, sum(len(t) for t in tokens)):
+                    out = self._forward_padded(caches, tokens)
+                report(len(caches))
+                return [o[-k:] for o, k in zip(out, rows, strict=True)]
         logits = []
-        for c, t in zip(caches, tokens, strict=True):
-            logits.append(c.extend(list(t)))
+        for c, t, k in zip(caches, tokens, rows, strict=True):
+            logits.append(c.extend(list(t), k))
             report(1)
         return logits
 
@@ -389,6 +552,11 @@ class LanguageModel:
                     i,
                 )
             c.length += n
+        # what moved: the real past into the batched cache, the batched cache (pads included)
+        # through its own concatenation, and each session's past through its split-back one
+        tb = self.kv_token_bytes
+        self.kv_counters.forwards += 1
+        self.kv_counters.copied_bytes += (2 * sum(pasts) + b_size * big_p) * tb
         rows = torch.cat([out.logits[b, :n] for b, n in enumerate(news)]).float().cpu()
         return list(rows.split(news))
 

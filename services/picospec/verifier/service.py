@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from picospec import metrics
 from picospec.config import Mode, Settings
+from picospec.kvslots import SLOT_MARGIN
 from picospec.models import LanguageModel
 from picospec.protocol import subjects
 from picospec.protocol.codec import (
@@ -53,6 +54,12 @@ class Held:
     open_req: OpenSession
     last_used: float = field(default_factory=time.monotonic)
     ar_task: asyncio.Task[None] | None = None
+
+
+def capacity(req: OpenSession) -> int:
+    """The tokens a session's cache reserves at open: its prompt, its answer and a block beyond
+    (capped by the model's context; a slot grows past it if a session outlives the estimate)."""
+    return len(req.prompt) + req.max_new_tokens + SLOT_MARGIN
 
 
 def _reject(reason: str, **fields: object) -> None:
@@ -142,7 +149,9 @@ class VerifierService:
 
     def _prefill(self, sid: bytes, req: OpenSession) -> tuple[VerifierSession, int | None]:
         """Prefill the session (on the model thread), and pick its first token when asked."""
-        vs = VerifierSession(self.model, sid, req.prompt, req.params, req.spec, req.epoch)
+        vs = VerifierSession(
+            self.model, sid, req.prompt, req.params, req.spec, req.epoch, capacity=capacity(req)
+        )
         first = vs.first_token() if req.first_token and req.spec.mode.speculative else None
         return vs, first
 

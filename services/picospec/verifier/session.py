@@ -61,7 +61,10 @@ class VerifierSession:
         params: SamplingParams,
         spec: SpecConfig,
         epoch: int = 0,
+        capacity: int | None = None,
     ) -> None:
+        """``capacity``: the tokens the session is expected to reach (prompt, answer and a
+        block beyond), reserved at once where the model keeps slot caches."""
         if not prompt:
             raise ValueError("a session needs a non-empty prompt")
         if len(prompt) >= model.max_context:
@@ -71,8 +74,8 @@ class VerifierSession:
         self.params = params
         self.spec = spec
         self.epoch = epoch  # a re-opened session continues the drafter's epoch count
-        self.cache = model.new_cache()
-        self.next_logits = self.cache.extend(prompt)[-1]
+        self.cache = model.new_cache(capacity)
+        self.next_logits = self.cache.extend(prompt, keep=1)[-1]
         self.stats = VerifierStats(forwards=1)
         self._rng = Rng(params.seed)
         self._waiting: dict[int, DraftBlock] = {}
@@ -98,16 +101,19 @@ class VerifierSession:
         unblocked buffered ones). Raises :class:`BlockRefused` for blocks it must not take."""
         steps = self._steps(block)
         try:
-            tokens = next(steps)
+            tokens, keep = next(steps)
             while True:
-                logits = self.cache.extend(tokens)
-                tokens = steps.send(logits)
+                logits = self.cache.extend(tokens, keep)
+                tokens, keep = steps.send(logits)
         except StopIteration as done:
             return done.value
 
-    def _steps(self, block: DraftBlock) -> Generator[list[int], torch.Tensor, list[Verdict]]:
-        """:meth:`submit` as a coroutine: yields the tokens of each forward it needs, is sent
-        back their logits (what ``cache.extend`` returns) and returns the verdicts. Raises
+    def _steps(
+        self, block: DraftBlock
+    ) -> Generator[tuple[list[int], int], torch.Tensor, list[Verdict]]:
+        """:meth:`submit` as a coroutine: yields the tokens of each forward it needs and the
+        number of last rows whose logits it needs, is sent back those logits (what
+        ``cache.extend(tokens, keep)`` returns) and returns the verdicts. Raises
         :class:`BlockRefused` before touching any state. Lets :func:`verify_many` share one
         forward among the blocks of several sessions."""
         if not self._admit(block):
@@ -116,7 +122,7 @@ class VerifierSession:
         ready: DraftBlock | None = block
         while ready is not None:
             tokens = self.plan(ready)
-            logits = (yield tokens) if tokens else None
+            logits = (yield tokens, self.rows(ready)) if tokens else None
             verdicts.append(self.finish(ready, logits))
             ready = self._next_waiting()
         # anything still waiting from an old epoch can never become current
@@ -167,20 +173,35 @@ class VerifierSession:
         as :meth:`submit` ensures): its prefix then its draft tokens."""
         return list(block.prefix) + list(block.tokens)
 
+    @staticmethod
+    def rows(block: DraftBlock) -> int:
+        """How many last rows of :meth:`plan`'s forward :meth:`finish` reads: one per draft
+        token, plus the last prefix token's row (the first draft token's distribution) when
+        there is a prefix; a re-prefill's history needs no logits."""
+        return len(block.tokens) + (1 if block.prefix else 0)
+
     def finish(self, block: DraftBlock, logits: torch.Tensor | None) -> Verdict:
-        """Decide ``block`` from ``logits``, the output of feeding :meth:`plan`'s tokens (None
-        when there were none) to this session's cache, which must already hold them: the
-        acceptance test, then on a rejection the crop and the next epoch."""
-        start = self.cache.length - (0 if logits is None else len(logits))
+        """Decide ``block`` from ``logits``, the last :meth:`rows` rows (or more) of feeding
+        :meth:`plan`'s tokens (None when there were none) to this session's cache, which must
+        already hold them: the acceptance test, then on a rejection the crop and the next
+        epoch."""
         n_pre, n = len(block.prefix), len(block.tokens)
+        start = self.cache.length - (0 if logits is None else n_pre + n)
         if logits is not None:
             self.stats.forwards += 1
-            # row i predicts input i: the first from the previous forward's last position
-            predict = torch.cat([self.next_logits[None], logits[:-1]])
-            last = logits[-1]
+            if len(logits) < self.rows(block):
+                raise ValueError(f"finish() needs the last {self.rows(block)} rows")
+            # predict[i] is the distribution of draft token i (the first from the previous
+            # forward's last position, or the last prefix token's row); predict[n] the next
+            if n_pre:
+                predict = logits[len(logits) - n - 1 :]
+            else:
+                predict = torch.cat([self.next_logits[None], logits[len(logits) - n :]])
+            last = predict[n]
+            predict = predict[:n]
         else:
             predict, last = self.next_logits[None], self.next_logits
-        p = probs_from_logits(predict[n_pre : n_pre + n], self.params)
+        p = probs_from_logits(predict, self.params)
         bonus_p = probs_from_logits(last, self.params) if self.spec.bonus else None
         if self.spec.mode is Mode.VANILLA:
             if block.dense_q is None:
@@ -206,7 +227,7 @@ class VerifierSession:
         if outcome.rejected:
             j = outcome.accepted
             self.cache.crop(start + n_pre + j)
-            self.next_logits = predict[n_pre + j]
+            self.next_logits = predict[j]
             self.epoch += 1
         else:
             self.next_logits = last
@@ -225,7 +246,7 @@ class VerifierSession:
     def ar_step(self) -> int:
         """Decode one token with the target alone (the ``ar`` baseline)."""
         if self._ar_pending is not None:
-            self.next_logits = self.cache.extend([self._ar_pending])[-1]
+            self.next_logits = self.cache.extend([self._ar_pending], keep=1)[-1]
             self.stats.forwards += 1
         probs = probs_from_logits(self.next_logits, self.params)
         token = pick(probs, self.params, self._rng, STREAM_DRAW, self.cache.length)
@@ -274,7 +295,7 @@ def warm_up(model: LanguageModel) -> list[tuple[int, float]]:
     return timed
 
 
-_Program = Generator[tuple[VerifierSession, list[int]], torch.Tensor | None, None]
+_Program = Generator[tuple[VerifierSession, list[int], int], torch.Tensor | None, None]
 
 
 def verify_many(
@@ -303,37 +324,40 @@ def verify_many(
             vs, block = items[i]
             steps = vs._steps(block)
             try:
-                tokens = next(steps)
+                tokens, keep = next(steps)
                 while True:
-                    logits = yield vs, tokens
+                    logits = yield vs, tokens, keep
                     assert logits is not None
-                    tokens = steps.send(logits)
+                    tokens, keep = steps.send(logits)
             except StopIteration as done:
                 results[i] = done.value
             except BlockRefused as e:
                 results[i] = e
 
-    pending: list[tuple[_Program, VerifierSession, list[int]]] = []
+    pending: list[tuple[_Program, VerifierSession, list[int], int]] = []
 
     def resume(prog: _Program, logits: torch.Tensor | None) -> None:
         try:
-            vs, tokens = prog.send(logits)
+            vs, tokens, keep = prog.send(logits)
         except StopIteration:
             return
-        pending.append((prog, vs, tokens))
+        pending.append((prog, vs, tokens, keep))
 
     for indices in per_session.values():
         resume(program(indices), None)
     while pending:  # one round: at most one forward per session, one batch per model
-        groups: dict[int, list[tuple[_Program, VerifierSession, list[int]]]] = {}
+        groups: dict[int, list[tuple[_Program, VerifierSession, list[int], int]]] = {}
         for entry in pending:
             groups.setdefault(id(entry[1].model), []).append(entry)
         pending = []
         for group in groups.values():
             model = group[0][1].model
             outs = model.forward_batch(
-                [vs.cache for _, vs, _ in group], [t for *_, t in group], on_forward
+                [vs.cache for _, vs, _, _ in group],
+                [t for _, _, t, _ in group],
+                on_forward,
+                keep=[k for *_, k in group],
             )
-            for (prog, _, _), logits in zip(group, outs, strict=True):
+            for (prog, *_), logits in zip(group, outs, strict=True):
                 resume(prog, logits)
     return results

@@ -1,0 +1,271 @@
+"""Slot KV caches and the varlen forward: many sessions in one forward, no cache copied.
+
+The ``slots`` KV layout (:attr:`picospec.models.LanguageModel.kv_layout`) keeps each session's
+keys and values in ONE preallocated buffer ``[layers, 2, kv_heads, capacity, head_dim]`` (a
+*slot*) with its own length. A forward writes the new tokens' keys/values in place at
+``[length : length + n]`` and attends over the view ``[: length + n]``; cropping only moves the
+length (O(1)); nothing of a session's past is ever copied, except when a slot outgrows its
+capacity (it then grows geometrically, and the copy is counted in :class:`CacheCounters`).
+
+:func:`varlen_forward` is the forward of Llama-family decoders (llama, mistral, qwen2, qwen3:
+the ``BATCHED_MODEL_TYPES`` of :mod:`picospec.models`) written over the model's own Hugging
+Face modules, so the weights, norms and MLPs are the model's:
+
+* embed every new token of every session, concatenated, without padding;
+* per layer: ``input_layernorm``; q/k/v projections over all tokens at once (qwen3's per-head
+  ``q_norm``/``k_norm`` too); rotary embeddings from ``model.model.rotary_emb`` at each token's
+  true position; keys/values written in place into each session's slot; attention per session
+  with torch's ``scaled_dot_product_attention`` over the slot's view (grouped-query attention
+  by folding the query heads of a key/value head into the query rows, with an explicit causal
+  mask, so keys/values are never repeated or copied); ``o_proj`` and the MLP over all tokens;
+* the final norm and the LM head ONLY for the rows the caller keeps (the verifier needs the
+  last ``n_draft + 1`` rows of a block, a prefill only the last one).
+
+Single sessions (the drafter's steps, a prefill) take the same function with one session, so
+there is one way to run these models; the ``copy`` layout (the transformers ``DynamicCache``,
+padded into a temporary batched cache per round) stays for every other model and for the
+side-by-side comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+SLOT_MARGIN = 64
+"""Tokens reserved beyond a session's expected length (a block drafted past the last token)."""
+MIN_CAPACITY = 256
+"""Smallest slot allocated when nothing better is known (a slot without a capacity hint)."""
+
+
+@dataclass
+class CacheCounters:
+    """What the KV caches of one model moved, for the capacity figures.
+
+    ``copied_bytes`` counts bytes of *existing* cache entries copied (the copy layout's
+    per-round padding and split-back, ``DynamicCache``'s concatenation, a slot growing); writing
+    the new tokens' own keys/values is not a copy. ``grows`` counts slots that outgrew their
+    capacity.
+    """
+
+    forwards: int = 0
+    copied_bytes: int = 0
+    grows: int = 0
+    grown_bytes: int = 0
+
+    def snapshot(self) -> CacheCounters:
+        return CacheCounters(self.forwards, self.copied_bytes, self.grows, self.grown_bytes)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shape of one token's keys/values in a model."""
+
+    layers: int
+    kv_heads: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token's keys and values over all layers."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.layers * self.kv_heads * self.head_dim * size
+
+
+class Slot:
+    """One session's keys/values: ``buf [layers, 2, kv_heads, capacity, head_dim]`` (allocated
+    at the first write), of which the first ``length`` positions are valid."""
+
+    __slots__ = ("geometry", "buf", "capacity_hint", "max_capacity", "counters")
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        counters: CacheCounters,
+        capacity_hint: int | None,
+        max_capacity: int,
+    ) -> None:
+        self.geometry = geometry
+        self.counters = counters
+        self.capacity_hint = capacity_hint
+        self.max_capacity = max_capacity
+        self.buf: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.buf is None else int(self.buf.shape[3])
+
+    def reserve(self, length: int, needed: int) -> None:
+        """Make room for ``needed`` tokens, keeping the first ``length``: allocate at the first
+        call (the hint, or the need plus a margin), else grow geometrically (a counted copy)."""
+        if needed <= self.capacity:
+            return
+        g = self.geometry
+        if self.buf is None:
+            want = self.capacity_hint or max(MIN_CAPACITY, needed + SLOT_MARGIN)
+        else:
+            want = 2 * self.capacity
+        cap = max(needed, min(want, max(self.max_capacity, needed)))
+        buf = torch.empty(
+            (g.layers, 2, g.kv_heads, cap, g.head_dim), dtype=g.dtype, device=g.device
+        )
+        if self.buf is not None:
+            if length:
+                buf[:, :, :, :length] = self.buf[:, :, :, :length]
+            self.counters.grows += 1
+            self.counters.grown_bytes += length * g.token_bytes
+            self.counters.copied_bytes += length * g.token_bytes
+        self.buf = buf
+
+    def nbytes(self) -> int:
+        return 0 if self.buf is None else self.buf.numel() * self.buf.element_size()
+
+    def kv(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of layer ``layer``'s valid keys and values, ``[1, kv_heads, length, head_dim]``."""
+        if self.buf is None:
+            g = self.geometry
+            empty = torch.empty((1, g.kv_heads, 0, g.head_dim), dtype=g.dtype, device=g.device)
+            return empty, empty
+        return self.buf[layer, 0, None, :, :length], self.buf[layer, 1, None, :, :length]
+
+
+def why_not_slots(model: Any) -> str | None:
+    """Why :func:`varlen_forward` cannot run ``model`` (a transformers causal LM); None if it
+    can: a Llama-family decoder with full attention everywhere and rotary embeddings fixed by
+    position alone."""
+    from picospec.models import BATCHED_MODEL_TYPES, BATCHED_ROPE, _rope_types
+
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in BATCHED_MODEL_TYPES:
+        return f"model type {model_type!r} has no varlen forward"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+        return "layers other than full attention"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+    if not _rope_types(rope) <= BATCHED_ROPE:
+        return f"rotary embeddings that rescale with the sequence ({sorted(_rope_types(rope))})"
+    if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        return "partial rotary embeddings"
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(model, "lm_head"):
+        return "no decoder/LM-head structure"
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(base, name):
+            return f"decoder without {name}"
+    for layer in base.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(
+            hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")
+        ):
+            return "attention without q/k/v/o projections"
+        if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm")):
+            return "decoder layer without its two norms"
+    return None
+
+
+def geometry(model: Any, device: torch.device) -> Geometry:
+    cfg = model.config
+    base = model.model
+    attn = base.layers[0].self_attn
+    return Geometry(
+        layers=len(base.layers),
+        kv_heads=int(cfg.num_key_value_heads),
+        heads=int(cfg.num_attention_heads),
+        head_dim=int(attn.head_dim),
+        dtype=base.embed_tokens.weight.dtype,
+        device=device,
+    )
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@torch.inference_mode()
+def varlen_forward(
+    model: Any,
+    slots: list[Slot],
+    lengths: list[int],
+    tokens: list[list[int]],
+    keep: list[int],
+    device: torch.device,
+) -> torch.Tensor:
+    """Feed ``tokens[b]`` to ``slots[b]`` (holding ``lengths[b]`` valid tokens) for every ``b``
+    in one forward; return the logits of the last ``keep[b]`` rows of every session,
+    concatenated in session order ``[sum(keep), V]``, in the model's dtype on its device.
+
+    Each slot must have room for its new tokens (:meth:`Slot.reserve`); their keys/values are
+    written at ``[lengths[b] : lengths[b] + len(tokens[b])]``. The callers advance the lengths.
+    """
+    base = model.model
+    g = slots[0].geometry
+    group = g.heads // g.kv_heads
+    news = [len(t) for t in tokens]
+    total = sum(news)
+    ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long, device=device)
+    positions = torch.cat(
+        [torch.arange(p, p + n, dtype=torch.long) for p, n in zip(lengths, news, strict=True)]
+    ).to(device)
+    h = base.embed_tokens(ids)  # [T, hidden]
+    cos, sin = base.rotary_emb(h[None], positions[None])
+    cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, D]: broadcast over heads
+    # per session: where its tokens sit in the concatenation, and its causal mask
+    plan = []
+    off = 0
+    for past, n in zip(lengths, news, strict=True):
+        seen = past + n
+        mask = None
+        if n > 1:  # query row (head-in-group, t) sees keys up to its own position past + t
+            limit = (past + torch.arange(n, device=device)).repeat(group)
+            mask = torch.arange(seen, device=device)[None, :] <= limit[:, None]
+        plan.append((off, n, past, seen, mask))
+        off += n
+    attn_out = h.new_empty((total, g.heads * g.head_dim))
+    for i, layer in enumerate(base.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(total, g.heads, g.head_dim)
+        k = attn.k_proj(x).view(total, g.kv_heads, g.head_dim)
+        v = attn.v_proj(x).view(total, g.kv_heads, g.head_dim)
+        if hasattr(attn, "q_norm"):  # qwen3: RMSNorm per head before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        for slot, (start, n, past, seen, mask) in zip(slots, plan, strict=True):
+            assert slot.buf is not None
+            kv = slot.buf[i]  # [2, kv_heads, capacity, D]
+            kv[0, :, past:seen] = k[start : start + n].transpose(0, 1)
+            kv[1, :, past:seen] = v[start : start + n].transpose(0, 1)
+            # [n, heads, D] -> [kv_heads, group * n, D]: the queries of one key/value head
+            qb = (
+                q[start : start + n]
+                .view(n, g.kv_heads, group, g.head_dim)
+                .permute(1, 2, 0, 3)
+                .reshape(g.kv_heads, group * n, g.head_dim)
+            )
+            o = F.scaled_dot_product_attention(
+                qb, kv[0, :, :seen], kv[1, :, :seen], attn_mask=mask, scale=attn.scaling
+            )
+            attn_out[start : start + n] = (
+                o.view(g.kv_heads, group, n, g.head_dim)
+                .permute(2, 0, 1, 3)
+                .reshape(n, g.heads * g.head_dim)
+            )
+        h = h + attn.o_proj(attn_out)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    rows = torch.cat(
+        [
+            torch.arange(start + n - k_rows, start + n)
+            for (start, n, *_), k_rows in zip(plan, keep, strict=True)
+        ]
+    ).to(device)
+    return model.lm_head(base.norm(h[rows]))
