@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from conftest import tiny_model
 from picospec.cli import main
 from picospec.config import Mode, SpecConfig
 from picospec.distill import data as D
-from picospec.distill.format import META, TENSORS, draft_from_target, read_meta
+from picospec.distill.format import DRAFTS_DIR, META, TENSORS, draft_from_target, read_meta
 from picospec.distill.student import ReducedHead, build_student, parse_layers, spread_layers
 from picospec.engine import generate
 from picospec.models import LanguageModel
@@ -280,3 +281,30 @@ def test_layer_choices() -> None:
     assert parse_layers("0,-1", 30) == [0, 29]
     with pytest.raises(ValueError):
         parse_layers("0,30", 30)
+
+
+# --- the shipped smollm2-draft (once `make draft` has built it) ------------------------------
+
+# PICOSPEC_TEST_DRAFT checks a candidate (e.g. build/distill/smollm2-draft/draft) before it ships
+SHIPPED = Path(os.environ.get("PICOSPEC_TEST_DRAFT") or DRAFTS_DIR / "smollm2-draft")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED / META).is_file(), reason="smollm2-draft not built yet")
+def test_the_shipped_smollm2_draft_is_small_and_lossless(smollm2: LanguageModel) -> None:
+    assert read_meta(SHIPPED)["target"] == "smollm2"
+    assert sum(f.stat().st_size for f in SHIPPED.iterdir()) < 50e6
+    draft = draft_from_target(SHIPPED, smollm2, name="smollm2-draft")
+    greedy = SamplingParams(temperature=0.0)
+    for text in ["Name three colours.", "Write a haiku about autumn."]:
+        prompt = smollm2.encode_chat([{"role": "user", "content": text}])
+        want = generate(smollm2, None, prompt, greedy, SpecConfig(mode=Mode.AR), 40)
+        for mode in (Mode.PICOSPEC, Mode.VANILLA):
+            got = generate(smollm2, draft, prompt, greedy, SpecConfig(mode=mode), 40)
+            assert got.tokens == want.tokens, mode
+    prompt = smollm2.encode_chat([{"role": "user", "content": "Tell me about the moon."}])
+    p_rows, q_rows = smollm2.new_cache().extend(prompt), draft.new_cache().extend(prompt)
+    params = SamplingParams(temperature=0.7)
+    for p_logits, q_logits in zip(p_rows[-16:], q_rows[-16:], strict=True):
+        p, q = probs_from_logits(p_logits, params), probs_from_logits(q_logits, params)
+        assert total_variation(output_distribution(p, q, top_k=smollm2.vocab_size), p) < 1e-6
