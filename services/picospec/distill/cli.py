@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--report-only",
         action="store_true",
-        help="report on and save the latest checkpoint without training further",
+        help="report on and save the latest checkpoint without training further (the work "
+        "directory's recipe is used)",
     )
     p.add_argument("--status", action="store_true", help="print the run's status and exit")
     p.set_defaults(func=cmd_distill)
@@ -58,6 +59,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(status_text(work))
         return 0
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+    if args.report_only and (work / "recipe.json").is_file():  # the run's own recipe
+        recipe = Recipe(**json.loads((work / "recipe.json").read_text()))
     opts = Options(
         work=work,
         out=Path(args.out) if args.out else None,

@@ -327,7 +327,7 @@ def text_examples(target: Any, texts: list[str], max_len: int) -> list[Example]:
 
 
 @torch.inference_mode()
-def teacher_topk(target: Any, examples: list[Example], k: int, batch_tokens: int = 4096) -> None:
+def teacher_topk(target: Any, examples: list[Example], k: int, batch_tokens: int = 2048) -> None:
     """Fill ``top_ids``/``top_logp`` of every example with the target's top-``k`` next-token
     log-probabilities (float16) at its trained positions: one forward per batch of sequences,
     right-padded (a causal model's real positions never see the pads after them)."""

@@ -349,11 +349,13 @@ def train(
         else None
     )
     t_start, seen_start, step_start = time.time(), seen, step
+    train_s = 0.0  # time in training steps alone (no evaluation, no checkpoints)
     last: dict[str, float] = {}
     try:
         if progress:
             progress.start()
         while step < recipe.steps:
+            t_step = time.time()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, recipe)
             loss, last = loss_on(student, batches.next(), recipe, head_pos, device)
@@ -364,7 +366,8 @@ def train(
             opt.step()
             step += 1
             seen += int(last["tokens"])
-            rate = (seen - seen_start) / max(1e-9, time.time() - t_start)
+            train_s += time.time() - t_step
+            rate = (seen - seen_start) / max(1e-9, train_s)
             eta = (recipe.steps - step) * (time.time() - t_start) / max(1, step - step_start)
             info = (
                 f"loss {last['loss']:.3f} kl {last.get('kl', float('nan')):.3f} "
@@ -385,7 +388,7 @@ def train(
                     loss=round(last["loss"], 4),
                     kl=round(last.get("kl", float("nan")), 4),
                     lr=lr_at(step, recipe),
-                    tokens_per_s=round(rate, 1),
+                    train_tokens_per_s=round(rate, 1),
                     eta_s=round(eta),
                     curve=curve,
                 )
