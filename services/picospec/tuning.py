@@ -42,9 +42,9 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 MAX_GAMMA = 12
-# the drafter's own time per block beyond its draft steps: sealing, encoding, publishing it and
-# applying its verdict, on the edge's CPU (about 1.1 ms measured with `picospec bench
-# --overhead`, which also counts the NATS hops; rounded up for the edge's slower side)
+# the drafter's own time per block beyond its draft steps: sealing, encoding and publishing it
+# and applying its verdict, on the edge's CPU. An estimate; `picospec bench --overhead` measures
+# a whole round's software cost (docs/benchmark.md)
 BLOCK_OVERHEAD_S = 0.003
 MAX_LOOKAHEAD = 6
 DEFAULT_GAMMA = 4
