@@ -528,6 +528,7 @@ def make_report(
         "tokens_seen": trained["tokens"],
         "acceptance_teacher_forced": acceptance(target, student, eval_ex) if eval_ex else None,
         "curve": trained["curve"],
+        "head_coverage": _head_coverage(student, eval_ex),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     if opts.eval_mtbench:
@@ -556,19 +557,30 @@ def make_report(
     return report
 
 
+def _head_coverage(student: torch.nn.Module, examples: list[D.Example]) -> float | None:
+    """The share of the held-out answers' tokens inside the reduced head (an upper bound on
+    greedy acceptance; None for a full head)."""
+    head = student.lm_head
+    if not isinstance(head, ReducedHead) or not examples:
+        return None
+    ids = set(head.ids.tolist())
+    nxt = [t for e in examples for t in e.ids[e.start + 1 :]]
+    return sum(t in ids for t in nxt) / max(1, len(nxt))
+
+
 def report_markdown(r: dict[str, Any]) -> str:
     acc = r.get("acceptance_teacher_forced") or {}
     lines = [
         f"# Draft report ({r['date']})",
         "",
         f"target `{r['target']}`, layers {r['layers']}, head {r['head_size'] or 'full'}; "
-        f"{r['tokens_seen']:,} training tokens seen "
+        f"{r['steps']} steps, {r['tokens_seen']:,} training tokens seen "
         f"(of {r['train_tokens_available']:,} available)",
         "",
         "| measure | greedy | T=0.7 |",
         "|---|---|---|",
-        f"| per-token acceptance, teacher-forced, held-out prompts | {acc.get('greedy', 0):.3f} | "
-        f"{acc.get('t0.7', 0):.3f} |",
+        f"| per-token acceptance, teacher-forced, held-out prompts | {acc.get('greedy', 0):.3f} "
+        f"| {acc.get('t0.7', 0):.3f} |",
     ]
     mt = r.get("acceptance_mtbench_teacher_forced")
     if mt:
@@ -579,10 +591,12 @@ def report_markdown(r: dict[str, Any]) -> str:
     eng = r.get("acceptance_engine")
     if eng:
         lines.append(
-            f"| engine acceptance (picospec, γ=4) | {eng.get('greedy', 0):.3f} | "
-            f"{eng.get('t0.7', 0):.3f} |"
+            f"| engine acceptance (picospec, γ=4), held-out prompts | {eng.get('greedy', 0):.3f} "
+            f"| {eng.get('t0.7', 0):.3f} |"
         )
         lines += ["", f"greedy output identical to ar: {eng.get('greedy_identical_to_ar')}"]
+    if r.get("head_coverage") is not None:
+        lines += ["", f"held-out answer tokens inside the reduced head: {r['head_coverage']:.3f}"]
     st = r.get("step_time")
     if st:
         lines += [
