@@ -192,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_settings_args(sp)
         sp.set_defaults(func=cmd_service)
 
-    from picospec import bench, cluster, distill, stack
+    from picospec import bench, capacity, cluster, distill, stack
 
     stack.register(sub)
     bench.register(sub)
+    capacity.register(sub)
     cluster.register(sub)
     distill.register(sub)
     return parser

@@ -144,16 +144,19 @@ class KVCache:
 
             self._cache = DynamicCache()
 
-    def extend(self, tokens: list[int], keep: int | None = None) -> torch.Tensor:
+    def extend(
+        self, tokens: list[int], keep: int | None = None, on_device: bool = False
+    ) -> torch.Tensor:
         """Feed ``tokens``; return float32 logits ``[len(tokens), V]`` on the CPU: row ``i`` is the
         distribution of the token *after* ``tokens[i]``. With ``keep``, only the last ``keep``
-        rows (the LM head runs for those alone in the slot layout)."""
+        rows (the LM head runs for those alone in the slot layout); with ``on_device``, left on
+        the model's device (the verifier decides there, see :func:`picospec.sampling`)."""
         if not tokens:
             raise ValueError("extend() needs at least one token")
         keep = _rows(keep, len(tokens))
         if self._slot is not None:
-            return self._model._forward_slots([self], [list(tokens)], [keep])[0]
-        logits = self._model.forward(self._cache, tokens, self.length)[-keep:]
+            return self._model._forward_slots([self], [list(tokens)], [keep], on_device)[0]
+        logits = self._model.forward(self._cache, tokens, self.length, on_device)[-keep:]
         self.length += len(tokens)
         return logits
 
@@ -411,8 +414,20 @@ class LanguageModel:
         size = next(self.model.parameters()).element_size()
         return 2 * int(cfg.num_hidden_layers) * heads * dim * size
 
+    def _logits_out(self, logits: torch.Tensor, on_device: bool) -> torch.Tensor:
+        """Float32 logits on the CPU, or left on the device (synchronised, so the forward's
+        Stopwatch times the compute and not its launch)."""
+        logits = logits.float()
+        if not on_device:
+            return logits.cpu()
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        return logits
+
     @torch.inference_mode()
-    def forward(self, cache: Any, tokens: list[int], past: int) -> torch.Tensor:
+    def forward(
+        self, cache: Any, tokens: list[int], past: int, on_device: bool = False
+    ) -> torch.Tensor:
         """One session's forward through transformers with a ``DynamicCache`` (the copy
         layout): its update concatenates, so the ``past`` tokens are copied (counted)."""
         with Stopwatch(self.pacer, len(tokens)):
@@ -424,13 +439,18 @@ class LanguageModel:
             self.kv_counters.forwards += 1
             if past:
                 self.kv_counters.copied_bytes += past * self.kv_token_bytes
-            return out.logits[0].float().cpu()
+            return self._logits_out(out.logits[0], on_device)
 
     def _forward_slots(
-        self, caches: list[KVCache], tokens: list[list[int]], keep: list[int]
+        self,
+        caches: list[KVCache],
+        tokens: list[list[int]],
+        keep: list[int],
+        on_device: bool = False,
     ) -> list[torch.Tensor]:
         """The slot layout's forward (:func:`picospec.kvslots.varlen_forward`) of one or more
-        sessions; every cache advances by its tokens. Float32 CPU logits of the kept rows."""
+        sessions; every cache advances by its tokens. Float32 logits of the kept rows (on the
+        CPU, or the device with ``on_device``)."""
         news = [len(t) for t in tokens]
         slots: list[Slot] = []
         for c, n in zip(caches, news, strict=True):
@@ -441,7 +461,7 @@ class LanguageModel:
             logits = varlen_forward(
                 self.model, slots, [c.length for c in caches], tokens, keep, self.device
             )
-            rows = logits.float().cpu()
+            rows = self._logits_out(logits, on_device)
         self.kv_counters.forwards += 1
         for c, n in zip(caches, news, strict=True):
             c.length += n
@@ -453,12 +473,14 @@ class LanguageModel:
         tokens: list[list[int]],
         on_forward: Callable[[int], None] | None = None,
         keep: list[int] | None = None,
+        on_device: bool = False,
     ) -> list[torch.Tensor]:
         """Feed ``tokens[b]`` to session cache ``caches[b]`` for every ``b`` in ONE forward.
 
         Returns what ``caches[b].extend(tokens[b], keep[b])`` would, per session: float32 CPU
-        logits ``[len(tokens[b]), V]`` (only the last ``keep[b]`` rows with ``keep``; equal
-        within float tolerance), with every cache advanced by its own tokens. The sessions may
+        logits ``[len(tokens[b]), V]`` (only the last ``keep[b]`` rows with ``keep``; on the
+        model's device with ``on_device``; equal within float tolerance), with every cache
+        advanced by its own tokens. The sessions may
         hold different numbers of tokens (0 included) and feed different numbers of tokens.
 
         Slot caches (:mod:`picospec.kvslots`) take the varlen forward: the new tokens of all
@@ -488,17 +510,17 @@ class LanguageModel:
         report = on_forward or (lambda _n: None)
         if len(caches) > 1 and not self.batching_unsupported:
             if all(c._slot is not None for c in caches):
-                out = self._forward_slots(caches, [list(t) for t in tokens], rows)
+                out = self._forward_slots(caches, [list(t) for t in tokens], rows, on_device)
                 report(len(caches))
                 return out
             if all(c._slot is None for c in caches) and self._can_pad(caches):
                 with Stopwatch(self.pacer, sum(len(t) for t in tokens)):
-                    out = self._forward_padded(caches, tokens)
+                    out = self._forward_padded(caches, tokens, on_device)
                 report(len(caches))
                 return [o[-k:] for o, k in zip(out, rows, strict=True)]
         logits = []
         for c, t, k in zip(caches, tokens, rows, strict=True):
-            logits.append(c.extend(list(t), k))
+            logits.append(c.extend(list(t), k, on_device))
             report(1)
         return logits
 
@@ -508,7 +530,9 @@ class LanguageModel:
         return len(depths) <= 1 and all(c._layers_consistent() for c in caches)
 
     @torch.inference_mode()
-    def _forward_padded(self, caches: list[KVCache], tokens: list[list[int]]) -> list[torch.Tensor]:
+    def _forward_padded(
+        self, caches: list[KVCache], tokens: list[list[int]], on_device: bool = False
+    ) -> list[torch.Tensor]:
         from transformers import DynamicCache
 
         pasts = [c.length for c in caches]
@@ -557,8 +581,8 @@ class LanguageModel:
         tb = self.kv_token_bytes
         self.kv_counters.forwards += 1
         self.kv_counters.copied_bytes += (2 * sum(pasts) + b_size * big_p) * tb
-        rows = torch.cat([out.logits[b, :n] for b, n in enumerate(news)]).float().cpu()
-        return list(rows.split(news))
+        rows = torch.cat([out.logits[b, :n] for b, n in enumerate(news)])
+        return list(self._logits_out(rows, on_device).split(news))
 
     @property
     def batching_unsupported(self) -> str | None:

@@ -130,8 +130,41 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 
 
 def draw(probs: torch.Tensor, gen: torch.Generator) -> int:
-    """One token from a 1-D probability vector."""
-    return int(torch.multinomial(probs.double(), 1, generator=gen).item())
+    """One token from a 1-D probability vector (drawn on the CPU, where the position-keyed
+    generators live, so a draw is the same whichever device computed ``probs``)."""
+    return int(torch.multinomial(probs.detach().to("cpu", torch.float64), 1, generator=gen).item())
+
+
+def sparse_top_k(p: torch.Tensor, k: int, value_codec: ValueCodec = ValueCodec.F32) -> SparseDist:
+    """:func:`~picospec.protocol.codec.sparse_from_probs`, selected where ``p`` lives.
+
+    The top-``k`` non-zero entries are chosen on ``p``'s device (a stable descending sort:
+    ties keep the smaller ids, the order is decreasing probability then increasing id, as
+    ``sparse_from_probs`` orders them) and only those ``k`` ids and values leave it; the tail
+    mass is summed on the host from the same float64 values in the same order, so the result
+    is identical to ``sparse_from_probs(p, k)`` on any device.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if p.dim() != 1 or p.shape[0] == 0:
+        raise ValueError(f"probs must be a non-empty 1-D vector, got shape {tuple(p.shape)}")
+    values, ids = torch.sort(p.detach(), descending=True, stable=True)
+    nnz, largest, smallest = torch.stack(
+        [(values > 0).sum().double(), values[0].double(), values[-1].double()]
+    ).tolist()  # NaN sorts first, -inf/negatives last
+    if not (np.isfinite(largest) and np.isfinite(smallest)) or smallest < 0.0:
+        raise ValueError("probs must be finite and >= 0")
+    n = min(k, int(nnz))
+    head = torch.stack([values[:n].double(), ids[:n].double()]).cpu().numpy()
+    kept, keep = head[0], head[1].astype(np.int64)
+    tail = min(1.0, max(0.0, 1.0 - float(kept.sum())))
+    return SparseDist(
+        vocab_size=int(p.shape[0]),
+        ids=keep,
+        probs=kept.astype(np.float32),
+        tail_mass=tail,
+        value_codec=ValueCodec(value_codec),
+    )
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -210,16 +243,21 @@ def verify_separate(
     greedy run returns ``argmax p_j``; a sampled run returns ``p_j`` compressed to its ``top_k``
     largest entries for the sampler. ``bonus_p`` (synchronous modes) yields a bonus token when
     all pass.
+
+    ``p`` stays on its device: what leaves it is ``p(x)`` of the drafted tokens (one transfer
+    of ``n`` values), and at a rejection the argmax or the top-K entries (:func:`sparse_top_k`).
     """
-    for i, x in enumerate(tokens):
-        px = float(p[i, x])
+    rows = torch.arange(len(tokens), device=p.device)
+    ids = torch.tensor(tokens, dtype=torch.long, device=p.device)
+    p_x = p[rows, ids].tolist() if tokens else []
+    for i, px in enumerate(p_x):
         if params.greedy:
             if px > 0.5:
                 continue
             return Outcome(accepted=i, token=int(p[i].argmax().item()), rejected=True)
         if rng.uniform(STREAM_ACCEPT, pos + i) < min(1.0, px / q_x[i]):
             continue
-        sparse = sparse_from_probs(p[i], top_k, value_codec)
+        sparse = sparse_top_k(p[i], top_k, value_codec)
         return Outcome(accepted=i, sparse=sparse, rejected=True)
     n = len(tokens)
     token = None if bonus_p is None else pick(bonus_p, params, rng, STREAM_DRAW, pos + n)

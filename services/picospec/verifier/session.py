@@ -75,7 +75,8 @@ class VerifierSession:
         self.spec = spec
         self.epoch = epoch  # a re-opened session continues the drafter's epoch count
         self.cache = model.new_cache(capacity)
-        self.next_logits = self.cache.extend(prompt, keep=1)[-1]
+        # logits stay on the model's device: the verdict is decided there (picospec.sampling)
+        self.next_logits = self.cache.extend(prompt, keep=1, on_device=True)[-1]
         self.stats = VerifierStats(forwards=1)
         self._rng = Rng(params.seed)
         self._waiting: dict[int, DraftBlock] = {}
@@ -103,7 +104,7 @@ class VerifierSession:
         try:
             tokens, keep = next(steps)
             while True:
-                logits = self.cache.extend(tokens, keep)
+                logits = self.cache.extend(tokens, keep, on_device=True)
                 tokens, keep = steps.send(logits)
         except StopIteration as done:
             return done.value
@@ -206,7 +207,7 @@ class VerifierSession:
         if self.spec.mode is Mode.VANILLA:
             if block.dense_q is None:
                 raise BlockRefused("missing_dense_q", "vanilla blocks carry full draft dists")
-            q = torch.tensor(block.dense_q, dtype=torch.float32)
+            q = torch.tensor(block.dense_q, dtype=torch.float32, device=p.device)
             outcome = standard_verify(
                 p, q, list(block.tokens), self.params, self._rng, start + n_pre, bonus_p
             )
@@ -246,7 +247,7 @@ class VerifierSession:
     def ar_step(self) -> int:
         """Decode one token with the target alone (the ``ar`` baseline)."""
         if self._ar_pending is not None:
-            self.next_logits = self.cache.extend([self._ar_pending], keep=1)[-1]
+            self.next_logits = self.cache.extend([self._ar_pending], keep=1, on_device=True)[-1]
             self.stats.forwards += 1
         probs = probs_from_logits(self.next_logits, self.params)
         token = pick(probs, self.params, self._rng, STREAM_DRAW, self.cache.length)
@@ -357,6 +358,7 @@ def verify_many(
                 [t for _, _, t, _ in group],
                 on_forward,
                 keep=[k for *_, k in group],
+                on_device=True,
             )
             for (prog, *_), logits in zip(group, outs, strict=True):
                 resume(prog, logits)
