@@ -91,12 +91,13 @@ def build_data(target: Any, recipe: Recipe, opts: Options) -> list[D.Example]:
     shards = opts.work / "data"
     shards.mkdir(parents=True, exist_ok=True)
     examples: list[D.Example] = []
-    if "docs" in recipe.source_list and not (shards / "docs.pt").is_file():
+    generate = not opts.report_only  # a report uses the shards there are, and makes none
+    if generate and "docs" in recipe.source_list and not (shards / "docs.pt").is_file():
         texts = D.project_texts()
         docs = D.text_examples(target, texts, recipe.max_len // 2)
         D.teacher_topk(target, docs, recipe.topk)
         D.save_examples(shards / "docs.pt", docs, {"source": "docs"})
-    if "chat" in recipe.source_list:
+    if generate and "chat" in recipe.source_list:
         prompts = _chat_prompts(recipe, opts)
         groups = [
             prompts[i : i + recipe.shard_prompts]
@@ -290,7 +291,7 @@ def train(
     device = target.device
     params = trainable_parameters(student)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    batches = Batches(examples, recipe)
+    batches = None if opts.report_only else Batches(examples, recipe)
     head = student.lm_head
     head_pos = None
     if isinstance(head, ReducedHead):
@@ -302,12 +303,13 @@ def train(
         blob = torch.load(ckpt, weights_only=False)
         load_trainable_state(student, {k: v.to(device) for k, v in blob["student"].items()})
         opt.load_state_dict(blob["optimizer"])
-        batches.restore(blob["batches"])
+        if batches is not None:
+            batches.restore(blob["batches"])
         step, seen, curve = blob["step"], blob["tokens"], blob["curve"]
         torch.set_rng_state(blob["rng"]["torch"])
         random.setstate(blob["rng"]["python"])
         _log_line(opts.work, f"resumed at step {step} ({seen} tokens)")
-    if opts.report_only:
+    if batches is None:  # --report-only
         student.eval()
         return {"step": step, "tokens": seen, "curve": curve}
     eval_logits = cache_target_logits(target, eval_ex) if eval_ex else None
@@ -473,15 +475,21 @@ def run(recipe: Recipe, opts: Options, target: Any = None) -> dict[str, Any]:
         eval_ex = build_eval(target, recipe, opts)
         layers = recipe.layer_list(len(decoder_layers(target.model)))
         head_ids = None
-        if recipe.head_size:
+        head_path = opts.work / "head_ids.pt"  # fixed once: a resumed run keeps its head
+        if recipe.head_size and head_path.is_file():
+            head_ids = torch.load(head_path)
+        elif recipe.head_size:
             counts = D.token_counts(examples, target.vocab_size)
             always = set(target.eos_ids)
             tok = target.tokenizer
             if tok is not None:
                 always |= set(getattr(tok, "all_special_ids", []) or [])
             head_ids = D.head_ids_from(counts, min(recipe.head_size, target.vocab_size), always)
+            if not opts.report_only:
+                torch.save(head_ids, head_path)
         student = build_student(target.model, layers, head_ids)
-        write_status(opts.work, stage="train", examples=len(examples), layers=layers)
+        stage = "report" if opts.report_only else "train"
+        write_status(opts.work, stage=stage, examples=len(examples), layers=layers)
         trained = train(target, student, examples, eval_ex, recipe, opts)
     except TimeUp:
         write_status(opts.work, stage="paused (time budget): run the same command to resume")
