@@ -511,3 +511,55 @@ def test_service_verifies_ready_sessions_in_one_forward(target: LanguageModel) -
     assert all(len(v) == 1 for _, v in out)
     assert sizes == [3]
     assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
+
+
+# --- sampled output through batched rounds: exactly the target's distribution --------------
+
+
+def test_sampled_continuations_through_batched_rounds_follow_the_target() -> None:
+    """The statistical losslessness check of test_lossless, with every run's verifier session
+    verified in batched rounds of ``BATCH`` sessions (different seeds) through
+    :func:`verify_many`, and the first token from the prefill as the services do."""
+    from scipy.stats import chisquare
+
+    from test_lossless import LENGTH, VOCAB, _exact_sequence_distribution
+
+    target, draft = tiny_model(VOCAB, seed=11), tiny_model(VOCAB, seed=12)
+    assert target.effective_kv_layout == "slots"
+    prompt, params = [1, 3], SamplingParams()
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=2, top_k=VOCAB)
+    exact = _exact_sequence_distribution(target, prompt, params)
+    counts: dict[tuple[int, ...], int] = {}
+    sizes: list[int] = []
+    rollbacks = 0
+    batch, runs = 25, 1500
+    for first_seed in range(0, runs, batch):
+        pairs = []
+        for seed in range(first_seed, first_seed + batch):
+            sid, p = os.urandom(16), params.model_copy(update={"seed": seed})
+            d = DrafterSession(draft, sid, prompt, p, spec, LENGTH)
+            v = VerifierSession(target, sid, prompt, p, spec)
+            d.accept_first(v.first_token())
+            pairs.append((d, v))
+        while not all(d.done for d, _ in pairs):
+            items = [(v, b) for d, v in pairs if not d.done for b in d.draft_ready()]
+            got = verify_many(items, on_forward=sizes.append)
+            for (v, _), verdicts in zip(items, got, strict=True):
+                assert not isinstance(verdicts, BlockRefused)
+                _apply(next(d for d, vv in pairs if vv is v), verdicts)
+        for d, _ in pairs:
+            key = tuple(d.generated)
+            counts[key] = counts.get(key, 0) + 1
+            rollbacks += d.stats.rollbacks
+    assert max(sizes) == batch, "the sessions must have shared forwards"
+    assert rollbacks > runs // 4, "draft and target must disagree often for the test to bite"
+    outcomes = sorted(exact)
+    expected = np.array([exact[o] for o in outcomes]) * runs
+    observed = np.array([counts.get(o, 0) for o in outcomes], dtype=float)
+    assert sum(counts.values()) == observed.sum(), "produced a continuation the target never would"
+    order = np.argsort(expected)
+    small = order[np.cumsum(expected[order]) < 5 * 2]
+    keep = np.setdiff1d(np.nonzero(expected > 0)[0], small)
+    obs = np.append(observed[keep], observed[small].sum())
+    exp = np.append(expected[keep], expected[small].sum())
+    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-4

@@ -69,6 +69,8 @@ class Point:
     cache_reserved_bytes: int = 0
     cache_used_bytes: int = 0
     attention_read_bytes: int = 0
+    stall_s: float = 0.0
+    retries: int = 0
 
     def report(self, bandwidth: float | None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -99,6 +101,8 @@ class Point:
             "slot_grows": self.grows,
             "attention_read_bytes_per_round": per_round,
             "attention_read_s_per_round": per_round / bandwidth if bandwidth else None,
+            "longest_stall_s": self.stall_s,
+            "remeasured": self.retries,
         }
 
 
@@ -353,7 +357,8 @@ async def run_grid(args: argparse.Namespace, model: Any, log: Any = print) -> di
                             f"{r['latency_p50_s'] * 1e3:.0f} ms, p99 "
                             f"{r['latency_p99_s'] * 1e3:.0f} ms, copied "
                             f"{r['copied_bytes_per_round'] / 2**20:.1f} MiB/round, cache "
-                            f"{r['cache_reserved_bytes'] / 2**20:.0f} MiB"
+                            f"{r['cache_reserved_bytes'] / 2**20:.0f} MiB, longest stall "
+                            f"{r['longest_stall_s']:.2f} s"
                         )
         await nc.drain()
         stop.set()
@@ -364,17 +369,60 @@ async def run_grid(args: argparse.Namespace, model: Any, log: Any = print) -> di
     return report(args, model, points, bandwidth)
 
 
+class Heartbeat:
+    """A thread that wakes every 10 ms and keeps the longest gap between its wake-ups: a gap
+    of seconds means the whole process was paused (SIGSTOP, a suspended VM), and the
+    point's timings with it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.01):
+            now = time.monotonic()
+            self.longest = max(self.longest, now - last)
+            last = now
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+STALL_S = 1.0
+"""A measured point during which the process stood still this long is measured again."""
+
+
 async def _measure(driver: Driver, model: Any, point: Point, args: Any, extra: int) -> None:
+    for attempt in range(3):
+        point.latencies_s = []
+        await _measure_once(driver, model, point, args, extra)
+        point.retries = attempt
+        if point.stall_s < STALL_S:
+            return
+
+
+async def _measure_once(driver: Driver, model: Any, point: Point, args: Any, extra: int) -> None:
     states, point.prefill_s = await driver.open(point.sessions, point.context, extra)
     try:
         for _ in range(args.warmup):
             await driver.round(states)
         before = model.kv_counters.snapshot()
         lengths_before = sum(driver.service.sessions[s.sid].session.cache.length for s in states)
-        t0 = time.perf_counter()
-        for _ in range(args.rounds):
-            point.latencies_s += await driver.round(states)
-        point.elapsed_s = time.perf_counter() - t0
+        with Heartbeat() as beat:
+            t0 = time.perf_counter()
+            for _ in range(args.rounds):
+                point.latencies_s += await driver.round(states)
+            point.elapsed_s = time.perf_counter() - t0
+        point.stall_s = beat.longest
         after = model.kv_counters
         helds = [driver.service.sessions[s.sid].session for s in states]
         lengths_after = sum(vs.cache.length for vs in helds)
