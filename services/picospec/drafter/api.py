@@ -68,10 +68,12 @@ class _Request(BaseModel):
     )
     fallback: Literal["none", "edge"] | None = None
 
-    @field_validator("draft_len")
+    @field_validator("draft_len", mode="before")
     @classmethod
-    def _draft_len(cls, v: int | str | None) -> int | str | None:
-        if isinstance(v, bool) or (isinstance(v, int) and not 1 <= v <= MAX_DRAFT_TOKENS):
+    def _draft_len(cls, v: object) -> object:
+        """JSON true is not a length: checked before pydantic would read it as 1."""
+        ok = v is None or v == "auto" or (type(v) is int and 1 <= v <= MAX_DRAFT_TOKENS)
+        if not ok:
             raise ValueError(f"draft_len must be 'auto' or an integer in 1..{MAX_DRAFT_TOKENS}")
         return v
 
