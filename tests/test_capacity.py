@@ -28,14 +28,20 @@ def test_capacity_grid_on_a_tiny_model(tmp_path: Path) -> None:
     for (layout, batching, n, ctx), p in points.items():
         assert p["rounds"] == 3
         assert p["verified_tokens_per_s"] > 0 and p["latency_p99_s"] >= p["latency_p50_s"] > 0
-        # lock-step rounds: one forward per round when batched, one per session otherwise
-        assert p["sessions_per_forward"] == (n if batching else 1)
+        # lock-step rounds: the blocks queued together share forwards when batched (how many
+        # arrive together depends on timing), one forward per session otherwise
+        if batching:
+            assert 1 <= p["sessions_per_forward"] <= n
+        else:
+            assert p["sessions_per_forward"] == 1
         assert p["cache_used_bytes"] >= n * ctx * lm.kv_token_bytes
         if layout == "slots":
             assert p["copied_bytes_per_round"] == 0 and p["slot_grows"] == 0
             assert p["cache_reserved_bytes"] >= p["cache_used_bytes"]
         else:
             assert p["copied_bytes_per_round"] >= n * ctx * lm.kv_token_bytes
+    shared = [p["sessions_per_forward"] for k, p in points.items() if k[1] and k[2] == 3]
+    assert max(shared) > 1  # the batched path does batch
     assert set(rep["knee"]) == {"16", "40"}
     assert all(k["sessions"] in (1, 3) for k in rep["knee"].values())
     kinds = {c["what"] for c in rep["comparisons"]}
