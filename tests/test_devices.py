@@ -31,6 +31,10 @@ def test_builtin_profiles_are_the_papers_pairs() -> None:
         assert p.sources and p.draft.step_s < p.verify.step_s
         # a block of 4 draft tokens and a prefix token costs the step plus 4 per-token costs
         assert p.verify.seconds(5) == pytest.approx(p.verify.step_s + 4 * p.verify.per_token_s)
+        # the edge drafts in float16 and prefills in float32 (this CPU has no fp16 GEMMs);
+        # the cloud keeps the target in float32, so greedy output stays exactly ar's
+        assert (p.draft.dtype, p.draft.prefill_dtype) == ("float16", "float32")
+        assert p.verify.dtype is None and p.verify.prefill_dtype is None
 
 
 def test_user_profiles_load_from_yaml_and_json(tmp_path: Path) -> None:
@@ -56,6 +60,11 @@ def test_user_profiles_load_from_yaml_and_json(tmp_path: Path) -> None:
         ("draft: {device: e, step_s: 0.01}\n", "verify"),
         ("draft: {device: e, step_s: 0.01, typo: 1}\nverify: {device: c, step_s: 1}\n", "typo"),
         ("{{{", "cannot read"),
+        (
+            "draft: {device: e, step_s: 0.01, prefill_dtype: float8}\n"
+            "verify: {device: c, step_s: 1}\n",
+            "prefill_dtype",
+        ),
     ],
 )
 def test_bad_profiles_are_refused_clearly(

@@ -176,3 +176,37 @@ def test_a_session_reserves_its_whole_answer_at_open() -> None:
     vs = VerifierSession(lm, b"\0" * 16, req.prompt, req.params, req.spec, capacity=capacity(req))
     assert vs.cache.capacity == capacity(req) >= 3 + 100
     assert vs.cache.used_bytes() == 3 * lm.kv_token_bytes
+
+
+def test_a_prefill_twin_runs_long_forwards_in_its_precision_into_the_slots() -> None:
+    """A float16 model with a float32 prefill twin: a prompt's forward runs on the twin (its
+    keys/values land in the float16 slot, equal to the twin's own rounded to float16), a
+    decode step on the float16 weights; without a twin the float16 prefill differs more from
+    the float32 model than the twin's does."""
+    from picospec.models import PREFILL_TOKENS
+
+    ref = _arch("llama")
+    half = _arch("llama")
+    half.model.to(torch.float16)
+    half.add_prefill_twin("float32")
+    assert next(half.prefill_model.parameters()).dtype == torch.float32
+    rng = random.Random(5)
+    prompt = [rng.randrange(V) for _ in range(3 * PREFILL_TOKENS)]
+    want = _hf_logits(ref, prompt + [7])
+    twin_cache = half.new_cache()
+    got = twin_cache.extend(prompt)
+    # the twin's float32 prefill: the float32 model's logits up to the weights' rounding
+    torch.testing.assert_close(got, want[:-1], atol=2e-2, rtol=0)
+    assert twin_cache._slot.buf.dtype == torch.float16
+    step = twin_cache.extend([7])  # one token: the float16 weights
+    torch.testing.assert_close(step[0], want[-1], atol=5e-2, rtol=0)
+    plain = _arch("llama")
+    plain.model.to(torch.float16)
+    no_twin = plain.new_cache().extend(prompt)
+    err_twin = (got - want[:-1]).abs().max()
+    err_half = (no_twin - want[:-1]).abs().max()
+    assert err_twin < err_half
+    # a model already in the twin's precision keeps no twin
+    same = _arch("llama")
+    same.add_prefill_twin("float32")
+    assert same.prefill_model is None

@@ -40,7 +40,7 @@ def simulate(inp: Inputs, gamma: int, k: int, tokens: int = 20000, seed: int = 0
             )
             arrivals.append(verifier_free + inp.rtt_s / 2)
             accepted = 0
-            while accepted < gamma and rnd.random() < inp.alpha:
+            while accepted < gamma and rnd.random() < inp.accept_at(m * gamma + accepted):
                 accepted += 1
             if accepted < gamma:
                 committed += accepted + 1
@@ -57,6 +57,42 @@ def simulate(inp: Inputs, gamma: int, k: int, tokens: int = 20000, seed: int = 0
 def test_the_model_predicts_a_simulated_pipeline(alpha: float, gamma: int, k: int) -> None:
     inp = Inputs(alpha=alpha, tokens_left=100000, **PAPER)
     assert predicted_rate(inp, gamma, k) == pytest.approx(simulate(inp, gamma, k), rel=0.05)
+
+
+# acceptance that grows along a run of accepted tokens (the shape of SmolLM2's int8 draft)
+RISING = (0.36, 0.44, 0.47, 0.5, 0.6, 0.65, 0.7, 0.75)
+
+
+@pytest.mark.parametrize("gamma,k", [(2, 3), (4, 3), (8, 2)])
+def test_the_model_predicts_a_pipeline_whose_acceptance_depends_on_the_run(gamma, k) -> None:
+    inp = Inputs(alpha=0.45, hazard=RISING, tokens_left=100000, **PAPER)
+    assert predicted_rate(inp, gamma, k) == pytest.approx(simulate(inp, gamma, k), rel=0.05)
+    flat = Inputs(alpha=0.45, hazard=(0.45,), tokens_left=100000, **PAPER)
+    assert predicted_rate(flat, gamma, k) == pytest.approx(
+        predicted_rate(Inputs(alpha=0.45, tokens_left=100000, **PAPER), gamma, k)
+    )
+
+
+def test_the_controller_learns_the_runs_shape() -> None:
+    """Rounds of 6 tokens whose acceptance rises along the run since the last rejection: the
+    per-position estimates find the rise (a geometric estimate is flat), at the pooled level."""
+    rnd = random.Random(3)
+    c = DraftLenController(prior=SiteEstimates(verify_step_s=0.1456, verify_per_token_s=0.0052))
+    truth = Inputs(alpha=0.45, hazard=RISING, tokens_left=100000, **PAPER)
+    run = 0
+    for _ in range(400):
+        accepted = 0
+        while accepted < 6 and rnd.random() < truth.accept_at(run + accepted):
+            accepted += 1
+        c.observe_round(accepted, accepted < 6, 0.3, 6)
+        run = 0 if accepted < 6 else run + accepted
+    h = c.hazard
+    assert len(h) == 8 and sum(h[3:]) / 5 > 1.25 * h[0], h
+    assert min(h) <= c.alpha <= max(h)
+    # the next session starts from the shape learnt here
+    assert DraftLenController(prior=c.estimates()).hazard == pytest.approx(h, rel=0.3)
+    fresh = DraftLenController()
+    assert fresh.hazard == () and fresh.inputs() is None
 
 
 def test_the_model_has_the_first_order_limits() -> None:

@@ -114,6 +114,13 @@ class Settings(BaseSettings):
     quantize: str = Field("none", pattern="^(none|int8)$")
     device: str = "auto"
     dtype: str = "auto"
+    prefill_dtype: str = Field(
+        "auto",
+        pattern="^(auto|float32|bfloat16|float16)$",
+        description="precision of forwards of many tokens (a prompt's prefill) when it should "
+        "differ from dtype: a CPU without half-precision matrix units decodes fp16 fast (half "
+        "the weights to read) but prefills it slowly; 'auto' = the device profile's, else dtype",
+    )
     threads: int | None = Field(None, ge=1)
     device_profile: str | None = Field(
         None,

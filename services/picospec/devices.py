@@ -61,6 +61,12 @@ class Cost(BaseModel):
         description="the precision the device runs its model in; the real compute uses it too "
         "(unless a dtype is set explicitly), so it can keep up with the profile",
     )
+    prefill_dtype: str | None = Field(
+        None,
+        pattern="^(float32|bfloat16|float16)$",
+        description="the precision the real compute uses for forwards of many tokens (a "
+        "prefill), when the host's matrix units make another precision than dtype fast there",
+    )
 
     def seconds(self, n_tokens: int) -> float:
         return self.step_s + self.per_token_s * max(0, n_tokens - 1)

@@ -205,6 +205,8 @@ def varlen_forward(
 
     Each slot must have room for its new tokens (:meth:`Slot.reserve`); their keys/values are
     written at ``[lengths[b] : lengths[b] + len(tokens[b])]``. The callers advance the lengths.
+    ``model`` may hold the weights in another precision than the slots (a prefill twin): keys
+    and values are stored in the slots' precision and attention runs in it.
     """
     base = model.model
     g = slots[0].geometry
@@ -253,7 +255,11 @@ def varlen_forward(
                 .reshape(g.kv_heads, group * n, g.head_dim)
             )
             o = F.scaled_dot_product_attention(
-                qb, kv[0, :, :seen], kv[1, :, :seen], attn_mask=mask, scale=attn.scaling
+                qb.to(kv.dtype),
+                kv[0, :, :seen],
+                kv[1, :, :seen],
+                attn_mask=mask,
+                scale=attn.scaling,
             )
             attn_out[start : start + n] = (
                 o.view(g.kv_heads, group, n, g.head_dim)
