@@ -308,3 +308,20 @@ def test_the_shipped_smollm2_draft_is_small_and_lossless(smollm2: LanguageModel)
     for p_logits, q_logits in zip(p_rows[-16:], q_rows[-16:], strict=True):
         p, q = probs_from_logits(p_logits, params), probs_from_logits(q_logits, params)
         assert total_variation(output_distribution(p, q, top_k=smollm2.vocab_size), p) < 1e-6
+
+
+def test_the_command_lines_drafter_defaults_to_picospec_draft_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import argparse
+
+    from picospec import default_drafter
+    from picospec.bench.cli import register as bench_register
+
+    monkeypatch.delenv("PICOSPEC_DRAFT_MODEL", raising=False)
+    assert default_drafter() == "smollm2"
+    monkeypatch.setenv("PICOSPEC_DRAFT_MODEL", "smollm2-draft")
+    parser = argparse.ArgumentParser()
+    bench_register(parser.add_subparsers())
+    assert parser.parse_args(["bench"]).drafter == "smollm2-draft"
+    assert parser.parse_args(["bench", "--drafter", "x"]).drafter == "x"

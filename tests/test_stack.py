@@ -405,7 +405,8 @@ def test_up_help_lists_the_options() -> None:
     ).stdout  # fmt: skip
     for opt in ("--topology", "--verifiers", "--drafter", "--verifier", "--quantize-draft",
                 "--threads", "--rtt-ms", "--bandwidth-mbit", "--run-dir", "--ready-timeout",
-                "--demo", "--env", "--port", "--nats-port", "single", "edge-cloud"):  # fmt: skip
+                "--demo", "--demo-repeat", "--env", "--port", "--nats-port", "single",
+                "edge-cloud"):  # fmt: skip
         assert opt in out, opt
 
 
@@ -590,3 +591,19 @@ def test_up_stops_cleanly_on_sigterm_during_startup(tmp_path: Path) -> None:
     assert not port_open(HOST, cfg.nats_port)
     for port in (cfg.api_port, cfg.sampler_port, cfg.port_of_verifier(1)):
         assert _procs_with_env(f"PICOSPEC_PORT={port}") == []
+
+
+def test_cold_and_warm_compares_the_first_demo_request_with_the_rest() -> None:
+    from picospec.stack.up import cold_and_warm
+
+    got = cold_and_warm(
+        [
+            {"ttft_s": 0.6, "tokens_per_s": 10.0},
+            {"ttft_s": 0.2, "tokens_per_s": 20.0},
+            {"ttft_s": 0.4, "tokens_per_s": 30.0},
+        ]
+    )["demo_cold_vs_warm"]
+    assert got["cold_ttft_s"] == 0.6 and got["warm_ttft_s"] == pytest.approx(0.3)
+    assert got["ttft_cold_over_warm"] == pytest.approx(2.0)
+    assert got["warm_tokens_per_s"] == pytest.approx(25.0) and got["warm_requests"] == 2
+    assert cold_and_warm([{}, {"ttft_s": None}])["demo_cold_vs_warm"]["ttft_cold_over_warm"] is None

@@ -8,12 +8,16 @@ import logging
 import sys
 from typing import Any
 
-from picospec import __version__
+from picospec import DRAFTER_HELP, __version__, default_drafter
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verifier", default="smollm2", help="target model (hub id, dir, .gguf)")
-    p.add_argument("--drafter", default="smollm2", help="draft model (hub id, dir, .gguf)")
+    p.add_argument(
+        "--drafter",
+        default=default_drafter(),
+        help=DRAFTER_HELP,
+    )
     p.add_argument(
         "--quantize-draft",
         choices=["none", "int8"],

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from picospec import DRAFTER_HELP, default_drafter
 from picospec.bench.report import _progress_factory, plots, sweep_plot, table
 from picospec.bench.run import MODES, PROFILES, QUICK_PROMPTS, load_prompts, run_profile
 from picospec.bench.speedup_map import (
@@ -182,7 +183,11 @@ def register(sub: Any) -> None:
         help="after the modes, run picospec at each of these draft lengths in the same "
         "stack, e.g. 2,4,6,8,auto (reported as draft_len_sweep)",
     )
-    b.add_argument("--drafter", default="smollm2")
+    b.add_argument(
+        "--drafter",
+        default=default_drafter(),
+        help=DRAFTER_HELP,
+    )
     b.add_argument("--verifier", default="smollm2")
     b.add_argument("--quantize-draft", choices=["none", "int8"], default="none")
     b.add_argument(

@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from picospec import DRAFTER_HELP, default_drafter
 from picospec.stack.config import TOPOLOGIES, StackConfig, StackError
 from picospec.stack.natsserver import (
     NatsServerError,
@@ -152,6 +153,28 @@ def run_demo(
     return stats
 
 
+def cold_and_warm(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first request's time to first token and speed against the mean of the later ones
+    (``--demo-repeat``): what warming up before ready is for."""
+    warm = runs[1:]
+
+    def mean(key: str, rs: list[dict[str, Any]]) -> float | None:
+        vals = [r[key] for r in rs if isinstance(r.get(key), int | float)]
+        return sum(vals) / len(vals) if vals else None
+
+    cold_ttft, warm_ttft = runs[0].get("ttft_s"), mean("ttft_s", warm)
+    return {
+        "demo_cold_vs_warm": {
+            "cold_ttft_s": cold_ttft,
+            "warm_ttft_s": warm_ttft,
+            "ttft_cold_over_warm": (cold_ttft / warm_ttft) if cold_ttft and warm_ttft else None,
+            "cold_tokens_per_s": runs[0].get("tokens_per_s"),
+            "warm_tokens_per_s": mean("tokens_per_s", warm),
+            "warm_requests": len(warm),
+        }
+    }
+
+
 def _env_pair(value: str) -> tuple[str, str]:
     key, sep, val = value.partition("=")
     if not sep or not key:
@@ -162,7 +185,11 @@ def _env_pair(value: str) -> tuple[str, str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", choices=TOPOLOGIES, default="single")
     p.add_argument("--verifiers", type=int, default=1, help="verifier replicas")
-    p.add_argument("--drafter", default="smollm2", help="draft model (edge)")
+    p.add_argument(
+        "--drafter",
+        default=default_drafter(),
+        help=DRAFTER_HELP,
+    )
     p.add_argument("--verifier", default="smollm2", help="target model (cloud)")
     p.add_argument("--quantize-draft", choices=["none", "int8"], default="none")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per service")
@@ -196,6 +223,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds")
     p.add_argument("--demo", action="store_true", help="send one streaming chat request")
     p.add_argument("--demo-prompt", default="What is the capital of France?")
+    p.add_argument(
+        "--demo-repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="send the demo request N times and compare the first (cold) request's time to "
+        "first token with the later (warm) ones",
+    )
     p.add_argument(
         "--observability",
         action="store_true",
@@ -275,7 +310,15 @@ class _Terminate(BaseException):
     """SIGTERM (or SIGINT) arrived: stop the stack."""
 
 
+_terminating: list[int] = []
+
+
 def _raise_terminate(signum: int, frame: object) -> None:
+    """Raise once: a second signal (Ctrl-C twice, or a supervisor that forwards it) arriving
+    while the stack shuts down must not cut the shutdown short."""
+    if _terminating:
+        return
+    _terminating.append(signum)
     raise _Terminate(signum)
 
 
@@ -290,6 +333,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except NatsServerError as e:  # e.g. the nats-server binary is missing
         print(f"picospec up: error: {e}", file=sys.stderr)
         return 2
+    _terminating.clear()
     old = {s: signal.signal(s, _raise_terminate) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     prometheus: Prometheus | None = None
@@ -328,7 +372,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"Prometheus: {prometheus.url}", flush=True)
         if args.demo and cfg.drafter:
             try:
-                run_demo(stack.api_url, args.demo_prompt, api_key=cfg.api_key)
+                runs = [
+                    run_demo(stack.api_url, args.demo_prompt, api_key=cfg.api_key)
+                    for _ in range(max(1, args.demo_repeat))
+                ]
+                if len(runs) > 1:
+                    print(json.dumps(cold_and_warm(runs)), flush=True)
             except (OSError, ValueError) as e:
                 print(f"picospec up: demo request failed: {e}", file=sys.stderr, flush=True)
         print("serving; Ctrl-C to stop", flush=True)
