@@ -86,6 +86,7 @@ class ModeResult:
         forwards = sum(_verifier_forwards(s, r.tokens) for s, r in zip(st, self.runs, strict=True))
         q = statistics.quantiles(tps, n=10) if len(tps) > 1 else [tps[0]] * 9
         decode = [d for s in st if (d := s.get("decode_tokens_per_s")) is not None]
+        server = [t for s in st if (t := s.get("ttft_s")) is not None]
         chosen: dict[str, int] = {}  # adaptive: rounds drafted at each γ, over all prompts
         for s in st:
             for g, n in (s.get("draft_len_rounds") or {}).items():
@@ -98,6 +99,8 @@ class ModeResult:
             "tokens_per_s_p90": q[-1],
             "decode_tokens_per_s": statistics.median(decode) if decode else None,
             "ttft_s": statistics.median(r.ttft_s for r in self.runs),
+            # the drafter's own view: from the request reaching it to the first token it emits
+            "server_ttft_s": statistics.median(server) if server else None,
             "acceptance_rate": accepted / drafted if drafted else None,
             "mean_accepted_len": 1 + accepted / rounds if rounds else None,
             "drafted_tokens": drafted,

@@ -13,6 +13,7 @@ yielded only committed (verified) tokens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -188,6 +189,14 @@ class Generation:
         self._stop_requested = True
 
     # --- cloud plumbing ----------------------------------------------------------------
+    async def _open_sent(self) -> None:
+        """Wait until the open request just queued has left for the NATS server (a PING/PONG
+        with the local node), before the draft model's prefill takes the edge's CPU: else the
+        prefill delays the open, and the first token with it."""
+        await asyncio.sleep(0)  # the open task builds its request and queues it
+        with contextlib.suppress(Exception):  # a slow or lost connection: the open copes
+            await self.svc.nc.flush(timeout=1)
+
     async def _open(self, committed: list[int], epoch: int, first_token: bool = False) -> OpenReply:
         """Open (or re-open) the session on any verifier, retrying until the deadline; with
         ``first_token`` the reply carries the target's first token from the prefill."""
@@ -495,6 +504,7 @@ class Generation:
             self._open(self.prompt, 0, first_token=True)
         )
         opening.add_done_callback(lambda t: t.cancelled() or t.exception())  # always retrieved
+        await self._open_sent()
         held: list[DraftBlock] = []
         streamed_first = False
         try:
