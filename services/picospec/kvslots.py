@@ -139,19 +139,12 @@ def why_not_slots(model: Any) -> str | None:
     """Why :func:`varlen_forward` cannot run ``model`` (a transformers causal LM); None if it
     can: a Llama-family decoder with full attention everywhere and rotary embeddings fixed by
     position alone."""
-    from picospec.models import BATCHED_MODEL_TYPES, BATCHED_ROPE, _rope_types
+    from picospec.models import architecture_unsupported
 
     cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in BATCHED_MODEL_TYPES:
-        return f"model type {model_type!r} has no varlen forward"
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        return "sliding-window attention"
-    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
-        return "layers other than full attention"
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
-    if not _rope_types(rope) <= BATCHED_ROPE:
-        return f"rotary embeddings that rescale with the sequence ({sorted(_rope_types(rope))})"
+    why = architecture_unsupported(cfg)
+    if why:
+        return why
     if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
         return "partial rotary embeddings"
     base = getattr(model, "model", None)

@@ -633,19 +633,12 @@ class LanguageModel:
         import inspect
 
         cfg = getattr(self.model, "config", None)
-        model_type = getattr(cfg, "model_type", None)
-        if model_type not in BATCHED_MODEL_TYPES:
-            return f"model type {model_type!r} is not one known to batch exactly with padding"
+        why = architecture_unsupported(cfg)
+        if why:
+            return why
         attn = getattr(cfg, "_attn_implementation", None)
         if attn not in BATCHED_ATTENTION:
             return f"attention implementation {attn!r} is not one known to honour the pad mask"
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-            return "sliding-window attention"
-        if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
-            return "layers other than full attention"
-        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
-        if not _rope_types(rope) <= BATCHED_ROPE:
-            return f"rotary embeddings that rescale with the batch ({sorted(_rope_types(rope))})"
         if any(
             type(m).__module__.startswith("torch.ao.nn.quantized") for m in self.model.modules()
         ):
@@ -701,6 +694,23 @@ class LanguageModel:
                 self.decode(ids)
                 return ids
         return [i % self.vocab_size for i in range(1, 17)]
+
+
+def architecture_unsupported(cfg: Any) -> str | None:
+    """Why a transformers config is outside the decoders that PicoSpec runs several sessions of
+    in one forward (padded, or varlen over slots); None if inside: a Llama-family type, full
+    attention in every layer, rotary embeddings fixed by position alone."""
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in BATCHED_MODEL_TYPES:
+        return f"model type {model_type!r} is not one known to run batched sessions exactly"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+        return "layers other than full attention"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+    if not _rope_types(rope) <= BATCHED_ROPE:
+        return f"rotary embeddings that rescale with the sequence ({sorted(_rope_types(rope))})"
+    return None
 
 
 def _rope_types(rope: Any) -> set[str]:
