@@ -129,14 +129,14 @@ scan: $(STAMP)
 DRAFT_WORK ?= build/distill/smollm2-draft
 DRAFT_OUT ?= services/picospec/distill/drafts/smollm2-draft
 DRAFT_ARGS ?=
-DRAFT_RECIPE := --target smollm2 --layers 4 --head-size 8192 --sources chat,docs \
-	--max-new-tokens 192 --temperatures 0,0.7 --topk 32 --steps 6000 --batch-tokens 2048 \
-	--lr 3e-4 --warmup 100 --kd both --hard-weight 0.2 --eval-prompts 16 --eval-every 250 \
-	--ckpt-every 50 --seed 0
+DRAFT_RECIPE := --target smollm2 --layers 6 --head-size 8192 --sources chat,docs --prompts 512 \
+	--max-new-tokens 160 --temperatures 0,0.7 --gen-batch 32 --shard-prompts 128 --topk 32 \
+	--steps 1200 --batch-tokens 1024 --lr 5e-4 --warmup 50 --kd both --hard-weight 0.2 \
+	--eval-prompts 16 --eval-max-new-tokens 64 --eval-every 200 --ckpt-every 50 --seed 0
 .PHONY: draft draft-bg draft-status
 draft: $(STAMP)
-	nice -n 19 $(BIN)/picospec distill $(DRAFT_RECIPE) --work $(DRAFT_WORK) --out $(DRAFT_OUT) \
-		$(DRAFT_ARGS)
+	nice -n 19 $(BIN)/picospec distill $(DRAFT_RECIPE) --eval-mtbench 16 --work $(DRAFT_WORK) \
+		--out $(DRAFT_OUT) $(DRAFT_ARGS)
 
 draft-bg: $(STAMP)
 	mkdir -p $(DRAFT_WORK)
