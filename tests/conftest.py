@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
@@ -83,3 +84,17 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def reference(tiny_dirs: tuple[Path, Path]) -> LanguageModel:
     """The saved tiny target loaded in-process: what greedy answers must equal."""
     return LanguageModel.load(str(tiny_dirs[0]), device="cpu")
+
+
+def pooled_chisquare_pvalue(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Chi-square p-value of ``observed`` counts against ``expected`` ones (same outcomes, same
+    order), the rarest outcomes pooled into one cell until it expects 10, so that no cell's
+    expectation is too small for the test; expected is rescaled to the observed total."""
+    from scipy.stats import chisquare
+
+    order = np.argsort(expected)
+    small = order[np.cumsum(expected[order]) < 10]
+    keep = np.setdiff1d(np.nonzero(expected > 0)[0], small)
+    obs = np.append(observed[keep], observed[small].sum())
+    exp = np.append(expected[keep], expected[small].sum())
+    return float(chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)

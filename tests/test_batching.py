@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import pooled_chisquare_pvalue, tiny_model
 from picospec import metrics
 from picospec.config import Mode, SpecConfig
 from picospec.drafter.session import Committed, DrafterSession
@@ -402,6 +402,19 @@ _REFERENCE: dict[tuple[str, tuple[int, ...], int], list[int]] = {}
 
 
 @torch.inference_mode()
+def _rounds_in_lock_step(
+    pairs: list[tuple[DrafterSession, VerifierSession]], sizes: list[int]
+) -> None:
+    """Run every pair to the end: each round, every unfinished session drafts what it may and
+    all the blocks are verified together (``verify_many``); the forward sizes go to ``sizes``."""
+    while not all(d.done for d, _ in pairs):
+        items = [(v, b) for d, v in pairs if not d.done for b in d.draft_ready()]
+        got = verify_many(items, on_forward=sizes.append)
+        for (v, _), verdicts in zip(items, got, strict=True):
+            assert not isinstance(verdicts, BlockRefused)
+            _apply(next(d for d, vv in pairs if vv is v), verdicts)
+
+
 def _reference_greedy(model: LanguageModel, prompt: list[int], n: int) -> list[int]:
     """The target alone, recomputed from scratch with no KV cache at every step."""
     key = (model.name, tuple(prompt), n)
@@ -440,12 +453,7 @@ def test_batched_generations_equal_the_target_alone(
             )
         )
     sizes: list[int] = []
-    while not all(d.done for d, _ in pairs):
-        items = [(v, b) for d, v in pairs if not d.done for b in d.draft_ready()]
-        got = verify_many(items, on_forward=sizes.append)
-        for (v, _), verdicts in zip(items, got, strict=True):
-            assert not isinstance(verdicts, BlockRefused)
-            _apply(next(d for d, vv in pairs if vv is v), verdicts)
+    _rounds_in_lock_step(pairs, sizes)
     for (d, _), prompt in zip(pairs, PROMPTS, strict=True):
         assert d.finish_reason == "length"
         assert d.generated == _reference_greedy(target, prompt, n)
@@ -520,7 +528,6 @@ def test_sampled_continuations_through_batched_rounds_follow_the_target() -> Non
     """The statistical losslessness check of test_lossless, with every run's verifier session
     verified in batched rounds of ``BATCH`` sessions (different seeds) through
     :func:`verify_many`, and the first token from the prefill as the services do."""
-    from scipy.stats import chisquare
 
     from test_lossless import LENGTH, VOCAB, _exact_sequence_distribution
 
@@ -541,12 +548,7 @@ def test_sampled_continuations_through_batched_rounds_follow_the_target() -> Non
             v = VerifierSession(target, sid, prompt, p, spec)
             d.accept_first(v.first_token())
             pairs.append((d, v))
-        while not all(d.done for d, _ in pairs):
-            items = [(v, b) for d, v in pairs if not d.done for b in d.draft_ready()]
-            got = verify_many(items, on_forward=sizes.append)
-            for (v, _), verdicts in zip(items, got, strict=True):
-                assert not isinstance(verdicts, BlockRefused)
-                _apply(next(d for d, vv in pairs if vv is v), verdicts)
+        _rounds_in_lock_step(pairs, sizes)
         for d, _ in pairs:
             key = tuple(d.generated)
             counts[key] = counts.get(key, 0) + 1
@@ -557,9 +559,4 @@ def test_sampled_continuations_through_batched_rounds_follow_the_target() -> Non
     expected = np.array([exact[o] for o in outcomes]) * runs
     observed = np.array([counts.get(o, 0) for o in outcomes], dtype=float)
     assert sum(counts.values()) == observed.sum(), "produced a continuation the target never would"
-    order = np.argsort(expected)
-    small = order[np.cumsum(expected[order]) < 5 * 2]
-    keep = np.setdiff1d(np.nonzero(expected > 0)[0], small)
-    obs = np.append(observed[keep], observed[small].sum())
-    exp = np.append(expected[keep], expected[small].sum())
-    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-4
+    assert pooled_chisquare_pvalue(observed, expected) > 1e-4

@@ -357,7 +357,7 @@ class LanguageModel:
         if settings.device_profile and role is not None:
             cost = load_profile(settings.device_profile).cost(role)
         dtype = settings.dtype
-        prefill = getattr(settings, "prefill_dtype", "auto")
+        prefill = settings.prefill_dtype
         if cost is not None and settings.quantize == "none":
             if cost.dtype and dtype == "auto":
                 dtype = cost.dtype  # the emulated device's precision (e.g. fp16 on a Jetson)
