@@ -160,6 +160,23 @@ def test_the_first_session_starts_from_what_the_site_learnt() -> None:
     assert c.estimates().alpha == pytest.approx(0.98)
 
 
+def test_the_start_is_a_default_that_the_first_informed_choice_replaces() -> None:
+    """The hysteresis keeps a steady choice steady; it must not keep the starting default.
+    At acceptance 1 on a fast link every γ >= 4 is within a few percent in the model: the
+    first informed choice is the longest near-equal one, not the start's γ = 4."""
+    lan = dict(t_d=0.02, rtt_s=0.001, verify_step_s=0.04, verify_per_token_s=0.002)
+    c = DraftLenController(prior=SiteEstimates(**lan, alpha=1.0))
+    assert (c.gamma, c.lookahead) == (4, 3)
+    inp = c.inputs()
+    g, k, rate = best_choice(inp)
+    assert rate < predicted_rate(inp, 4, 3) * (1 + c.hysteresis)  # the old rule kept γ = 4
+    assert c.choose() == (g, k) and g > 8
+    # the start is replaced once: later choices keep the hysteresis (a model that now
+    # prefers γ = 4 by less than 5% does not move it back)
+    c.gamma, c.lookahead = 4, 3
+    assert c.choose() == (4, 3)
+
+
 def test_cost_line_fits_the_verifiers_forwards() -> None:
     line = CostLine()
     assert line.line() is None

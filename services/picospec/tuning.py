@@ -42,8 +42,9 @@ the last pooling everything beyond), each shrunk towards the pooled estimate by
 ``hazard_prior`` tested tokens and kept across sessions (a half-life of about 23 rounds:
 most rounds test only the first positions), scaled to the pooled level, which follows the
 prompt within a few rounds.
-The choice changes only when the predicted gain is at least ``hysteresis`` (5%), so a steady
-link gives a steady length; a change in the link or in acceptance moves the estimates within a
+A session takes the model's choice as soon as it has every input (the starting ``(γ, k)`` is
+a default, not a choice, so it gets no advantage); after that the choice changes only when the
+predicted gain is at least ``hysteresis`` (5%), so a steady link gives a steady length; a change in the link or in acceptance moves the estimates within a
 few rounds, and the length follows.
 """
 
@@ -198,6 +199,7 @@ class DraftLenController:
         self._pos_acc = [a for a, _ in counts]
         self._pos_tested = [t for _, t in counts]
         self._run = 0  # tokens accepted since the last rejection (the epoch's next position)
+        self._informed = False  # whether the model has chosen yet (the start is a default)
         self.history: dict[int, int] = {}  # γ -> rounds drafted with it
 
     # --- observations ------------------------------------------------------------------
@@ -293,15 +295,16 @@ class DraftLenController:
 
     # --- the choice ----------------------------------------------------------------------
     def choose(self, tokens_left: int = 256) -> tuple[int, int]:
-        """The ``(γ, k)`` to draft with now; unchanged unless the model predicts a gain of at
-        least ``hysteresis`` over the current choice."""
+        """The ``(γ, k)`` to draft with now: the model's first choice once it has every input,
+        then unchanged unless the model predicts a gain of at least ``hysteresis`` over it."""
         inp = self.inputs(tokens_left)
         if inp is None:
             return self.gamma, self.lookahead
         g, k, rate = best_choice(inp, self.max_gamma, self.max_lookahead if self.pipelined else 1)
         current = predicted_rate(inp, self.gamma, self.lookahead if self.pipelined else 1)
-        if rate > current * (1 + self.hysteresis):
+        if not self._informed or rate > current * (1 + self.hysteresis):
             self.gamma, self.lookahead = g, k
+            self._informed = True
         return self.gamma, self.lookahead
 
 
