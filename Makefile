@@ -122,21 +122,30 @@ scan: $(STAMP)
 
 # The shipped draft of the embedded model, smollm2-draft (docs/distill.md): data from SmolLM2's
 # own answers, a few of its layers trained by KD, int8 deltas + a reduced head written to
-# DRAFT_OUT. Hours on 2 CPU cores. It checkpoints to DRAFT_WORK and, run again, resumes where
-# it stopped; DRAFT_ARGS adds options (e.g. --max-time-s 3000 to stop resumably in time).
+# DRAFT_OUT. Two runs: the first on one-line prompts and the project's docs (DRAFT_WORK), the
+# second continuing it (--init) on multi-part prompts as well (DRAFT_WORK-long). Hours on 2 CPU
+# cores. Each checkpoints and, run again, resumes where it stopped; DRAFT_ARGS adds options
+# (e.g. --max-time-s 3000 to stop resumably in time).
 # `make draft-bg` runs it in the background (nice, nohup, log in DRAFT_WORK/make.log);
 # `make draft-status` shows the stage, step, tokens/s, ETA and the acceptance curve.
 DRAFT_WORK ?= build/distill/smollm2-draft
 DRAFT_OUT ?= services/picospec/distill/drafts/smollm2-draft
 DRAFT_ARGS ?=
-DRAFT_RECIPE := --target smollm2 --layers 6 --head-size 8192 --sources chat,docs --prompts 512 \
-	--max-new-tokens 160 --temperatures 0,0.7 --gen-batch 32 --shard-prompts 128 --topk 32 \
-	--steps 1200 --batch-tokens 1024 --lr 5e-4 --warmup 50 --kd both --hard-weight 0.2 \
-	--eval-prompts 16 --eval-max-new-tokens 64 --eval-every 200 --ckpt-every 50 --seed 0
+DRAFT_COMMON := --target smollm2 --layers 6 --head-size 8192 --max-new-tokens 160 \
+	--temperatures 0,0.7 --gen-batch 32 --shard-prompts 128 --topk 32 --batch-tokens 1024 \
+	--kd both --hard-weight 0.2 --eval-prompts 16 --eval-max-new-tokens 64 --ckpt-every 50 --seed 0
+DRAFT_RECIPE := $(DRAFT_COMMON) --sources chat,docs --prompts 512 --steps 1200 --lr 5e-4 \
+	--warmup 50 --eval-every 200
+DRAFT_RECIPE_LONG := $(DRAFT_COMMON) --sources chat --prompt-set long --prompts 768 --steps 600 \
+	--lr 3e-4 --warmup 20 --eval-every 100 --init $(DRAFT_WORK)
 .PHONY: draft draft-bg draft-status
 draft: $(STAMP)
-	nice -n 19 $(BIN)/picospec distill $(DRAFT_RECIPE) --eval-mtbench 16 --work $(DRAFT_WORK) \
-		--out $(DRAFT_OUT) $(DRAFT_ARGS)
+	nice -n 19 $(BIN)/picospec distill $(DRAFT_RECIPE) --engine-prompts 0 --no-timing \
+		--work $(DRAFT_WORK) $(DRAFT_ARGS)
+	@if grep -q '"stage": "done"' $(DRAFT_WORK)/status.json; then \
+	  nice -n 19 $(BIN)/picospec distill $(DRAFT_RECIPE_LONG) --eval-mtbench 80 \
+	    --work $(DRAFT_WORK)-long --out $(DRAFT_OUT) $(DRAFT_ARGS); \
+	else echo "the first run stopped at a checkpoint: run make draft again to resume"; fi
 
 draft-bg: $(STAMP)
 	mkdir -p $(DRAFT_WORK)
@@ -145,4 +154,6 @@ draft-bg: $(STAMP)
 
 draft-status: $(STAMP)
 	$(BIN)/picospec distill --status --work $(DRAFT_WORK)
-	@test ! -f $(DRAFT_WORK)/train.log || tail -n 5 $(DRAFT_WORK)/train.log
+	@test ! -f $(DRAFT_WORK)-long/status.json || \
+	  $(BIN)/picospec distill --status --work $(DRAFT_WORK)-long
+	@test ! -f $(DRAFT_WORK)-long/train.log || tail -n 5 $(DRAFT_WORK)-long/train.log

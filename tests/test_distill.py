@@ -120,6 +120,31 @@ def test_a_stopped_run_resumes_to_the_same_draft(
     assert main(_args(tiny_dirs[0], work, "--steps", "7")) == 2
 
 
+def test_a_run_continues_an_earlier_one_on_long_prompts(
+    distilled: Path, tiny_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``--init``: the draft starts from the earlier run's (its step-0 acceptance on the same
+    held-out answers is the earlier run's last), keeps its head, and trains on both runs' data."""
+    work = tmp_path / "long"
+    extra = ("--init", str(distilled), "--prompt-set", "long", "--prompts", "6", "--steps", "2")
+    assert main(_args(tiny_dirs[0], work, *extra)) == 0
+    first = json.loads((distilled / "draft" / "report.json").read_text())
+    report = json.loads((work / "draft" / "report.json").read_text())
+    assert report["curve"][0]["step"] == 0
+    assert report["curve"][0]["greedy"] == pytest.approx(first["curve"][-1]["greedy"])
+    assert report["curve"][0]["t0.7"] == pytest.approx(first["curve"][-1]["t0.7"])
+    assert torch.equal(torch.load(work / "head_ids.pt"), torch.load(distilled / "head_ids.pt"))
+    own = sum(e.trained for p in (work / "data").glob("*.pt") for e in D.load_examples(p)[0])
+    assert report["train_tokens_available"] == own + first["train_tokens_available"]
+    assert "initialised from" in (work / "train.log").read_text()
+    # an earlier run of another draft, or one that has not finished, is refused
+    assert main(_args(tiny_dirs[0], tmp_path / "w2", *extra, "--head-size", "30")) == 2
+    unfinished = tmp_path / "unfinished"
+    assert main(_args(tiny_dirs[0], unfinished, "--max-time-s", "0")) == 0
+    assert main(_args(tiny_dirs[0], tmp_path / "w3", "--init", str(unfinished))) == 2
+    assert main(_args(tiny_dirs[0], tmp_path / "w4", "--prompt-set", "medium")) == 2
+
+
 def test_the_draft_file_holds_only_what_the_draft_adds(distilled: Path) -> None:
     out = distilled / "draft"
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -251,11 +276,12 @@ def test_sampled_output_with_a_reduced_head_draft_follows_the_target() -> None:
 # --- data: never the benchmark's prompts ----------------------------------------------------
 
 
-def test_no_training_prompt_equals_or_contains_an_mtbench_question() -> None:
+@pytest.mark.parametrize("prompt_set", D.PROMPT_SETS)
+def test_no_training_prompt_equals_or_contains_an_mtbench_question(prompt_set: str) -> None:
     questions = [" ".join(q.lower().split()) for q in D.benchmark_prompts()]
     assert len(questions) == 160  # 80 questions, two turns each
-    train = D.synthesise_prompts(0)
-    held_out = D.synthesise_prompts(0, held_out=True)
+    train = D.synthesise_prompts(0, prompt_set=prompt_set)
+    held_out = D.synthesise_prompts(0, held_out=True, prompt_set=prompt_set)
     assert len(train) > 1000 and len(held_out) > 100
     assert not set(train) & set(held_out)
     for text in [*train, *held_out, *D.project_texts()]:

@@ -44,8 +44,9 @@ most rounds test only the first positions), scaled to the pooled level, which fo
 prompt within a few rounds.
 A session takes the model's choice as soon as it has every input (the starting ``(γ, k)`` is
 a default, not a choice, so it gets no advantage); after that the choice changes only when the
-predicted gain is at least ``hysteresis`` (5%), so a steady link gives a steady length; a change in the link or in acceptance moves the estimates within a
-few rounds, and the length follows.
+predicted gain is at least ``hysteresis`` (5%), so a steady link gives a steady length; a
+change in the link or in acceptance moves the estimates within a few rounds, and the length
+follows.
 """
 
 from __future__ import annotations

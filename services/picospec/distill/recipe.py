@@ -14,6 +14,7 @@ class Recipe:
     layers: str = "4"  # "4" spread over the target's layers, "first:4", or "0,10,20,29"
     head_size: int = 8192  # 0 = the full head
     sources: str = "chat,docs"
+    prompt_set: str = "short"  # the chat prompts: short (one-line) or long (multi-part) requests
     prompts: int = 0  # chat prompts to answer (0 = every synthesised prompt)
     max_new_tokens: int = 192
     temperatures: str = "0,0.7"  # the target answers prompt i at temperatures[i % n]
@@ -35,6 +36,9 @@ class Recipe:
     ckpt_every: int = 50
     seed: int = 0
     dtype: str = "float32"
+    # a work directory of an earlier run of the same target, layers and head: the draft starts
+    # from its last checkpoint (and keeps its head), and its training data joins this run's
+    init: str = ""
 
     def layer_list(self, total: int) -> list[int]:
         from picospec.distill.student import parse_layers

@@ -81,7 +81,7 @@ def status_text(work: Path) -> str:
 
 
 def _chat_prompts(recipe: Recipe, opts: Options) -> list[str]:
-    prompts = opts.prompt_source or D.synthesise_prompts(recipe.seed)
+    prompts = opts.prompt_source or D.synthesise_prompts(recipe.seed, prompt_set=recipe.prompt_set)
     prompts = D.exclude_benchmark(prompts)
     return prompts[: recipe.prompts] if recipe.prompts else prompts
 
@@ -130,7 +130,43 @@ def build_data(target: Any, recipe: Recipe, opts: Options) -> list[D.Example]:
                 raise TimeUp
     for path in sorted(shards.glob("*.pt")):
         examples += D.load_examples(path)[0]
+    for earlier in init_chain(recipe):
+        for path in sorted((Path(earlier) / "data").glob("*.pt")):
+            examples += D.load_examples(path)[0]
     return examples
+
+
+def init_chain(recipe: Recipe) -> list[str]:
+    """The work directories this run continues, nearest first (``init``, its ``init``, …)."""
+    out: list[str] = []
+    init = recipe.init
+    while init:
+        if init in out:
+            raise ValueError(f"--init {recipe.init}: the runs' inits form a cycle at {init}")
+        out.append(init)
+        old = Path(init) / "recipe.json"
+        init = json.loads(old.read_text()).get("init", "") if old.is_file() else ""
+    return out
+
+
+def check_init(recipe: Recipe) -> None:
+    """``init``, if set, must be a run with a checkpoint of the same target, layers and head."""
+    if not recipe.init:
+        return
+    work = Path(recipe.init)
+    if not (work / "recipe.json").is_file() or not (work / "ckpt.pt").is_file():
+        raise ValueError(f"--init {work}: not a distill work directory with a checkpoint")
+    old = json.loads((work / "recipe.json").read_text())
+    differ = [k for k in ("target", "layers", "head_size") if old.get(k) != getattr(recipe, k)]
+    if differ:
+        raise ValueError(f"--init {work} was a run of another draft (differs in {differ})")
+    path = work / "status.json"
+    status = json.loads(path.read_text()) if path.is_file() else {}
+    if status.get("stage") != "done":
+        raise ValueError(
+            f"--init {work} has not finished (stage {status.get('stage')!r}): run it to the "
+            "end first"
+        )
 
 
 def build_eval(target: Any, recipe: Recipe, opts: Options) -> list[D.Example]:
@@ -299,6 +335,10 @@ def train(
         head_pos[head.ids.cpu()] = torch.arange(head.size)
     step, seen, curve = 0, 0, []
     ckpt = opts.work / "ckpt.pt"
+    if recipe.init and not ckpt.is_file():  # the earlier run's draft, not its optimiser,
+        init = torch.load(Path(recipe.init) / "ckpt.pt", weights_only=False)  # cursor or curve
+        load_trainable_state(student, {k: v.to(device) for k, v in init["student"].items()})
+        _log_line(opts.work, f"initialised from {recipe.init} (step {init['step']})")
     if ckpt.is_file():
         blob = torch.load(ckpt, weights_only=False)
         load_trainable_state(student, {k: v.to(device) for k, v in blob["student"].items()})
@@ -441,7 +481,7 @@ def check_recipe(work: Path, recipe: Recipe) -> None:
     """A work directory belongs to one recipe: resuming with another one is refused."""
     path = work / "recipe.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {**asdict(Recipe()), **json.loads(path.read_text())}  # new fields: defaults
         if old != asdict(recipe):
             differ = sorted(
                 k for k in old.keys() | asdict(recipe).keys() if old.get(k) != asdict(recipe).get(k)
@@ -462,6 +502,9 @@ def run(recipe: Recipe, opts: Options, target: Any = None) -> dict[str, Any]:
     if recipe.kd not in ("token", "seq", "both"):
         raise ValueError(f"unknown --kd {recipe.kd!r}: use token, seq or both")
     recipe.source_list  # noqa: B018 (validates)
+    if recipe.prompt_set not in D.PROMPT_SETS:
+        raise ValueError(f"unknown --prompt-set {recipe.prompt_set!r}: use {D.PROMPT_SETS}")
+    check_init(recipe)
     check_recipe(opts.work, recipe)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -476,6 +519,8 @@ def run(recipe: Recipe, opts: Options, target: Any = None) -> dict[str, Any]:
         layers = recipe.layer_list(len(decoder_layers(target.model)))
         head_ids = None
         head_path = opts.work / "head_ids.pt"  # fixed once: a resumed run keeps its head
+        if recipe.head_size and recipe.init and not head_path.is_file():
+            head_path.write_bytes((Path(recipe.init) / "head_ids.pt").read_bytes())
         if recipe.head_size and head_path.is_file():
             head_ids = torch.load(head_path)
         elif recipe.head_size:
@@ -540,21 +585,9 @@ def make_report(
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     if opts.eval_mtbench:
-        from picospec.bench import mtbench_questions
-
-        bench = list(
-            D.target_responses(
-                target,
-                mtbench_questions()[: opts.eval_mtbench],
-                max_new_tokens=recipe.eval_max_new_tokens,
-                temperatures=[0.0],
-                batch_size=recipe.gen_batch,
-            )
+        report["acceptance_mtbench_teacher_forced"] = mtbench_acceptance(
+            target, student, recipe, opts.eval_mtbench
         )
-        report["acceptance_mtbench_teacher_forced"] = {
-            **acceptance(target, student, bench),
-            "prompts": opts.eval_mtbench,
-        }
     if opts.engine_prompts and eval_ex:
         prompts = [e.ids[: e.start + 1] for e in eval_ex[: opts.engine_prompts]]
         report["acceptance_engine"] = engine_acceptance(
@@ -563,6 +596,36 @@ def make_report(
     if opts.timing and eval_ex:
         report["step_time"] = step_time_ratio(target, draft, eval_ex[0].ids[: eval_ex[0].start + 1])
     return report
+
+
+def mtbench_acceptance(
+    target: Any, student: torch.nn.Module, recipe: Recipe, n: int
+) -> dict[str, Any]:
+    """Teacher-forced acceptance on the target's greedy answers to the first ``n`` MT-Bench
+    questions (never trained on), overall and per category."""
+    from picospec.bench.run import mtbench_categorised
+
+    chosen = mtbench_categorised()[:n]
+    answers = list(
+        D.target_responses(
+            target,
+            [q for _, q in chosen],
+            max_new_tokens=recipe.eval_max_new_tokens,
+            temperatures=[0.0],
+            batch_size=recipe.gen_batch,
+        )
+    )
+    # target_responses drops a prompt only if the answer is empty: match by the prompt's ids
+    by_prompt = {tuple(e.ids[: e.start + 1]): e for e in answers}
+    per_cat: dict[str, list[D.Example]] = {}
+    for cat, q in chosen:
+        ex = by_prompt.get(tuple(target.encode_chat([{"role": "user", "content": q}])))
+        if ex is not None:
+            per_cat.setdefault(cat or "?", []).append(ex)
+    out: dict[str, Any] = {**acceptance(target, student, answers), "prompts": n}
+    if len(per_cat) > 1:
+        out["categories"] = {cat: acceptance(target, student, exs) for cat, exs in per_cat.items()}
+    return out
 
 
 def _head_coverage(student: torch.nn.Module, examples: list[D.Example]) -> float | None:
@@ -596,6 +659,11 @@ def report_markdown(r: dict[str, Any]) -> str:
             f"| per-token acceptance, teacher-forced, {mt['prompts']} MT-Bench questions | "
             f"{mt['greedy']:.3f} | {mt['t0.7']:.3f} |"
         )
+        lines += [
+            f"| … of which {cat} ({int(c['positions'])} tokens) | {c['greedy']:.3f} "
+            f"| {c['t0.7']:.3f} |"
+            for cat, c in (mt.get("categories") or {}).items()
+        ]
     eng = r.get("acceptance_engine")
     if eng:
         lines.append(
