@@ -391,3 +391,21 @@ def test_cloud_unreachable_gives_a_clean_503(tiny_dirs: tuple[Path, Path]) -> No
         assert body["picospec"]["verified"] is False
         assert body["choices"][0]["message"]["content"] == expected(draft, "anyone?", 20)
         assert metric(scrape(s.services["drafter"].url), "picospec_degraded_responses_total") == 1
+
+
+@pytest.mark.parametrize("idle", [True, False])
+def test_the_draft_model_thread_yields_the_cpu_to_the_services_io(idle: bool) -> None:
+    """PICOSPEC_DRAFT_THREAD_IDLE: the drafter's model thread runs at SCHED_IDLE (the event
+    loop, which streams the first token and applies verdicts, stays at the normal priority)."""
+    import os
+
+    from picospec.config import Settings
+    from picospec.drafter.service import DrafterService
+
+    svc = DrafterService(Settings(draft_thread_idle=idle), nc=None, model=None)  # type: ignore[arg-type]
+    try:
+        policy = svc.pool.submit(os.sched_getscheduler, 0).result(timeout=10)
+    finally:
+        svc.pool.shutdown()
+    assert policy == (os.SCHED_IDLE if idle else os.SCHED_OTHER)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER

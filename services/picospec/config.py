@@ -122,6 +122,13 @@ class Settings(BaseSettings):
         "the weights to read) but prefills it slowly; 'auto' = the device profile's, else dtype",
     )
     threads: int | None = Field(None, ge=1)
+    draft_thread_idle: bool = Field(
+        True,
+        description="the drafter runs its model at Linux's idle CPU priority (SCHED_IDLE): "
+        "the service's own I/O (the first token, verdicts, the stream) then never waits behind "
+        "a draft forward on the same CPU. It yields to every other busy process too, so turn "
+        "it off where the drafter shares its CPUs with other work outside a container",
+    )
     device_profile: str | None = Field(
         None,
         description="emulate hardware: pad every model forward to the time this profile gives "

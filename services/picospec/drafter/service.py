@@ -44,7 +44,7 @@ from picospec.protocol.codec import (
 )
 from picospec.protocol.control import CloseSession, ErrorReply, OpenReply, OpenSession
 from picospec.sampling import SamplingParams
-from picospec.serving import event, headers
+from picospec.serving import event, headers, idle_cpu_priority
 from picospec.tuning import MAX_GAMMA, DraftLenController, SiteEstimates
 from picospec.verifier.session import VerifierSession
 
@@ -120,7 +120,11 @@ class DrafterService:
         self.verdict_subject = subjects.verdicts(settings.site, self.id)
         # each session's verdicts, with their size on the wire
         self.inbox: dict[bytes, asyncio.Queue[tuple[Verdict, int]]] = {}
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="draft")
+        self.pool = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="draft",
+            initializer=idle_cpu_priority if settings.draft_thread_idle else None,
+        )
         self.site = SiteEstimates()  # what adaptive speculation has learnt of this site
 
     async def start(self) -> None:
