@@ -134,6 +134,39 @@ class ModeResult:
         }
 
 
+@dataclass
+class _Deltas:
+    """One mode's runs, and the drafter's histograms and the pacers' counters summed over
+    exactly those runs (their other modes' runs interleave with them)."""
+
+    runs: list[Run] = field(default_factory=list)
+    hist: dict[str, list[float]] = field(default_factory=dict)  # name -> [sum, count]
+    paced: dict[str, dict[str, float]] | None = None
+
+    def add(self, before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]):
+        for n in after:
+            h = self.hist.setdefault(n, [0.0, 0.0])
+            h[0] += after[n][0] - before[n][0]
+            h[1] += after[n][1] - before[n][1]
+
+    def add_paced(self, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]):
+        if self.paced is None:
+            self.paced = {side: dict.fromkeys(after[side], 0.0) for side in after}
+        for side in after:
+            for k in after[side]:
+                self.paced[side][k] += after[side][k] - before[side][k]
+
+    def result(self) -> ModeResult:
+        zero = {side: dict.fromkeys(c, 0.0) for side, c in (self.paced or {}).items()}
+        rtt, step = (self.hist.get(n, [0.0, 0.0]) for n in HISTOGRAMS)
+        return ModeResult(
+            runs=self.runs,
+            rtt_s=_mean_between((0.0, 0.0), (rtt[0], rtt[1])),
+            draft_step_s=_mean_between((0.0, 0.0), (step[0], step[1])),
+            emulation=_emulation_between(zero, self.paced) if self.paced is not None else None,
+        )
+
+
 def _verifier_forwards(stats: dict[str, Any], tokens: int) -> int:
     """Forward passes the cloud ran for one request: the prefill at each (re)open, plus one per
     verification round (speculative modes) or one per token after the first (``ar``)."""
@@ -308,7 +341,6 @@ def run_profile(
     quantize = quantize if quantize is not None else args.quantize_draft
     cfg = stack_config(name, args, drafter or args.drafter, quantize)
     greedy = args.temperature == 0
-    results: dict[str, ModeResult] = {}
     with Stack(cfg) as stack, _pinned(stack.cpus["cloud"] if stack.cpus else None):
         if placement is not None:
             placement.update(_placement(stack))
@@ -319,24 +351,27 @@ def run_profile(
         task(1)
         emulated = cfg.device_profile is not None
 
-        def run_mode(mode: str, draft_len: int | str | None = None) -> ModeResult:
-            res = ModeResult()
-            before = _histogram_means(drafter_url, HISTOGRAMS)
-            paced = _emulation_counters(sides) if emulated else None
-            label = mode if draft_len is None else f"{mode} γ={draft_len}"
-            task = progress(f"{name}: {label}", len(prompts))
-            for i, prompt in enumerate(prompts):
-                res.runs.append(_stream(stack.api_url, prompt, mode, args, draft_len))
-                task(i + 1)
-            after = _histogram_means(drafter_url, HISTOGRAMS)
-            res.rtt_s, res.draft_step_s = (_mean_between(before[h], after[h]) for h in HISTOGRAMS)
-            if paced is not None:
-                res.emulation = _emulation_between(paced, _emulation_counters(sides))
-            return res
-
-        for mode in args.modes:
-            results[mode] = run_mode(mode)
-        sweep = {str(g): run_mode("picospec", g) for g in _sweep_values(args)}
+        # every mode (and every swept γ) runs each prompt in turn, prompt by prompt, so a
+        # drift of the machine's speed during the run falls on all of them alike
+        runs: list[tuple[str, int | str | None]] = [(m, None) for m in args.modes]
+        runs += [("picospec", g) for g in _sweep_values(args)]
+        acc = {key: _Deltas() for key in runs}
+        tasks = {
+            key: progress(f"{name}: {key[0] if key[1] is None else f'{key[0]} γ={key[1]}'}",
+                          len(prompts))
+            for key in runs
+        }  # fmt: skip
+        for i, prompt in enumerate(prompts):
+            for key in runs:
+                before = _histogram_means(drafter_url, HISTOGRAMS)
+                paced = _emulation_counters(sides) if emulated else None
+                acc[key].runs.append(_stream(stack.api_url, prompt, key[0], args, key[1]))
+                acc[key].add(before, _histogram_means(drafter_url, HISTOGRAMS))
+                if paced is not None:
+                    acc[key].add_paced(paced, _emulation_counters(sides))
+                tasks[key](i + 1)
+        results = {mode: acc[(mode, None)].result() for mode in args.modes}
+        sweep = {str(g): acc[("picospec", g)].result() for g in _sweep_values(args)}
     if greedy and "ar" in results:
         ref = [r.text for r in results["ar"].runs]
         for mode, res in [*results.items(), *(("picospec", r) for r in sweep.values())]:
