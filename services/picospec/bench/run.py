@@ -136,34 +136,31 @@ class ModeResult:
 
 @dataclass
 class _Deltas:
-    """One mode's runs, and the drafter's histograms and the pacers' counters summed over
-    exactly those runs (their other modes' runs interleave with them)."""
+    """One mode's runs, and the counters of :func:`_snapshot` summed over exactly those runs
+    (other modes' runs interleave with them)."""
 
     runs: list[Run] = field(default_factory=list)
-    hist: dict[str, list[float]] = field(default_factory=dict)  # name -> [sum, count]
-    paced: dict[str, dict[str, float]] | None = None
+    sums: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> series -> delta
 
-    def add(self, before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]):
-        for n in after:
-            h = self.hist.setdefault(n, [0.0, 0.0])
-            h[0] += after[n][0] - before[n][0]
-            h[1] += after[n][1] - before[n][1]
+    def add(self, run: Run, before: Snapshot, after: Snapshot) -> None:
+        self.runs.append(run)
+        for side, series in after.items():
+            mine = self.sums.setdefault(side, dict.fromkeys(series, 0.0))
+            for name, value in series.items():
+                mine[name] += value - before[side][name]
 
-    def add_paced(self, before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]):
-        if self.paced is None:
-            self.paced = {side: dict.fromkeys(after[side], 0.0) for side in after}
-        for side in after:
-            for k in after[side]:
-                self.paced[side][k] += after[side][k] - before[side][k]
+    def result(self, emulated: bool) -> ModeResult:
+        drafter = self.sums.get("drafter", {})
 
-    def result(self) -> ModeResult:
-        zero = {side: dict.fromkeys(c, 0.0) for side, c in (self.paced or {}).items()}
-        rtt, step = (self.hist.get(n, [0.0, 0.0]) for n in HISTOGRAMS)
+        def mean(h: str) -> float | None:
+            n = drafter.get(f"{h}_count", 0.0)
+            return drafter[f"{h}_sum"] / n if n > 0 else None
+
         return ModeResult(
             runs=self.runs,
-            rtt_s=_mean_between((0.0, 0.0), (rtt[0], rtt[1])),
-            draft_step_s=_mean_between((0.0, 0.0), (step[0], step[1])),
-            emulation=_emulation_between(zero, self.paced) if self.paced is not None else None,
+            rtt_s=mean(HISTOGRAMS[0]),
+            draft_step_s=mean(HISTOGRAMS[1]),
+            emulation=_emulation_summary(self.sums) if emulated else None,
         )
 
 
@@ -251,23 +248,28 @@ def _histogram_means(metrics_url: str, names: tuple[str, ...]) -> dict[str, tupl
     return {n: (_sum_series(text, f"{n}_sum"), _sum_series(text, f"{n}_count")) for n in names}
 
 
-def _emulation_counters(urls: dict[str, str]) -> dict[str, dict[str, float]]:
-    """The device pacers' counters of each side (``drafter``, ``verifier``) from one scrape."""
-    out = {}
+Snapshot = dict[str, dict[str, float]]  # side -> series -> value, from one scrape per side
+
+
+def _snapshot(urls: dict[str, str], emulated: bool) -> Snapshot:
+    """The drafter's :data:`HISTOGRAMS` (sums and counts) and, under a device profile, both
+    sides' pacer counters: one scrape of each side needed."""
+    out: Snapshot = {}
     for side, url in urls.items():
-        text = _scrape(url)
-        out[side] = {n: _sum_series(text, n) for n in EMULATION_COUNTERS}
+        names = [*EMULATION_COUNTERS] if emulated else []
+        if side == "drafter":
+            names += [f"{h}_{part}" for h in HISTOGRAMS for part in ("sum", "count")]
+        if names:
+            text = _scrape(url)
+            out[side] = {n: _sum_series(text, n) for n in names}
     return out
 
 
-def _emulation_between(
-    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
-) -> dict[str, Any]:
+def _emulation_summary(deltas: Snapshot) -> dict[str, Any]:
     """Per side: paced forwards, how many overran the profile, by how much, and the mean real
-    and emulated time of a forward, over one mode's run."""
+    and emulated time of a forward, from the pacers' counters over one mode's runs."""
     out: dict[str, Any] = {}
-    for side in after:
-        d = {k: after[side][k] - before[side][k] for k in EMULATION_COUNTERS}
+    for side, d in deltas.items():
         n = d["picospec_device_emulated_forwards_total"]
         over = d["picospec_device_overruns_total"]
         out[side] = {
@@ -344,8 +346,10 @@ def run_profile(
     with Stack(cfg) as stack, _pinned(stack.cpus["cloud"] if stack.cpus else None):
         if placement is not None:
             placement.update(_placement(stack))
-        drafter_url = stack.services["drafter"].url
-        sides = {"drafter": drafter_url, "verifier": stack.services["verifier-1"].url}
+        sides = {
+            "drafter": stack.services["drafter"].url,
+            "verifier": stack.services["verifier-1"].url,
+        }
         task = progress(f"{name}: warm-up", 1)
         _stream(stack.api_url, prompts[0], "picospec", args)  # first-touch costs out of the way
         task(1)
@@ -361,17 +365,16 @@ def run_profile(
                           len(prompts))
             for key in runs
         }  # fmt: skip
+        snap = _snapshot(sides, emulated)  # nothing runs between two requests: one per boundary
         for i, prompt in enumerate(prompts):
             for key in runs:
-                before = _histogram_means(drafter_url, HISTOGRAMS)
-                paced = _emulation_counters(sides) if emulated else None
-                acc[key].runs.append(_stream(stack.api_url, prompt, key[0], args, key[1]))
-                acc[key].add(before, _histogram_means(drafter_url, HISTOGRAMS))
-                if paced is not None:
-                    acc[key].add_paced(paced, _emulation_counters(sides))
+                run = _stream(stack.api_url, prompt, key[0], args, key[1])
+                after = _snapshot(sides, emulated)
+                acc[key].add(run, snap, after)
+                snap = after
                 tasks[key](i + 1)
-        results = {mode: acc[(mode, None)].result() for mode in args.modes}
-        sweep = {str(g): acc[("picospec", g)].result() for g in _sweep_values(args)}
+        results = {mode: acc[(mode, None)].result(emulated) for mode in args.modes}
+        sweep = {str(g): acc[("picospec", g)].result(emulated) for g in _sweep_values(args)}
     if greedy and "ar" in results:
         ref = [r.text for r in results["ar"].runs]
         for mode, res in [*results.items(), *(("picospec", r) for r in sweep.values())]:

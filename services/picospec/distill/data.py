@@ -289,6 +289,14 @@ def synthesise_prompts(
     """
     if prompt_set not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {prompt_set!r}: use one of {', '.join(PROMPT_SETS)}")
+    out = _template_prompts(seed, held_out, prompt_set)
+    if not held_out:  # a maths problem can come out the same in both: it stays held out
+        held = set(_template_prompts(seed, True, prompt_set))
+        out = [p for p in out if p not in held]
+    return exclude_benchmark(out)
+
+
+def _template_prompts(seed: int, held_out: bool, prompt_set: str) -> list[str]:
     long = prompt_set == "long"
     rng = random.Random(seed)
     topics = [t for i, t in enumerate(TOPICS) if (i % 8 == 7) == held_out]
@@ -304,10 +312,7 @@ def synthesise_prompts(
     maths = long_arithmetic_prompts if long else arithmetic_prompts
     out += maths(len(out) // 20, random.Random(seed + (1 if held_out else 2)))
     rng.shuffle(out)
-    if not held_out:  # a maths problem can come out the same in both: it stays held out
-        held = set(synthesise_prompts(seed, held_out=True, prompt_set=prompt_set))
-        out = [p for p in out if p not in held]
-    return exclude_benchmark(out)
+    return out
 
 
 # --- what must never be trained on ----------------------------------------------------------
