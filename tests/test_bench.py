@@ -108,6 +108,14 @@ def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
             assert 0 <= r["acceptance_rate"] <= 1 and r["accepted_tokens"] <= r["drafted_tokens"]
             assert r["verifier_forwards"] == 3 + r["rounds"] + r["migrations"]
             assert r["verifier_forwards_per_token"] < 1.0 or r["acceptance_rate"] < 0.5
+        assert r["ttft_vs_ar"] == pytest.approx(r["ttft_s"] / rows["ar"]["ttft_s"])
+        if mode != "edge":  # the cloud's prefill is part of every cloud mode's first token
+            assert 0 < r["cloud_prefill_s"] < r["ttft_s"]
+            assert r["cloud_prefill_vs_ar"] == pytest.approx(
+                r["cloud_prefill_s"] / rows["ar"]["cloud_prefill_s"]
+            )
+    assert rows["edge"]["cloud_prefill_s"] is None and "cloud_prefill_vs_ar" not in rows["edge"]
+    assert not any(n.startswith("TTFT is") for n in report["notes"])  # emulated: padded
     assert rows["edge"]["bytes_per_token"] == 0 and rows["edge"]["verifier_forwards"] == 0
     assert rows["ar"]["verifier_forwards"] == 3 + rows["ar"]["tokens"] - 3
     # full draft distributions cost more even at a 77-token vocabulary (at 49152: ~1000x)
@@ -186,3 +194,23 @@ def test_overhead_measures_a_round_without_the_model(tmp_path: Path) -> None:
     )
     b = o["breakdown"]
     assert b["codec_block_us"] > 0 and b["codec_verdict_us"] > 0 and b["nats_request_reply_us"] > 0
+
+
+def test_colocation_times_the_cloud_prefill_with_the_edge_idle_and_busy(tmp_path: Path) -> None:
+    target = tinymodels.build(tmp_path / "target", seed=1)
+    draft = tinymodels.build(tmp_path / "draft", seed=2, like=target, noise=0.3)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me about dragons.\nWhat is two plus two?\n")
+    cmd = [sys.executable, "-m", "picospec.cli", "bench", "--prompts", str(prompts), "--json",
+           "--drafter", str(draft), "--verifier", str(target), "--colocation"]  # fmt: skip
+    out = subprocess.run([*cmd, "3"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    c = json.loads(out.stdout)["colocation"]
+    assert c["drafter"] == str(draft) and c["verifier"] == str(target)
+    assert c["edge_cpus"] and c["cloud_cpus"] and not set(c["edge_cpus"]) & set(c["cloud_cpus"])
+    assert c["prompts"] == 2 and len(c["prompt_tokens"]) == 2 and c["prefills_each"] == 3
+    assert c["cloud_prefill_s_edge_idle"] > 0 and c["cloud_prefill_s_edge_prefilling"] > 0
+    lo, hi = c["cloud_prefill_slowdown_p10_p90"]
+    assert 0 < lo <= c["cloud_prefill_slowdown"] <= hi
+    bad = subprocess.run([*cmd, "0"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "at least 1" in bad.stderr

@@ -155,6 +155,8 @@ def test_greedy_through_the_stack_matches_the_verifier_alone(
         assert 1 <= stats["draft_len"] <= 12 and 1 <= stats["lookahead"] <= 6
     # the steady-state rate leaves out the first commit and the time before it
     assert 0 < stats["ttft_s"] < stats["elapsed_s"]
+    # the first token waited for the verifier's prefill: part of TTFT, on the cloud's clock
+    assert 0 < stats["cloud_prefill_s"] < stats["ttft_s"]
     assert stats["decode_tokens_per_s"] * (stats["elapsed_s"] - stats["ttft_s"]) < 60
 
 

@@ -54,6 +54,25 @@ def main(args: argparse.Namespace) -> int:
             Console().print_json(json.dumps(result))
         return 0
     prompts = load_prompts(args.prompts, args.quick)
+    if args.colocation is not None:
+        if args.colocation < 1:
+            console.print("[red]--colocation needs at least 1 prefill per state[/red]")
+            return 2
+        from picospec.bench.colocation import measure as colocation
+        from picospec.stack.procs import split_cpus
+
+        try:
+            edge, cloud = split_cpus()
+        except ValueError as e:
+            console.print(f"[red]{e}[/red]")
+            return 2
+        cpus = {"edge": args.edge_cpus or edge, "cloud": args.cloud_cpus or cloud}
+        result = colocation(args, prompts[:QUICK_PROMPTS], cpus, args.colocation)
+        if args.json:
+            print(json.dumps({"colocation": result}, indent=1))
+        else:
+            Console().print_json(json.dumps(result))
+        return 0
     if args.modes is None:
         args.modes = ",".join(MAP_MODES if args.map else MODES)
     args.modes = [m.strip() for m in args.modes.split(",")]
@@ -118,6 +137,14 @@ def main(args: argparse.Namespace) -> int:
             f"EMULATED: every draft step and verifier forward is padded to the device profile "
             f"{device.name} (real tokens, real acceptance, real emulated network); see "
             "'emulation' in each mode for forwards whose real compute overran the profile"
+        )
+    if device is None and not args.map and "ar" in args.modes:
+        report["notes"].append(
+            "TTFT is the link's round trip, the cloud's prefill (cloud_prefill_s) and the edge's "
+            "software. Both sides share this machine: while a speculative mode's draft model "
+            "prefills on the edge's CPUs, the verifier's prefill on the cloud's runs slower than "
+            "in ar (cloud_prefill_vs_ar shows by how much; docs/benchmark.md measures the effect), "
+            "a cost separate edge and cloud machines do not pay"
         )
     if not args.map and args.drafter == args.verifier and args.quantize_draft == "none":
         report["notes"].append(
@@ -220,6 +247,15 @@ def register(sub: Any) -> None:
         action="store_true",
         help="measure the software cost of one verification round on loopback, without the "
         "model's compute (picospec.bench.overhead)",
+    )
+    b.add_argument(
+        "--colocation",
+        type=int,
+        default=None,
+        metavar="N",
+        help="measure how much the edge's draft prefill slows the verifier's prefill when "
+        "both sides share this machine: N prefills with the edge idle and N with it busy, "
+        "alternating (picospec.bench.colocation)",
     )
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot-dir", default=None, help="write PNG plots here")

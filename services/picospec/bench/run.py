@@ -95,6 +95,7 @@ class ModeResult:
         q = statistics.quantiles(tps, n=10) if len(tps) > 1 else [tps[0]] * 9
         decode = [d for s in st if (d := s.get("decode_tokens_per_s")) is not None]
         server = [t for s in st if (t := s.get("ttft_s")) is not None]
+        prefill = [t for s in st if (t := s.get("cloud_prefill_s")) is not None]
         chosen: dict[str, int] = {}  # adaptive: rounds drafted at each γ, over all prompts
         for s in st:
             for g, n in (s.get("draft_len_rounds") or {}).items():
@@ -109,6 +110,8 @@ class ModeResult:
             "ttft_s": statistics.median(r.ttft_s for r in self.runs),
             # the drafter's own view: from the request reaching it to the first token it emits
             "server_ttft_s": statistics.median(server) if server else None,
+            # the part of TTFT the verifier's prefill took (the open's), from its own clock
+            "cloud_prefill_s": statistics.median(prefill) if prefill else None,
             "acceptance_rate": accepted / drafted if drafted else None,
             "mean_accepted_len": 1 + accepted / rounds if rounds else None,
             "drafted_tokens": drafted,
@@ -385,6 +388,11 @@ def run_profile(
         for base in ("ar", "vanilla"):
             if base in out and out[base]["tokens_per_s"]:
                 row[f"speedup_vs_{base}"] = row["tokens_per_s"] / out[base]["tokens_per_s"]
+        if "ar" in out:
+            row["ttft_vs_ar"] = row["ttft_s"] / out["ar"]["ttft_s"]
+            ar_prefill = out["ar"]["cloud_prefill_s"]
+            if row["cloud_prefill_s"] is not None and ar_prefill:
+                row["cloud_prefill_vs_ar"] = row["cloud_prefill_s"] / ar_prefill
     p = out.get("picospec")
     if p and p["acceptance_rate"] is not None and p["verify_round_trip_s"] and p["draft_step_s"]:
         gamma = p["draft_len_mean"] or (4 if args.draft_len == "auto" else args.draft_len)

@@ -75,6 +75,7 @@ class Stats:
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     first_commit_tokens: int = 0  # tokens that arrived with the first (a whole verdict's worth)
+    cloud_prefill_s: float | None = None  # the first open's prefill on the verifier (in TTFT)
     elapsed_s: float = 0.0
     verifier: str = ""
     verified: bool = True  # False when (part of) the answer came from the draft model alone
@@ -96,6 +97,7 @@ class Stats:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "ttft_s": self.first_token_s,
+            "cloud_prefill_s": self.cloud_prefill_s,
             "elapsed_s": self.elapsed_s,
             "tokens_per_s": self.tokens / self.elapsed_s if self.elapsed_s > 0 else None,
             "decode_tokens_per_s": self.decode_tokens_per_s(),
@@ -250,6 +252,8 @@ class Generation:
             reply = OpenReply.model_validate_json(msg.data)
             self.verifier = self.stats.verifier = reply.verifier
             self._open_rtt = time.monotonic() - sent
+            if self.stats.cloud_prefill_s is None:
+                self.stats.cloud_prefill_s = reply.prefill_s
             return reply
         raise Unavailable(
             f"no verifier could take the session within {s.request_timeout_s:.0f}s ({last})"
