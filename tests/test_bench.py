@@ -110,11 +110,13 @@ def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
             assert r["verifier_forwards_per_token"] < 1.0 or r["acceptance_rate"] < 0.5
         assert r["ttft_vs_ar"] == pytest.approx(r["ttft_s"] / rows["ar"]["ttft_s"])
         if mode != "edge":  # the cloud's prefill is part of every cloud mode's first token
-            assert 0 < r["cloud_prefill_s"] < r["ttft_s"]
+            assert 0 < r["cloud_prefill_s"] < r["ttft_s"] and r["ttft_beyond_prefill_s"] > 0
             assert r["cloud_prefill_vs_ar"] == pytest.approx(
                 r["cloud_prefill_s"] / rows["ar"]["cloud_prefill_s"]
             )
-    assert rows["edge"]["cloud_prefill_s"] is None and "cloud_prefill_vs_ar" not in rows["edge"]
+    edge = rows["edge"]
+    assert edge["cloud_prefill_s"] is None and edge["ttft_beyond_prefill_s"] is None
+    assert "cloud_prefill_vs_ar" not in edge
     assert not any(n.startswith("TTFT is") for n in report["notes"])  # emulated: padded
     assert rows["edge"]["bytes_per_token"] == 0 and rows["edge"]["verifier_forwards"] == 0
     assert rows["ar"]["verifier_forwards"] == 3 + rows["ar"]["tokens"] - 3

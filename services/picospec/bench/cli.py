@@ -140,11 +140,12 @@ def main(args: argparse.Namespace) -> int:
         )
     if device is None and not args.map and "ar" in args.modes:
         report["notes"].append(
-            "TTFT is the link's round trip, the cloud's prefill (cloud_prefill_s) and the edge's "
-            "software. Both sides share this machine: while a speculative mode's draft model "
-            "prefills on the edge's CPUs, the verifier's prefill on the cloud's runs slower than "
-            "in ar (cloud_prefill_vs_ar shows by how much; docs/benchmark.md measures the effect), "
-            "a cost separate edge and cloud machines do not pay"
+            "TTFT is the cloud's prefill (cloud_prefill_s) plus the rest: the link's round "
+            "trip and both sides' software (ttft_beyond_prefill_s). Both sides share this "
+            "machine: while a speculative mode's draft model prefills on the edge's CPUs, the "
+            "verifier's prefill on the cloud's runs slower than in ar (cloud_prefill_vs_ar "
+            "shows by how much; docs/benchmark.md measures the effect), a cost separate edge "
+            "and cloud machines do not pay"
         )
     if not args.map and args.drafter == args.verifier and args.quantize_draft == "none":
         report["notes"].append(

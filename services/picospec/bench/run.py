@@ -96,6 +96,9 @@ class ModeResult:
         decode = [d for s in st if (d := s.get("decode_tokens_per_s")) is not None]
         server = [t for s in st if (t := s.get("ttft_s")) is not None]
         prefill = [t for s in st if (t := s.get("cloud_prefill_s")) is not None]
+        beyond = [  # the first token's time outside the verifier's prefill, request by request
+            r.ttft_s - t for r in self.runs if (t := r.stats.get("cloud_prefill_s")) is not None
+        ]
         chosen: dict[str, int] = {}  # adaptive: rounds drafted at each γ, over all prompts
         for s in st:
             for g, n in (s.get("draft_len_rounds") or {}).items():
@@ -112,6 +115,7 @@ class ModeResult:
             "server_ttft_s": statistics.median(server) if server else None,
             # the part of TTFT the verifier's prefill took (the open's), from its own clock
             "cloud_prefill_s": statistics.median(prefill) if prefill else None,
+            "ttft_beyond_prefill_s": statistics.median(beyond) if beyond else None,
             "acceptance_rate": accepted / drafted if drafted else None,
             "mean_accepted_len": 1 + accepted / rounds if rounds else None,
             "drafted_tokens": drafted,
