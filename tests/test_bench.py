@@ -89,8 +89,11 @@ def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
         "4",  # every mode at one γ, so their bytes per token compare
         "--draft-len-sweep",
         "2,auto",
+        "--repeat",
+        "2",  # the 3 prompts twice: 6 requests per mode, taking turns
     )
-    assert report["config"]["prompts"] == 3 and report["config"]["max_tokens"] == 24
+    assert report["config"]["prompts"] == 3 and report["config"]["repeat"] == 2
+    assert report["config"]["max_tokens"] == 24
     assert report["config"]["emulated"] and report["config"]["device"]["name"] == "tiny-emulated"
     assert any(n.startswith("EMULATED") for n in report["notes"])
     place = report["placement"]
@@ -98,7 +101,7 @@ def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
     rows = report["profiles"]["lan"]
     assert list(rows) == MODES
     for mode, r in rows.items():
-        assert r["prompts"] == 3 and 0 < r["tokens"] <= 3 * 24
+        assert r["prompts"] == 3 and r["requests"] == 6 and 0 < r["tokens"] <= 6 * 24
         assert r["bytes_per_token"] == pytest.approx(
             (r["bytes_up"] + r["bytes_down"]) / r["tokens"]
         )
@@ -106,7 +109,7 @@ def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
         assert r["speedup_vs_ar"] == pytest.approx(r["tokens_per_s"] / rows["ar"]["tokens_per_s"])
         if mode in ("vanilla", "dssd", "picospec"):
             assert 0 <= r["acceptance_rate"] <= 1 and r["accepted_tokens"] <= r["drafted_tokens"]
-            assert r["verifier_forwards"] == 3 + r["rounds"] + r["migrations"]
+            assert r["verifier_forwards"] == 6 + r["rounds"] + r["migrations"]
             assert r["verifier_forwards_per_token"] < 1.0 or r["acceptance_rate"] < 0.5
         assert r["ttft_vs_ar"] == pytest.approx(r["ttft_s"] / rows["ar"]["ttft_s"])
         if mode != "edge":  # the cloud's prefill is part of every cloud mode's first token
@@ -119,7 +122,7 @@ def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
     assert "cloud_prefill_vs_ar" not in edge
     assert not any(n.startswith("TTFT is") for n in report["notes"])  # emulated: padded
     assert rows["edge"]["bytes_per_token"] == 0 and rows["edge"]["verifier_forwards"] == 0
-    assert rows["ar"]["verifier_forwards"] == 3 + rows["ar"]["tokens"] - 3
+    assert rows["ar"]["verifier_forwards"] == 6 + rows["ar"]["tokens"] - 6
     # full draft distributions cost more even at a 77-token vocabulary (at 49152: ~1000x)
     assert rows["vanilla"]["bytes_per_token"] > 2 * rows["picospec"]["bytes_per_token"]
     p = rows["picospec"]

@@ -32,6 +32,13 @@ def _draft_len_arg(value: str) -> int | str:
     return n
 
 
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _sweep_arg(value: str) -> str:
     for v in value.split(","):
         _draft_len_arg(v.strip())
@@ -55,9 +62,6 @@ def main(args: argparse.Namespace) -> int:
         return 0
     prompts = load_prompts(args.prompts, args.quick)
     if args.colocation is not None:
-        if args.colocation < 1:
-            console.print("[red]--colocation needs at least 1 prefill per state[/red]")
-            return 2
         from picospec.bench.colocation import measure as colocation
         from picospec.stack.procs import split_cpus
 
@@ -122,6 +126,7 @@ def main(args: argparse.Namespace) -> int:
         "top_p": args.top_p,
         "seed": args.seed,
         "prompts": len(prompts),
+        "repeat": args.repeat,
         "prompt_source": args.prompts or "mt-bench",
         "threads_per_service": args.threads or "one per CPU of its side",
         "leaf_compression": args.leaf_compression or "s2_auto",
@@ -193,6 +198,14 @@ def register(sub: Any) -> None:
         default=None,
         help="text file, one prompt per line (default: the 80 MT-Bench questions)",
     )
+    b.add_argument(
+        "--repeat",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="run the prompt list N times (every mode, still taking turns request by "
+        "request): N times the samples per figure, for figures within a run's noise",
+    )
     b.add_argument("--max-tokens", type=int, default=64)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--top-p", type=float, default=1.0)
@@ -251,7 +264,7 @@ def register(sub: Any) -> None:
     )
     b.add_argument(
         "--colocation",
-        type=int,
+        type=_positive,
         default=None,
         metavar="N",
         help="measure how much the edge's draft prefill slows the verifier's prefill when "

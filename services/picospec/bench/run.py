@@ -104,7 +104,7 @@ class ModeResult:
             for g, n in (s.get("draft_len_rounds") or {}).items():
                 chosen[g] = chosen.get(g, 0) + n
         return {
-            "prompts": len(self.runs),
+            "requests": len(self.runs),  # prompts x --repeat
             "tokens": tokens,
             "tokens_per_s": statistics.median(tps),
             "tokens_per_s_p10": q[0],
@@ -369,11 +369,12 @@ def run_profile(
         acc = {key: _Deltas() for key in runs}
         tasks = {
             key: progress(f"{name}: {key[0] if key[1] is None else f'{key[0]} γ={key[1]}'}",
-                          len(prompts))
+                          args.repeat * len(prompts))
             for key in runs
         }  # fmt: skip
         snap = _snapshot(sides, emulated)  # nothing runs between two requests: one per boundary
-        for i, prompt in enumerate(prompts):
+        order = [p for _ in range(args.repeat) for p in prompts]  # --repeat: the list again
+        for i, prompt in enumerate(order):
             for key in runs:
                 run = _stream(stack.api_url, prompt, key[0], args, key[1])
                 after = _snapshot(sides, emulated)
@@ -387,7 +388,9 @@ def run_profile(
         for mode, res in [*results.items(), *(("picospec", r) for r in sweep.values())]:
             if mode != "edge":  # the draft alone is not the target
                 res.identical_to_ar = [r.text for r in res.runs] == ref
-    out: dict[str, Any] = {mode: r.summary(args.draft_len) for mode, r in results.items()}
+    out: dict[str, Any] = {
+        mode: {"prompts": len(prompts), **r.summary(args.draft_len)} for mode, r in results.items()
+    }
     for row in out.values():
         for base in ("ar", "vanilla"):
             if base in out and out[base]["tokens_per_s"]:
@@ -404,7 +407,9 @@ def run_profile(
         p["bound_tokens_per_s"] = b
         p["bound_ratio"] = p["decode_tokens_per_s"] / b if p["decode_tokens_per_s"] else None
     if sweep:
-        out["_draft_len_sweep"] = {g: r.summary(g) for g, r in sweep.items()}
+        out["_draft_len_sweep"] = {
+            g: {"prompts": len(prompts), **r.summary(g)} for g, r in sweep.items()
+        }
     return out
 
 
