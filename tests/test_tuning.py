@@ -8,7 +8,9 @@ import random
 
 import pytest
 
+from picospec import tuning
 from picospec.tuning import (
+    PREDICTION_HORIZON,
     CostLine,
     DraftLenController,
     Inputs,
@@ -156,7 +158,7 @@ def test_the_first_session_starts_from_what_the_site_learnt() -> None:
                            verify_per_token_s=0.0052, alpha=0.98)  # fmt: skip
     c = DraftLenController(prior=learnt)
     g, k = c.choose()
-    assert g == best_choice(c.inputs())[0] and g > 4
+    assert g == best_choice(c.inputs(PREDICTION_HORIZON))[0] and g > 4
     assert c.estimates().alpha == pytest.approx(0.98)
 
 
@@ -175,6 +177,29 @@ def test_the_start_is_a_default_that_the_first_informed_choice_replaces() -> Non
     # prefers γ = 4 by less than 5% does not move it back)
     c.gamma, c.lookahead = 4, 3
     assert c.choose() == (4, 3)
+
+
+def test_the_controller_looks_a_bounded_horizon_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long answer does not make every choice slower: the model sees at most
+    ``PREDICTION_HORIZON`` tokens ahead (at acceptance 1 nothing else bounds its walk), and
+    the tokens left when fewer."""
+    seen: list[int] = []
+
+    def spy(inp: Inputs, *args: int) -> tuple[int, int, float]:
+        seen.append(inp.tokens_left)
+        return best_choice(inp, *args)
+
+    monkeypatch.setattr(tuning, "best_choice", spy)
+    lan = dict(t_d=0.02, rtt_s=0.001, verify_step_s=0.04, verify_per_token_s=0.002)
+    c = DraftLenController(prior=SiteEstimates(**lan, alpha=1.0))
+    c.choose(tokens_left=100_000)
+    c.choose(tokens_left=40)
+    assert seen == [PREDICTION_HORIZON, 40]
+    # and the horizon costs little: at acceptance 1 the choice for a long answer, under the
+    # full model, predicts within 1% of the choice made with the whole answer in view
+    full = c.inputs(tokens_left=2048)
+    g, k, best = best_choice(full)
+    assert predicted_rate(full, c.gamma, c.lookahead) >= 0.99 * best
 
 
 def test_cost_line_fits_the_verifiers_forwards() -> None:
