@@ -45,6 +45,16 @@ def _sweep_arg(value: str) -> str:
     return ",".join(v.strip() for v in value.split(","))
 
 
+def _print_result(name: str, result: dict[str, Any], as_json: bool) -> int:
+    from rich.console import Console
+
+    if as_json:
+        print(json.dumps({name: result}, indent=1))
+    else:
+        Console().print_json(json.dumps(result))
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -54,29 +64,25 @@ def main(args: argparse.Namespace) -> int:
     if args.overhead:
         from picospec.bench.overhead import measure
 
-        result = measure(args)
-        if args.json:
-            print(json.dumps({"overhead": result}, indent=1))
-        else:
-            Console().print_json(json.dumps(result))
-        return 0
+        return _print_result("overhead", measure(args), args.json)
     prompts = load_prompts(args.prompts, args.quick)
     if args.colocation is not None:
         from picospec.bench.colocation import measure as colocation
-        from picospec.stack.procs import split_cpus
+        from picospec.stack.up import StackConfig
 
-        try:
-            edge, cloud = split_cpus()
+        try:  # the benchmark's own placement: --edge-cpus/--cloud-cpus, else the CPUs halved
+            cpus = StackConfig(
+                topology="edge-cloud",
+                pin_cpus=True,
+                edge_cpus=args.edge_cpus,
+                cloud_cpus=args.cloud_cpus,
+            ).cpu_sets()
         except ValueError as e:
             console.print(f"[red]{e}[/red]")
             return 2
-        cpus = {"edge": args.edge_cpus or edge, "cloud": args.cloud_cpus or cloud}
+        assert cpus is not None  # pinning was asked for: cpu_sets raises rather than give None
         result = colocation(args, prompts[:QUICK_PROMPTS], cpus, args.colocation)
-        if args.json:
-            print(json.dumps({"colocation": result}, indent=1))
-        else:
-            Console().print_json(json.dumps(result))
-        return 0
+        return _print_result("colocation", result, args.json)
     if args.modes is None:
         args.modes = ",".join(MAP_MODES if args.map else MODES)
     args.modes = [m.strip() for m in args.modes.split(",")]

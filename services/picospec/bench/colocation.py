@@ -31,14 +31,9 @@ import statistics
 import time
 from typing import Any
 
+from picospec.bench.run import p10_p90
+
 SETTLE_S = 0.2  # after switching the edge on or off, before the timed prefill
-
-
-def _p10_p90(values: list[float]) -> list[float]:
-    if len(values) < 2:
-        return [values[0], values[0]]
-    q = statistics.quantiles(values, n=10)
-    return [q[0], q[-1]]
 
 
 def _prefill(model: Any, ids: list[int]) -> None:
@@ -125,5 +120,5 @@ def measure(
         "cloud_prefill_s_edge_idle": idle,
         "cloud_prefill_s_edge_prefilling": loaded,
         "cloud_prefill_slowdown": statistics.median(ratios),
-        "cloud_prefill_slowdown_p10_p90": _p10_p90(ratios),
+        "cloud_prefill_slowdown_p10_p90": list(p10_p90(ratios)),
     }

@@ -65,6 +65,14 @@ def load_prompts(source: str | None, quick: bool) -> list[str]:
     return prompts[:QUICK_PROMPTS] if quick else prompts
 
 
+def p10_p90(values: list[float]) -> tuple[float, float]:
+    """The 10th and 90th percentiles (the value itself for a single one)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=10)
+    return q[0], q[-1]
+
+
 @dataclass
 class Run:
     tokens: int
@@ -82,7 +90,7 @@ class ModeResult:
     emulation: dict[str, Any] | None = None  # device-profile pacing of this mode's run
     identical_to_ar: bool | None = None  # greedy: every prompt's text equals ar's
 
-    def summary(self, draft_len: int | str) -> dict[str, Any]:
+    def summary(self, draft_len: int | str, prompts: int) -> dict[str, Any]:
         tps = sorted(r.tokens / r.elapsed_s for r in self.runs if r.elapsed_s > 0)
         tokens = sum(r.tokens for r in self.runs)
         st = [r.stats for r in self.runs]
@@ -92,7 +100,7 @@ class ModeResult:
         up = sum(s.get("bytes_up", 0) for s in st)
         down = sum(s.get("bytes_down", 0) for s in st)
         forwards = sum(_verifier_forwards(s, r.tokens) for s, r in zip(st, self.runs, strict=True))
-        q = statistics.quantiles(tps, n=10) if len(tps) > 1 else [tps[0]] * 9
+        p10, p90 = p10_p90(tps)
         decode = [d for s in st if (d := s.get("decode_tokens_per_s")) is not None]
         server = [t for s in st if (t := s.get("ttft_s")) is not None]
         prefill = [t for s in st if (t := s.get("cloud_prefill_s")) is not None]
@@ -104,11 +112,12 @@ class ModeResult:
             for g, n in (s.get("draft_len_rounds") or {}).items():
                 chosen[g] = chosen.get(g, 0) + n
         return {
+            "prompts": prompts,  # distinct
             "requests": len(self.runs),  # prompts x --repeat
             "tokens": tokens,
             "tokens_per_s": statistics.median(tps),
-            "tokens_per_s_p10": q[0],
-            "tokens_per_s_p90": q[-1],
+            "tokens_per_s_p10": p10,
+            "tokens_per_s_p90": p90,
             "decode_tokens_per_s": statistics.median(decode) if decode else None,
             "ttft_s": statistics.median(r.ttft_s for r in self.runs),
             # the drafter's own view: from the request reaching it to the first token it emits
@@ -389,7 +398,7 @@ def run_profile(
             if mode != "edge":  # the draft alone is not the target
                 res.identical_to_ar = [r.text for r in res.runs] == ref
     out: dict[str, Any] = {
-        mode: {"prompts": len(prompts), **r.summary(args.draft_len)} for mode, r in results.items()
+        mode: r.summary(args.draft_len, len(prompts)) for mode, r in results.items()
     }
     for row in out.values():
         for base in ("ar", "vanilla"):
@@ -407,9 +416,7 @@ def run_profile(
         p["bound_tokens_per_s"] = b
         p["bound_ratio"] = p["decode_tokens_per_s"] / b if p["decode_tokens_per_s"] else None
     if sweep:
-        out["_draft_len_sweep"] = {
-            g: {"prompts": len(prompts), **r.summary(g)} for g, r in sweep.items()
-        }
+        out["_draft_len_sweep"] = {g: r.summary(g, len(prompts)) for g, r in sweep.items()}
     return out
 
 
