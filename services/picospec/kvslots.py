@@ -15,9 +15,10 @@ Face modules, so the weights, norms and MLPs are the model's:
 * per layer: ``input_layernorm``; q/k/v projections over all tokens at once (qwen3's per-head
   ``q_norm``/``k_norm`` too); rotary embeddings from ``model.model.rotary_emb`` at each token's
   true position; keys/values written in place into each session's slot; attention per session
-  with torch's ``scaled_dot_product_attention`` over the slot's view (grouped-query attention
-  by folding the query heads of a key/value head into the query rows, with an explicit causal
-  mask, so keys/values are never repeated or copied); ``o_proj`` and the MLP over all tokens;
+  with torch's ``scaled_dot_product_attention`` over the slot's view, in the 4-D shape its
+  fused kernels take (grouped-query attention by ``enable_gqa``, so keys/values are never
+  repeated or copied; the kernel's own causal mask for a prompt's first chunk, an explicit
+  one for a chunk after earlier tokens); ``o_proj`` and the MLP over all tokens;
 * the final norm and the LM head ONLY for the rows the caller keeps (the verifier needs the
   last ``n_draft + 1`` rows of a block, a prefill only the last one).
 
@@ -203,7 +204,6 @@ def varlen_forward(
     """
     base = model.model
     g = slots[0].geometry
-    group = g.heads // g.kv_heads
     news = [len(t) for t in tokens]
     total = sum(news)
     ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long, device=device)
@@ -218,11 +218,15 @@ def varlen_forward(
     off = 0
     for past, n in zip(lengths, news, strict=True):
         seen = past + n
-        mask = None
-        if n > 1:  # query row (head-in-group, t) sees keys up to its own position past + t
-            limit = (past + torch.arange(n, device=device)).repeat(group)
-            mask = torch.arange(seen, device=device)[None, :] <= limit[:, None]
-        plan.append((off, n, past, seen, mask))
+        mask, causal = None, False
+        if n > 1 and past == 0:
+            causal = True  # a prompt's first chunk: the kernel's own causal mask
+        elif n > 1:  # query t (at position past + t) sees keys up to its own position
+            mask = (
+                torch.arange(seen, device=device)[None, :]
+                <= (past + torch.arange(n, device=device))[:, None]
+            )
+        plan.append((off, n, past, seen, mask, causal))
         off += n
     attn_out = h.new_empty((total, g.heads * g.head_dim))
     for i, layer in enumerate(base.layers):
@@ -235,30 +239,24 @@ def varlen_forward(
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        for slot, (start, n, past, seen, mask) in zip(slots, plan, strict=True):
+        for slot, (start, n, past, seen, mask, causal) in zip(slots, plan, strict=True):
             assert slot.buf is not None
             kv = slot.buf[i]  # [2, kv_heads, capacity, D]
             kv[0, :, past:seen] = k[start : start + n].transpose(0, 1)
             kv[1, :, past:seen] = v[start : start + n].transpose(0, 1)
-            # [n, heads, D] -> [kv_heads, group * n, D]: the queries of one key/value head
-            qb = (
-                q[start : start + n]
-                .view(n, g.kv_heads, group, g.head_dim)
-                .permute(1, 2, 0, 3)
-                .reshape(g.kv_heads, group * n, g.head_dim)
-            )
+            # 4-D [1, heads, n, D] against [1, kv_heads, seen, D] with grouped-query attention:
+            # torch's fused CPU/GPU kernels take this shape (3-D inputs fall back to the
+            # unfused path, 3-7x slower on a long prompt), and keys/values are never repeated
             o = F.scaled_dot_product_attention(
-                qb.to(kv.dtype),
-                kv[0, :, :seen],
-                kv[1, :, :seen],
+                q[start : start + n].transpose(0, 1)[None].to(kv.dtype),
+                kv[0, None, :, :seen],
+                kv[1, None, :, :seen],
                 attn_mask=mask,
+                is_causal=causal,
                 scale=attn.scaling,
+                enable_gqa=g.heads != g.kv_heads,
             )
-            attn_out[start : start + n] = (
-                o.view(g.kv_heads, group, n, g.head_dim)
-                .permute(2, 0, 1, 3)
-                .reshape(n, g.heads * g.head_dim)
-            )
+            attn_out[start : start + n] = o[0].transpose(0, 1).reshape(n, g.heads * g.head_dim)
         h = h + attn.o_proj(attn_out)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     rows = torch.cat(
