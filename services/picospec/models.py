@@ -21,6 +21,7 @@ from picospec.devices import Pacer, Stopwatch
 from picospec.kvslots import (
     CacheCounters,
     Geometry,
+    PackedWeights,
     Slot,
     geometry,
     varlen_forward,
@@ -160,7 +161,8 @@ class KVCache:
         keep = _rows(keep, len(tokens))
         if self._slot is not None:
             return self._model._forward_slots([self], [list(tokens)], [keep], on_device)[0]
-        logits = self._model.forward(self._cache, tokens, self.length, on_device)[-keep:]
+        logits = self._model.forward(self._cache, tokens, self.length, on_device)
+        logits = logits[len(logits) - keep :]
         self.length += len(tokens)
         return logits
 
@@ -253,9 +255,11 @@ class KVCache:
 
 
 def _rows(keep: int | None, n: int) -> int:
+    """The rows of an ``n``-token forward to return: all by default; 0 for a chunk of a
+    prefill whose logits nobody reads."""
     if keep is None:
         return n
-    if not 1 <= keep <= n:
+    if not 0 <= keep <= n:
         raise ValueError(f"cannot keep {keep} rows of a {n}-token forward")
     return keep
 
@@ -283,6 +287,10 @@ class LanguageModel:
     """The same weights in another precision, for slot-layout forwards of at least
     ``PREFILL_TOKENS`` tokens (:meth:`add_prefill_twin`); keys/values still go to the slots in
     the model's own precision."""
+    packed_weights: bool = True
+    """Slot-layout forwards on a CPU in float32 run the linear layers on oneDNN-packed copies
+    of the weights (:class:`picospec.kvslots.PackedWeights`: faster at a few rows, a second
+    copy of the linear weights in memory)."""
 
     @classmethod
     def load(
@@ -486,20 +494,40 @@ class LanguageModel:
             c._slot.reserve(c.length, c.length + n)
             slots.append(c._slot)
         twin = self.prefill_model is not None and sum(news) >= PREFILL_TOKENS
+        model = self.prefill_model if twin else self.model
         with Stopwatch(self.pacer, sum(news)):
             logits = varlen_forward(
-                self.prefill_model if twin else self.model,
+                model,
                 slots,
                 [c.length for c in caches],
                 tokens,
                 keep,
                 self.device,
+                self._packed(model),
             )
             rows = self._logits_out(logits, on_device)
         self.kv_counters.forwards += 1
         for c, n in zip(caches, news, strict=True):
             c.length += n
         return list(rows.split(keep))
+
+    def _packed(self, model: Any) -> PackedWeights | None:
+        """``model``'s packed weights (packed at the first forward, repacked when the weights
+        changed), or None where they do not apply."""
+        if not self.packed_weights:
+            return None
+        packs = self.__dict__.setdefault("_packs", {})
+        pack = packs.get(id(model))
+        if pack is None and id(model) in packs:
+            return None  # unsupported, once and for all
+        if pack is None or not pack.current(model):
+            why = PackedWeights.unsupported(model)
+            if why is not None:
+                log.info("model %s runs its linear layers unpacked: %s", self.name, why)
+                packs[id(model)] = None
+                return None
+            pack = packs[id(model)] = PackedWeights(model)
+        return pack
 
     def forward_batch(
         self,
@@ -551,7 +579,7 @@ class LanguageModel:
                 with Stopwatch(self.pacer, sum(len(t) for t in tokens)):
                     out = self._forward_padded(caches, tokens, on_device)
                 report(len(caches))
-                return [o[-k:] for o, k in zip(out, rows, strict=True)]
+                return [o[len(o) - k :] for o, k in zip(out, rows, strict=True)]
         logits = []
         for c, t, k in zip(caches, tokens, rows, strict=True):
             logits.append(c.extend(list(t), k, on_device))
