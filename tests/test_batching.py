@@ -19,16 +19,12 @@ import pytest
 import torch
 
 from conftest import pooled_chisquare_pvalue, tiny_model
-from picospec import metrics
 from picospec.config import Mode, SpecConfig
 from picospec.drafter.session import Committed, DrafterSession
 from picospec.models import KVCache, LanguageModel, quantize_int8
-from picospec.protocol import subjects
 from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict
-from picospec.protocol.control import OpenSession
 from picospec.sampler import sample
 from picospec.sampling import SamplingParams
-from picospec.verifier.service import Held, VerifierService
 from picospec.verifier.session import BlockRefused, VerifierSession, verify_many
 
 V = 16
@@ -481,44 +477,6 @@ def test_smollm2_batches_for_real_and_exactly(smollm2: LanguageModel) -> None:
         for g, w in zip(got, [c.extend(t) for c, t in zip(alone, toks, strict=True)], strict=True):
             torch.testing.assert_close(g, w, atol=1e-3, rtol=0)
             assert torch.equal(g.argmax(-1), w.argmax(-1))
-
-
-# --- the service's worker step ------------------------------------------------------------
-
-
-def test_service_verifies_ready_sessions_in_one_forward(target: LanguageModel) -> None:
-    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=2)
-    helds, work = [], []
-    for k in range(3):
-        sid = os.urandom(16)
-        req = OpenSession(
-            session=sid.hex(), prompt=[k + 1, 2], params=GREEDY, spec=spec, vocab_size=V,
-            reply_to=subjects.verdicts("site", f"drafter-{k}"), max_new_tokens=8,
-        )  # fmt: skip
-        held = Held(VerifierSession(target, sid, req.prompt, GREEDY, spec), req.reply_to, req)
-        helds.append(held)
-        blk = DraftBlock(
-            session=sid, epoch=0, seq=0, pos=2, prefix=(), tokens=(3, 4), q=(1.0, 1.0),
-            vocab_size=V,
-        )  # fmt: skip
-        work.append((held, blk))
-    work.insert(1, (None, work[0][1]))  # a session freed while its block was queued
-    work.append((helds[0], work[0][1]))  # a replay: refused, counted, skipped
-
-    def observed() -> tuple[float, float]:
-        s = {x.name: x.value for m in metrics.BATCH_SIZE.collect() for x in m.samples}
-        return s["picospec_verify_batch_size_count"], s["picospec_verify_batch_size_sum"]
-
-    before = observed()
-    with count_forwards(target) as sizes:
-        out = VerifierService._verify_batch(work)
-    after = observed()
-    assert [h.reply_to for h, _ in out] == [
-        subjects.verdicts("site", f"drafter-{k}") for k in range(3)
-    ]
-    assert all(len(v) == 1 for _, v in out)
-    assert sizes == [3]
-    assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
 
 
 # --- sampled output through batched rounds: exactly the target's distribution --------------

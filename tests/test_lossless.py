@@ -60,6 +60,28 @@ def test_greedy_is_token_identical_to_the_target_alone(
     assert rollbacks > 0, "the draft must disagree sometimes, or nothing was tested"
 
 
+@pytest.mark.parametrize("mode", [Mode.AR, Mode.DSSD, Mode.PICOSPEC])
+def test_greedy_with_banned_ids_is_the_target_alone_under_the_same_ban(
+    target: LanguageModel, draft: LanguageModel, mode: Mode
+) -> None:
+    """min_tokens bans ids before a position: the target's greedy choice among the rest, in
+    every mode, token for token."""
+    prompt = PROMPTS[2]
+    free = _reference_greedy(target, prompt, 24)
+    banned = tuple(sorted(set(free[:12])))[:3]  # ids the target would choose early on
+    params = SamplingParams(temperature=0.0, ban_ids=banned, ban_before=len(prompt) + 12)
+    ids = list(prompt)
+    for _ in range(24):
+        logits = _full_logits(target, ids).clone()
+        if len(ids) < params.ban_before:
+            logits[list(banned)] = float("-inf")
+        ids.append(int(logits.argmax()))
+    want = ids[len(prompt) :]
+    got = generate(target, draft, prompt, params, SpecConfig(mode=mode, draft_len=3), 24)
+    assert got.tokens == want != free
+    assert not set(want[:12]) & set(banned)
+
+
 def test_ar_mode_is_the_target_alone(target: LanguageModel) -> None:
     params = SamplingParams(temperature=0.0)
     got = generate(target, None, PROMPTS[0], params, SpecConfig(mode=Mode.AR), 16)
@@ -93,7 +115,8 @@ def _exact_sequence_distribution(
         for seq, pr in probs.items():
             if pr == 0.0:
                 continue
-            p = probs_from_logits(_full_logits(model, prompt + list(seq)), params).double()
+            pos = len(prompt) + len(seq)
+            p = probs_from_logits(_full_logits(model, prompt + list(seq)), params, pos).double()
             for t in range(VOCAB):
                 nxt[seq + (t,)] = pr * float(p[t])
         probs = nxt
@@ -110,8 +133,12 @@ def _exact_sequence_distribution(
         ),  # top-k already cuts p to K: lossless
         (SpecConfig(mode=Mode.DSSD, draft_len=2, top_k=VOCAB), SamplingParams(temperature=1.3)),
         (SpecConfig(mode=Mode.VANILLA, draft_len=2), SamplingParams(temperature=0.9, top_p=0.9)),
+        (
+            SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=2, top_k=VOCAB),
+            SamplingParams(ban_ids=(0, 2), ban_before=4),
+        ),  # min_tokens: ids 0 and 2 banned in the first two positions, in p and q alike
     ],
-    ids=["picospec-g1", "picospec-topk", "dssd", "vanilla-topp"],
+    ids=["picospec-g1", "picospec-topk", "dssd", "vanilla-topp", "picospec-min-tokens"],
 )
 def test_sampled_continuations_follow_the_target_distribution(
     spec: SpecConfig, params: SamplingParams

@@ -197,3 +197,21 @@ def test_randomness_is_a_function_of_seed_stream_and_position() -> None:
     assert a.uniform(2, 10) == b.uniform(2, 10)
     draws = {Rng(1).uniform(s, p) for s in (1, 2) for p in range(50)} | {Rng(2).uniform(1, 0)}
     assert len(draws) == 101, "streams, positions and seeds are all independent"
+
+
+def test_banned_ids_have_no_probability_before_their_position_only() -> None:
+    """min_tokens: the ids are banned in the rows that decide positions before ban_before,
+    in p and q alike; later rows are untouched."""
+    logits = torch.randn(5, 10)
+    logits[:, 3] = 20.0  # the banned id would win every row
+    params = SamplingParams(temperature=0.7, ban_ids=(3, 7), ban_before=12)
+    probs = probs_from_logits(logits, params, pos=10)  # rows decide positions 10..14
+    assert torch.all(probs[:2, [3, 7]] == 0)
+    assert torch.allclose(probs[:2].sum(-1), torch.ones(2))
+    free = probs_from_logits(logits[2:], SamplingParams(temperature=0.7))
+    assert torch.equal(probs[2:], free)
+    greedy = params.model_copy(update={"temperature": 0.0})
+    assert int(probs_from_logits(logits[0], greedy, pos=11).argmax()) != 3
+    assert int(probs_from_logits(logits[0], greedy, pos=12).argmax()) == 3
+    with pytest.raises(ValueError, match="pass pos"):
+        probs_from_logits(logits, params)

@@ -160,19 +160,75 @@ def test_greedy_through_the_stack_matches_the_verifier_alone(
     assert stats["decode_tokens_per_s"] * (stats["elapsed_s"] - stats["ttft_s"]) < 60
 
 
-def test_eight_concurrent_streams_complete_correctly(
-    stack: Stack, reference: LanguageModel
+def _batch_sizes(stack: Stack) -> dict[str, tuple[float, float]]:
+    """(forwards, sessions) so far of the drafter's draft forwards and every verifier's."""
+    out = {"drafter": (0.0, 0.0), "verifiers": (0.0, 0.0)}
+    for name, svc in stack.services.items():
+        if name == "drafter":
+            text, key, hist = scrape(svc.url), "drafter", "picospec_draft_batch_size"
+        elif name.startswith("verifier"):
+            text, key, hist = scrape(svc.url), "verifiers", "picospec_verify_batch_size"
+        else:
+            continue
+        n, total = out[key]
+        out[key] = (n + metric(text, f"{hist}_count"), total + metric(text, f"{hist}_sum"))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["picospec", "ar"])
+def test_eight_concurrent_streams_complete_correctly_in_shared_forwards(
+    stack: Stack, reference: LanguageModel, mode: str
 ) -> None:
+    """Concurrent sessions share forwards (the drafter's draft steps; the verifiers' blocks
+    or ar steps) and each answer is exactly the target's alone."""
     prompts = [f"Question number {i}?" for i in range(8)]
 
     async def all_streams() -> list[tuple[str, dict]]:
-        return await asyncio.gather(*(stream_chat(stack.api_url, p, 80) for p in prompts))
+        return await asyncio.gather(
+            *(stream_chat(stack.api_url, p, 80, mode=mode) for p in prompts)
+        )
 
+    before = _batch_sizes(stack)
     results = asyncio.run(all_streams())
+    after = _batch_sizes(stack)
     for p, (text, final) in zip(prompts, results, strict=True):
         assert text == expected(reference, p, 80)
         assert final["usage"]["completion_tokens"] == 80
-        assert final["picospec"]["rounds"] > 0
+        assert final["picospec"]["rounds"] > 0 or mode == "ar"
+    sides = ["verifiers"] if mode == "ar" else ["drafter", "verifiers"]
+    for side in sides:
+        forwards = after[side][0] - before[side][0]
+        sessions = after[side][1] - before[side][1]
+        assert forwards > 0 and sessions / forwards > 1.5, (side, forwards, sessions)
+
+
+@pytest.mark.parametrize("mode", ["ar", "picospec"])
+def test_ignore_eos_and_min_tokens_fix_the_answers_length(stack: Stack, mode: str) -> None:
+    """The extensions benchmark clients send: an answer that ends at EOS early runs to
+    max_tokens with ignore_eos, and past min_tokens with min_tokens."""
+    sampled = {"mode": mode, "temperature": 1.8, "max_tokens": 64}
+    for seed in range(60):  # a sampled answer that ends early
+        status, body = chat(stack.api_url, "Once upon a time", seed=seed, **sampled)
+        assert status == 200, body
+        if body["choices"][0]["finish_reason"] == "stop":
+            break
+    else:
+        pytest.fail("no sampled answer ended at EOS: the check would not bite")
+    early = body["usage"]["completion_tokens"]
+    assert early < 64
+    status, full = chat(
+        stack.api_url, "Once upon a time", seed=seed, ignore_eos=True, min_tokens=64, **sampled
+    )
+    assert status == 200, full
+    assert full["usage"]["completion_tokens"] == 64
+    assert full["choices"][0]["finish_reason"] == "length"
+    status, longer = chat(
+        stack.api_url, "Once upon a time", seed=seed, min_tokens=early + 5, **sampled
+    )
+    assert status == 200, longer
+    assert longer["usage"]["completion_tokens"] >= early + 5
+    status, err = chat(stack.api_url, "Hi", min_tokens=65, max_tokens=64)
+    assert status == 400 and err["error"]["param"] == "min_tokens"
 
 
 def test_openai_client_streams_a_chat_completion(stack: Stack, reference: LanguageModel) -> None:
@@ -399,6 +455,7 @@ def test_cloud_unreachable_gives_a_clean_503(tiny_dirs: tuple[Path, Path]) -> No
 def test_the_draft_model_thread_yields_the_cpu_to_the_services_io(idle: bool) -> None:
     """PICOSPEC_DRAFT_THREAD_IDLE: the drafter's model thread runs at SCHED_IDLE (the event
     loop, which streams the first token and applies verdicts, stays at the normal priority)."""
+    import asyncio
     import os
 
     from picospec.config import Settings
@@ -406,8 +463,8 @@ def test_the_draft_model_thread_yields_the_cpu_to_the_services_io(idle: bool) ->
 
     svc = DrafterService(Settings(draft_thread_idle=idle), nc=None, model=None)  # type: ignore[arg-type]
     try:
-        policy = svc.pool.submit(os.sched_getscheduler, 0).result(timeout=10)
+        policy = asyncio.run(asyncio.wait_for(svc.thread.call(os.sched_getscheduler, 0), 10))
     finally:
-        svc.pool.shutdown()
+        svc.thread.stop()
     assert policy == (os.SCHED_IDLE if idle else os.SCHED_OTHER)
     assert os.sched_getscheduler(0) == os.SCHED_OTHER

@@ -150,6 +150,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="HTTP: the API (drafter), or health")
     replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     max_sessions: int = Field(64, ge=1, description="verifier: sessions held at once")
+    max_batch_tokens: int = Field(
+        128,
+        ge=1,
+        description="tokens one forward of a model thread feeds at most (drafter and verifier): "
+        "decode steps and draft blocks of every session go first, a long prompt's prefill is "
+        "fed in chunks of what is left, so it never freezes the streams already running",
+    )
     idle_timeout_s: float = Field(120.0, gt=0, description="verifier: free idle sessions")
     request_timeout_s: float = Field(
         30.0, gt=0, description="drafter: cloud unreachable past this -> 503"

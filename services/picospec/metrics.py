@@ -140,6 +140,12 @@ DRAFT_STEP = Histogram(
 )
 
 # --- speculation (drafter) ---------------------------------------------------------------
+DRAFT_BATCH_SIZE = Histogram(
+    "picospec_draft_batch_size",
+    "Sessions whose draft steps (or prefill chunks) share one forward of the drafter's model "
+    "thread",
+    buckets=BATCH_BUCKETS,
+)
 DRAFTS = Counter(
     "picospec_spec_decode_num_drafts",
     "Verification rounds: draft blocks whose verdict the drafter applied (as vLLM's "

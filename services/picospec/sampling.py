@@ -58,6 +58,15 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     seed: int = Field(0, ge=0, lt=2**63)
+    ban_ids: tuple[int, ...] = Field(
+        (), max_length=64, description="token ids that cannot be chosen before ban_before"
+    )
+    ban_before: int = Field(
+        0,
+        ge=0,
+        description="absolute position (prompt included) from which ban_ids may be chosen: "
+        "the API's min_tokens bans the end-of-sequence ids before prompt + min_tokens",
+    )
 
     @model_validator(mode="after")
     def _finite(self) -> SamplingParams:
@@ -101,9 +110,28 @@ class Rng:
         return float(torch.rand((), generator=self.gen(stream, pos), dtype=torch.float64))
 
 
-def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Turn logits ``[..., V]`` into processed probabilities (float32), identically for p and q."""
+def probs_from_logits(
+    logits: torch.Tensor, params: SamplingParams, pos: int | None = None
+) -> torch.Tensor:
+    """Turn logits ``[..., V]`` into processed probabilities (float32), identically for p and q.
+
+    ``pos`` is the absolute position of the token the first row decides (the rows of a 2-D
+    ``logits`` decide consecutive positions); it is needed, and only used, when the params ban
+    ids before a position (``ban_ids``/``ban_before``): those ids get probability 0 there, in
+    p and q alike, so speculation stays exact for the banned distribution.
+    """
     logits = logits.float()
+    if params.ban_ids and (pos is None or pos < params.ban_before):
+        if pos is None:
+            raise ValueError("these sampling params ban ids before a position: pass pos")
+        rows = logits.shape[0] if logits.dim() > 1 else 1
+        banned = min(rows, params.ban_before - pos)  # the first rows lie before ban_before
+        ids = torch.tensor(params.ban_ids, dtype=torch.long, device=logits.device)
+        logits = logits.clone()
+        if logits.dim() == 1:
+            logits[ids] = float("-inf")
+        else:
+            logits[:banned, ids] = float("-inf")
     if params.greedy:
         out = torch.zeros_like(logits)
         out.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)

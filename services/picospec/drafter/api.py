@@ -2,8 +2,9 @@
 
 ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``; streaming with
 server-sent events ending in ``data: [DONE]``; errors in OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``. Extensions: ``top_k``, ``mode``,
-``draft_len`` in requests; a ``picospec`` object (acceptance, rounds, bytes…) in responses.
+``{"error": {"message", "type", "param", "code"}}``. Extensions: ``top_k``, ``min_p``,
+``ignore_eos`` and ``min_tokens`` (vLLM's), ``mode``, ``draft_len`` in requests; a ``picospec``
+object (acceptance, rounds, bytes…) in responses.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ class _Request(BaseModel):
         None, description="γ of this request, or 'auto' (the default setting)"
     )
     fallback: Literal["none", "edge"] | None = None
+    # vLLM's and SGLang's extensions, which benchmark clients send to fix output lengths
+    ignore_eos: bool = Field(False, description="do not stop at end-of-sequence tokens")
+    min_tokens: int = Field(
+        0, ge=0, description="end-of-sequence tokens cannot be chosen before this many tokens"
+    )
 
     @field_validator("draft_len", mode="before")
     @classmethod
@@ -355,13 +361,28 @@ class Api:
                     f"({max_tokens}) exceeds the context of {limit} tokens",
                     "messages" if chat else "prompt",
                 )
+            if req.min_tokens > max_tokens:
+                raise _invalid(
+                    f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                    "min_tokens",
+                )
+            params = req.sampling()
+            if req.min_tokens and not req.ignore_eos:
+                # the same ban in the draft's and the target's distributions: still exact
+                params = params.model_copy(
+                    update={
+                        "ban_ids": tuple(sorted(model.eos_ids)),
+                        "ban_before": len(prompt) + req.min_tokens,
+                    }
+                )
             fallback = (req.fallback or self.settings.fallback) == "edge"
             gen = svc.generation(
                 prompt,
-                req.sampling(),
+                params,
                 self.settings.spec(mode, req.draft_len),
                 max_tokens,
                 fallback,
+                req.ignore_eos,
             )
             metrics.PROMPT_TOKENS.labels(mode.value).inc(len(prompt))
             async with self._admission():
@@ -585,7 +606,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     svc = DrafterService(settings, nc, model)
     # first-touch costs before ready (on the model thread), so the first request is as fast
     # as the hundredth
-    await asyncio.get_running_loop().run_in_executor(svc.pool, warm_up, model)
+    await svc.thread.call(warm_up, model)
     if model.pacer is not None:
         model.pacer.on_pace = metrics.observe_pace
     await svc.start()

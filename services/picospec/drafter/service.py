@@ -1,7 +1,9 @@
 """The drafter service: drives :class:`DrafterSession` over NATS for many requests at once.
 
 One :class:`Generation` per request. It opens the session on whichever verifier the queue
-group picks, drafts on a model thread (off the event loop), publishes blocks to that replica's
+group picks, drafts on the model thread (off the event loop; one thread for all requests,
+which steps the drafts of every session in one batched forward:
+:class:`picospec.scheduler.ModelThread`), publishes blocks to that replica's
 subject, applies verdicts as they arrive on this drafter's subject, asks the edge-local sampler
 for corrections, and yields committed tokens. When its verifier is lost (no verdict within
 ``verify_timeout_s``), drains (``DRAINING``) or forgot the session (``UNKNOWN_SESSION``), it
@@ -17,8 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -44,6 +45,7 @@ from picospec.protocol.codec import (
 )
 from picospec.protocol.control import CloseSession, ErrorReply, OpenReply, OpenSession
 from picospec.sampling import SamplingParams
+from picospec.scheduler import ModelThread, Program
 from picospec.serving import event, headers, idle_cpu_priority
 from picospec.tuning import MAX_GAMMA, DraftLenController, SiteEstimates
 from picospec.verifier.session import VerifierSession
@@ -122,10 +124,11 @@ class DrafterService:
         self.verdict_subject = subjects.verdicts(settings.site, self.id)
         # each session's verdicts, with their size on the wire
         self.inbox: dict[bytes, asyncio.Queue[tuple[Verdict, int]]] = {}
-        self.pool = ThreadPoolExecutor(
-            1,
-            thread_name_prefix="draft",
+        self.thread = ModelThread(
+            "draft",
+            settings.max_batch_tokens,
             initializer=idle_cpu_priority if settings.draft_thread_idle else None,
+            on_batch=metrics.DRAFT_BATCH_SIZE.observe,
         )
         self.site = SiteEstimates()  # what adaptive speculation has learnt of this site
 
@@ -154,8 +157,9 @@ class DrafterService:
         spec: SpecConfig,
         max_tokens: int,
         fallback_edge: bool = False,
+        ignore_eos: bool = False,
     ) -> Generation:
-        return Generation(self, prompt, params, spec, max_tokens, fallback_edge)
+        return Generation(self, prompt, params, spec, max_tokens, fallback_edge, ignore_eos)
 
 
 class Generation:
@@ -169,8 +173,11 @@ class Generation:
         spec: SpecConfig,
         max_tokens: int,
         fallback_edge: bool = False,
+        ignore_eos: bool = False,
     ) -> None:
         self.svc = svc
+        # the ids that end the answer (none with ignore_eos: it runs to max_tokens)
+        self.eos_ids = frozenset() if ignore_eos else svc.model.eos_ids
         self.fallback_edge = fallback_edge
         self.prompt = prompt
         self.params = params
@@ -215,7 +222,7 @@ class Generation:
             vocab_size=self.svc.model.vocab_size,
             reply_to=self.svc.verdict_subject,
             max_new_tokens=max(1, self.max_tokens - len(self.generated)),
-            eos_ids=sorted(self.svc.model.eos_ids),
+            eos_ids=sorted(self.eos_ids),
             epoch=epoch,
             first_token=first_token,
         )
@@ -395,33 +402,26 @@ class Generation:
 
     async def _edge(self) -> AsyncIterator[list[int]]:
         """The draft model alone continues from the committed tokens (unverified)."""
-        loop, model = asyncio.get_running_loop(), self.svc.model
+        model = self.svc.model
         spec = self.spec.model_copy(update={"mode": Mode.EDGE})
-        local = await loop.run_in_executor(
-            self.svc.pool,
-            VerifierSession,
-            model,
-            self.sid,
-            self.prompt + self.generated,
-            self.params,
-            spec,
+        local = VerifierSession(
+            model, self.sid, self.prompt + self.generated, self.params, spec, prefill=False
         )
+        await self._model_step(local.prefill())
         while len(self.generated) < self.max_tokens and not self._stop_requested:
-            token = await self._model_step(local.ar_step)
+            token = await self._model_step(local.ar_next())
             yield self._emitted([token])
-            if token in model.eos_ids:
+            if token in self.eos_ids:
                 self.finish_reason = "stop"
                 return
         self.finish_reason = "stop" if self._stop_requested else "length"
 
-    async def _model_step(self, step: Callable[[], T]) -> T:
-        """Run one draft-model step on the model thread and time its compute there."""
-
-        def timed() -> tuple[T, float]:
-            t0 = time.perf_counter()
-            return step(), time.perf_counter() - t0
-
-        out, seconds = await asyncio.get_running_loop().run_in_executor(self.svc.pool, timed)
+    async def _model_step(self, step: Program[T]) -> T:
+        """Run one draft-model step on the model thread (batched with the other sessions'
+        steps) and time its compute there: the forward it took part in."""
+        job = self.svc.thread.submit(step, key=self.sid)
+        out = await job
+        seconds = job.compute_s
         if self._steps:  # the first step carries the prompt's prefill
             metrics.DRAFT_STEP.labels(self.spec.mode.value).observe(seconds)
             if self.tuner is not None:
@@ -480,7 +480,7 @@ class Generation:
     async def _ar(self) -> AsyncIterator[list[int]]:
         """Cloud-only baseline: the verifier streams tokens. Each (re)open starts a new epoch
         whose tokens are numbered from 0, so late tokens of a lost replica are ignored."""
-        eos = self.svc.model.eos_ids
+        eos = self.eos_ids
         epoch, base = 0, 0
         last_progress = time.monotonic()
         while len(self.generated) < self.max_tokens and not self._stop_requested:
@@ -524,7 +524,7 @@ class Generation:
                 self.params,
                 self.spec,
                 self.max_tokens,
-                svc.model.eos_ids,
+                self.eos_ids,
             )
             self.stats.speculation = session.stats
             if self.spec.adaptive:
@@ -559,7 +559,7 @@ class Generation:
                 if not self._queue.empty():
                     verdict = self._took(self._queue.get_nowait())
                 elif session.can_draft():
-                    step = asyncio.ensure_future(self._model_step(session.draft_step))
+                    step = asyncio.ensure_future(self._model_step(session.draft()))
                     if opening is not None and not streamed_first:
                         # the first token may arrive while the draft model is busy (its first
                         # step carries the prompt's prefill): stream it at once; the session

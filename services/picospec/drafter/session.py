@@ -39,6 +39,7 @@ from picospec.sampling import (
     pick,
     probs_from_logits,
 )
+from picospec.scheduler import Forward, Program, run
 
 
 class ProtocolError(RuntimeError):
@@ -161,12 +162,21 @@ class DrafterSession:
     # --- drafting -------------------------------------------------------------------------
     def draft_step(self) -> DraftBlock | None:
         """Draft one token; return a block to send when one is complete."""
+        return run(self.draft())
+
+    def draft(self) -> Program[DraftBlock | None]:
+        """:meth:`draft_step` as a program (:mod:`picospec.scheduler`), so the drafter's model
+        thread steps the drafts of all its sessions in one forward. The session must not change
+        while it runs."""
         if not self.can_draft():
             raise ProtocolError("draft_step() called while drafting is not allowed")
-        logits = self._cache.extend(self._pending)[-1]
+        out = yield Forward(self._cache, self._pending, keep=1)
+        assert out is not None
+        logits = out[-1]
         self.stats.draft_forwards += 1
-        q = probs_from_logits(logits, self.params)
-        token = pick(q, self.params, self._rng, STREAM_DRAFT, len(self.committed) + self._n_spec())
+        pos = len(self.committed) + self._n_spec()
+        q = probs_from_logits(logits, self.params, pos)
+        token = pick(q, self.params, self._rng, STREAM_DRAFT, pos)
         self._pending = [token]
         if not self._specs or self._specs[-1].block is not None:
             self._specs.append(_Spec(block=None))

@@ -2,9 +2,11 @@
 
 * ``picospec.v1.sessions.open`` (queue group ``verifiers``): prefill a session and reply with
   this replica's id; later blocks of the session come to ``picospec.v1.verify.<id>``.
-* Blocks are decoded, queued and verified by one worker in arrival order (so each session's
-  blocks stay in order); verdicts go to the drafter's subject given at open (and per block as
-  the NATS reply subject).
+* One model thread schedules all of the target's work (:class:`picospec.scheduler.ModelThread`):
+  prefills (in chunks of at most ``max_batch_tokens``), every ``ar`` session's decode steps and
+  the verification of draft blocks share its forwards (continuous batching), each session's
+  work in arrival order. Verdicts and ``ar`` tokens go to the drafter's subject given at open,
+  in order, through one publisher.
 * Sessions are freed on close, after ``idle_timeout_s``, and — least recently used first — when
   ``max_sessions`` would be exceeded (the drafter then re-prefills elsewhere).
 * SIGTERM drains: the replica leaves the queue group, tells each session's drafter to move
@@ -18,8 +20,8 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from aiohttp import web
 from nats.aio.msg import Msg
@@ -39,9 +41,10 @@ from picospec.protocol.codec import (
     encode,
 )
 from picospec.protocol.control import CloseSession, ErrorReply, OpenReply, OpenSession
+from picospec.scheduler import ForwardStats, Job, ModelThread, Program
 from picospec.serving import connect_nats, event, headers, health_routes, serve_http
 from picospec.tuning import CostLine
-from picospec.verifier.session import BlockRefused, VerifierSession, verify_many, warm_up
+from picospec.verifier.session import BlockRefused, VerifierSession, warm_up
 
 ROLE = "verifier"
 QUIET_S = 2.0  # a session idle this long may be evicted under the memory cap
@@ -53,7 +56,7 @@ class Held:
     reply_to: str
     open_req: OpenSession
     last_used: float = field(default_factory=time.monotonic)
-    ar_task: asyncio.Task[None] | None = None
+    ar_sent: int = 0  # ar: tokens streamed so far (their verdicts' seq)
 
 
 def capacity(req: OpenSession) -> int:
@@ -74,12 +77,18 @@ class VerifierService:
         self.id = settings.replica_id or f"{socket.gethostname()[:40]}-{os.urandom(3).hex()}"
         self.id = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.id)[:64]
         self.sessions: dict[bytes, Held] = {}
-        self.queue: asyncio.Queue[tuple[float, bytes, DraftBlock]] = asyncio.Queue()
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="verify")
+        self.thread = ModelThread(
+            "verify",
+            settings.max_batch_tokens,
+            on_forward=self._on_forward,
+            on_batch=metrics.BATCH_SIZE.observe,
+        )
+        self.outbox: asyncio.Queue[tuple[str, Verdict]] = asyncio.Queue()  # to publish, in order
         self.ready = False
         self.draining = False
         self._open_sub = None
         self.cost = CostLine()  # recent forward cost, told to drafters at open (adaptive γ)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- NATS handlers ---------------------------------------------------------------
     async def on_open(self, msg: Msg) -> None:
@@ -112,24 +121,34 @@ class VerifierService:
         if sid not in self.sessions and not self._make_room():
             await self._reply_error(msg, "full", f"all {self.settings.max_sessions} sessions busy")
             return
-        loop = asyncio.get_running_loop()
+        if self.sessions.pop(sid, None) is not None:  # re-opened here: the old one's work ends
+            self.thread.cancel(sid)
         t0 = time.perf_counter()
         try:
-            vs, first = await loop.run_in_executor(self.pool, self._prefill, sid, req)
+            vs = VerifierSession(
+                self.model,
+                sid,
+                req.prompt,
+                req.params,
+                req.spec,
+                req.epoch,
+                capacity=capacity(req),
+                prefill=False,
+            )
+            want_first = req.first_token and req.spec.mode.speculative
+            first = await self.thread.submit(self._opening(vs, want_first), key=sid)
+        except asyncio.CancelledError:
+            raise
         except Exception as e:  # noqa: BLE001 - whatever the prefill refuses is a bad prompt
             _reject("bad_prompt", error=str(e)[:200])
             await self._reply_error(msg, "bad_prompt", f"the prompt was refused: {e}"[:1000])
             return
-        old = self.sessions.pop(sid, None)
-        if old and old.ar_task:
-            old.ar_task.cancel()
         held = Held(vs, req.reply_to, req)
         self.sessions[sid] = held
         self._gauges()
         if req.spec.mode is Mode.AR:
-            held.ar_task = asyncio.create_task(self._ar_stream(sid, held))
+            self._start_ar(sid, held)
         prefill_s = time.perf_counter() - t0
-        self.cost.observe(len(req.prompt), prefill_s)
         line = self.cost.line() or (None, None)
         reply = OpenReply(
             verifier=self.id,
@@ -147,13 +166,12 @@ class VerifierService:
             prompt_tokens=len(req.prompt),
         )
 
-    def _prefill(self, sid: bytes, req: OpenSession) -> tuple[VerifierSession, int | None]:
-        """Prefill the session (on the model thread), and pick its first token when asked."""
-        vs = VerifierSession(
-            self.model, sid, req.prompt, req.params, req.spec, req.epoch, capacity=capacity(req)
-        )
-        first = vs.first_token() if req.first_token and req.spec.mode.speculative else None
-        return vs, first
+    @staticmethod
+    def _opening(vs: VerifierSession, first_token: bool) -> Program[int | None]:
+        """Prefill the session (a program for the model thread), and pick its first token
+        when asked."""
+        yield from vs.prefill()
+        return vs.first_token() if first_token else None
 
     async def on_block(self, msg: Msg) -> None:
         try:
@@ -177,9 +195,29 @@ class VerifierService:
                     ),
                 )
             return
+        self.enqueue(held, block)
+
+    def enqueue(self, held: Held, block: DraftBlock) -> None:
+        """Hand ``block`` to the model thread behind the session's earlier work; its verdicts
+        go to the outbox when it is verified."""
         held.last_used = time.monotonic()
-        self.queue.put_nowait((time.monotonic(), block.session, block))
-        metrics.QUEUE_DEPTH.set(self.queue.qsize())
+        job = self.thread.submit(held.session.verify(block), key=block.session)
+        assert job.future is not None
+        job.future.add_done_callback(partial(self._verified, held))
+        metrics.QUEUE_DEPTH.set(self.thread.waiting)
+
+    def _verified(self, held: Held, done: asyncio.Future[list[Verdict]]) -> None:
+        """A block's verification ended: queue its verdicts (in order), or count its refusal."""
+        if done.cancelled():  # the session was freed meanwhile
+            return
+        err = done.exception()
+        if isinstance(err, BlockRefused):
+            _reject(err.reason, error=str(err))
+        elif err is not None:
+            _reject("verify_failed", error=str(err)[:200])
+        else:
+            for v in done.result():
+                self.outbox.put_nowait((held.reply_to, v))
 
     async def on_close(self, msg: Msg) -> None:
         try:
@@ -189,90 +227,64 @@ class VerifierService:
             return
         self._free(bytes.fromhex(req.session), "closed")
 
-    # --- verification worker -----------------------------------------------------------
-    async def worker(self) -> None:
-        loop = asyncio.get_running_loop()
+    # --- the model thread -------------------------------------------------------------------
+    def _on_forward(self, f: ForwardStats) -> None:
+        """After every forward of the model thread (on that thread): the metrics, and the
+        cost line told to drafters (fitted on the event loop)."""
+        metrics.VERIFY_FORWARD.observe(f.seconds)
+        for wait in f.queue_waits:
+            metrics.QUEUE_WAIT.observe(wait)
+        if self.ready and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.cost.observe, f.tokens, f.seconds)
+
+    async def publisher(self) -> None:
+        """Publish verdicts and ``ar`` tokens in the order they were decided."""
         while True:
-            batch = [await self.queue.get()]
-            while not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            metrics.QUEUE_DEPTH.set(0)
-            now = time.monotonic()
-            for t_in, _, _ in batch:
-                metrics.QUEUE_WAIT.observe(now - t_in)
-            work = [(self.sessions.get(sid), block) for _, sid, block in batch]
-            t0 = time.perf_counter()
-            results = await loop.run_in_executor(self.pool, self._verify_batch, work)
-            seconds = time.perf_counter() - t0
-            metrics.VERIFY_FORWARD.observe(seconds)
-            fed = sum(len(b.prefix) + len(b.tokens) for h, b in work if h is not None)
-            if fed:
-                self.cost.observe(fed, seconds)
-            for held, verdicts in results:
-                for v in verdicts:
-                    await self._publish(held.reply_to, v)
-            self._gauges()
+            subject, verdict = await self.outbox.get()
+            await self._publish(subject, verdict)
 
-    @staticmethod
-    def _verify_batch(
-        work: list[tuple[Held | None, DraftBlock]],
-    ) -> list[tuple[Held, list[Verdict]]]:
-        """Verify the blocks that were ready together. Runs on the model thread.
-
-        Each session's blocks keep their arrival order; blocks of different sessions that are
-        ready in the same round share one batched forward (``BATCH_SIZE`` observes the sessions
-        of every forward). A refused block is counted and skipped; the others go on.
-        """
-        live = [(held, block) for held, block in work if held is not None]  # None: freed
-        results = verify_many(
-            [(held.session, block) for held, block in live], on_forward=metrics.BATCH_SIZE.observe
-        )
-        out = []
-        for (held, _), got in zip(live, results, strict=True):
-            if isinstance(got, BlockRefused):
-                _reject(got.reason, error=str(got))
-            else:
-                out.append((held, got))
-        return out
-
-    async def _ar_stream(self, sid: bytes, held: Held) -> None:
-        """Cloud-only baseline: decode with the target alone and stream each token."""
-        loop = asyncio.get_running_loop()
-        eos = set(held.open_req.eos_ids)
+    def _start_ar(self, sid: bytes, held: Held) -> None:
+        """Cloud-only baseline: the target decodes alone on the model thread, its steps batched
+        with every other session's work, and each token is streamed as it comes."""
         # never past the model's context, whatever the open asked for: an open for 10**9
         # tokens that nobody closes must not hold the model thread forever
         room = self.model.max_context - len(held.open_req.prompt)
-        for i in range(min(held.open_req.max_new_tokens, room)):
-            if self.sessions.get(sid) is not held:
-                return
-            try:
-                token = await loop.run_in_executor(self.pool, held.session.ar_step)
-            except Exception as e:  # noqa: BLE001 - one broken stream must not go unnoticed
-                _reject("ar_failed", error=str(e)[:200])
-                self._free(sid, "ar_failed")
-                return
-            held.last_used = time.monotonic()
-            await self._publish(
-                held.reply_to,
-                Verdict(
-                    session=sid,
-                    epoch=held.session.epoch,
-                    seq=i % 2**32,
-                    accepted=0,
-                    token=token,
-                    vocab_size=self.model.vocab_size,
-                ),
-            )
-            if token in eos:
-                return
+        n = min(held.open_req.max_new_tokens, room)
+        job: Job[int] = self.thread.submit(
+            held.session.ar_stream(n, set(held.open_req.eos_ids)),
+            key=sid,
+            on_emit=partial(self._ar_token, held),
+        )
+        assert job.future is not None
+        job.future.add_done_callback(partial(self._ar_ended, sid, held))
+
+    def _ar_token(self, held: Held, token: int) -> None:
+        held.last_used = time.monotonic()
+        verdict = Verdict(
+            session=held.session.session,
+            epoch=held.session.epoch,
+            seq=held.ar_sent % 2**32,
+            accepted=0,
+            token=token,
+            vocab_size=self.model.vocab_size,
+        )
+        held.ar_sent += 1
+        self.outbox.put_nowait((held.reply_to, verdict))
+
+    def _ar_ended(self, sid: bytes, held: Held, done: asyncio.Future[int]) -> None:
+        if done.cancelled() or done.exception() is None:
+            return
+        # one broken stream must not go unnoticed
+        _reject("ar_failed", error=str(done.exception())[:200])
+        if self.sessions.get(sid) is held:
+            self._free(sid, "ar_failed")
 
     # --- housekeeping ---------------------------------------------------------------------
     def _free(self, sid: bytes, reason: str) -> None:
         held = self.sessions.pop(sid, None)
         if held is None:
             return
-        if held.ar_task:
-            held.ar_task.cancel()
+        self.thread.cancel(sid)  # its queued blocks, its ar stream
         if reason != "closed":
             metrics.EVICTIONS.labels(reason).inc()
         event("session_freed", session=sid.hex()[:8], reason=reason)
@@ -347,12 +359,13 @@ class VerifierService:
         app = web.Application()
         app.add_routes(health_routes(lambda: self.ready))
         runner = await serve_http(app, self.settings.host, self.settings.port)
+        self._loop = asyncio.get_running_loop()
         if self.model is None:  # load after /health is up, so startup probes see a live process
-            self.model = await asyncio.get_running_loop().run_in_executor(
-                self.pool, LanguageModel.from_settings, self.settings, "verify"
+            self.model = await self.thread.call(
+                LanguageModel.from_settings, self.settings, "verify"
             )
         # first-touch costs before ready, so the first request is as fast as the hundredth
-        timed = await asyncio.get_running_loop().run_in_executor(self.pool, warm_up, self.model)
+        timed = await self.thread.call(warm_up, self.model)
         for n, seconds in timed:
             self.cost.observe(n, seconds)
         if self.model.pacer is not None:
@@ -365,7 +378,7 @@ class VerifierService:
         await self.nc.subscribe(subjects.verify(self.id), cb=self.on_block)
         await self.nc.subscribe(subjects.close(self.id), cb=self.on_close)
         await self.nc.subscribe(subjects.ping(self.id), cb=self.on_ping)
-        tasks = [asyncio.create_task(self.worker()), asyncio.create_task(self.sweeper())]
+        tasks = [asyncio.create_task(self.publisher()), asyncio.create_task(self.sweeper())]
         self.ready = True
         event("ready", replica=self.id, model=self.model.name)
         await stop.wait()
@@ -374,7 +387,7 @@ class VerifierService:
             t.cancel()
         await self.nc.drain()
         await runner.cleanup()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.thread.stop()
 
 
 def main(settings: Settings) -> int:

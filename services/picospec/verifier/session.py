@@ -16,7 +16,7 @@ It owns the target model's KV cache of the session. Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ from picospec.sampling import (
     standard_verify,
     verify_separate,
 )
+from picospec.scheduler import Emit, Forward, Program, run, run_batched
 
 MAX_BUFFERED_BLOCKS = 64
 
@@ -62,9 +63,12 @@ class VerifierSession:
         spec: SpecConfig,
         epoch: int = 0,
         capacity: int | None = None,
+        prefill: bool = True,
     ) -> None:
         """``capacity``: the tokens the session is expected to reach (prompt, answer and a
-        block beyond), reserved at once where the model keeps slot caches."""
+        block beyond), reserved at once where the model keeps slot caches. ``prefill=False``
+        leaves the prompt's prefill to :meth:`prefill`, a program for the model thread's
+        scheduler (:mod:`picospec.scheduler`)."""
         if not prompt:
             raise ValueError("a session needs a non-empty prompt")
         if len(prompt) >= model.max_context:
@@ -75,12 +79,24 @@ class VerifierSession:
         self.spec = spec
         self.epoch = epoch  # a re-opened session continues the drafter's epoch count
         self.cache = model.new_cache(capacity)
-        # logits stay on the model's device: the verdict is decided there (picospec.sampling)
-        self.next_logits = self.cache.extend(prompt, keep=1, on_device=True)[-1]
-        self.stats = VerifierStats(forwards=1)
+        self.stats = VerifierStats()
+        self._prompt = list(prompt)
         self._rng = Rng(params.seed)
         self._waiting: dict[int, DraftBlock] = {}
         self._ar_pending: int | None = None
+        self.next_logits = torch.empty(0)
+        if prefill:
+            run(self.prefill())
+
+    def prefill(self) -> Program[None]:
+        """Feed the prompt; ``next_logits`` becomes the first position's distribution (kept on
+        the model's device: the verdicts are decided there, see :mod:`picospec.sampling`)."""
+        if self.cache.length:
+            raise ValueError("the session is already prefilled")
+        logits = yield Forward(self.cache, self._prompt, keep=1, on_device=True)
+        assert logits is not None
+        self.next_logits = logits[-1]
+        self.stats.forwards += 1
 
     def first_token(self) -> int:
         """The target's token at the first position after the prompt, from the prefill alone.
@@ -93,37 +109,29 @@ class VerifierSession:
         """
         if self.stats.verified_tokens or self._ar_pending is not None:
             raise ValueError("the first token comes before any block is verified")
-        probs = probs_from_logits(self.next_logits, self.params)
+        probs = probs_from_logits(self.next_logits, self.params, self.cache.length)
         return pick(probs, self.params, self._rng, STREAM_DRAW, self.cache.length)
 
     # --- speculative modes ------------------------------------------------------------
     def submit(self, block: DraftBlock) -> list[Verdict]:
         """Take one block; return the verdicts it made ready (zero, one, or several when it
         unblocked buffered ones). Raises :class:`BlockRefused` for blocks it must not take."""
-        steps = self._steps(block)
-        try:
-            tokens, keep = next(steps)
-            while True:
-                logits = self.cache.extend(tokens, keep, on_device=True)
-                tokens, keep = steps.send(logits)
-        except StopIteration as done:
-            return done.value
+        return run(self.verify(block))
 
-    def _steps(
-        self, block: DraftBlock
-    ) -> Generator[tuple[list[int], int], torch.Tensor, list[Verdict]]:
-        """:meth:`submit` as a coroutine: yields the tokens of each forward it needs and the
-        number of last rows whose logits it needs, is sent back those logits (what
-        ``cache.extend(tokens, keep)`` returns) and returns the verdicts. Raises
-        :class:`BlockRefused` before touching any state. Lets :func:`verify_many` share one
-        forward among the blocks of several sessions."""
+    def verify(self, block: DraftBlock) -> Program[list[Verdict]]:
+        """:meth:`submit` as a program (:mod:`picospec.scheduler`): yields the forward of each
+        block it makes ready and returns the verdicts. Raises :class:`BlockRefused` before
+        touching any state. Lets the model thread share one forward among the blocks of
+        several sessions (and their ``ar`` steps and prefills)."""
         if not self._admit(block):
             return []
         verdicts = []
         ready: DraftBlock | None = block
         while ready is not None:
             tokens = self.plan(ready)
-            logits = (yield tokens, self.rows(ready)) if tokens else None
+            logits = None
+            if tokens:
+                logits = yield Forward(self.cache, tokens, self.rows(ready), on_device=True)
             verdicts.append(self.finish(ready, logits))
             ready = self._next_waiting()
         # anything still waiting from an old epoch can never become current
@@ -202,8 +210,10 @@ class VerifierSession:
             predict = predict[:n]
         else:
             predict, last = self.next_logits[None], self.next_logits
-        p = probs_from_logits(predict, self.params)
-        bonus_p = probs_from_logits(last, self.params) if self.spec.bonus else None
+        p = probs_from_logits(predict, self.params, start + n_pre)
+        bonus_p = (
+            probs_from_logits(last, self.params, start + n_pre + n) if self.spec.bonus else None
+        )
         if self.spec.mode is Mode.VANILLA:
             if block.dense_q is None:
                 raise BlockRefused("missing_dense_q", "vanilla blocks carry full draft dists")
@@ -246,13 +256,29 @@ class VerifierSession:
     # --- cloud-only autoregressive mode ------------------------------------------------
     def ar_step(self) -> int:
         """Decode one token with the target alone (the ``ar`` baseline)."""
+        return run(self.ar_next())
+
+    def ar_next(self) -> Program[int]:
+        """:meth:`ar_step` as a program: the forward of the last token, then the pick."""
         if self._ar_pending is not None:
-            self.next_logits = self.cache.extend([self._ar_pending], keep=1, on_device=True)[-1]
+            logits = yield Forward(self.cache, [self._ar_pending], keep=1, on_device=True)
+            assert logits is not None
+            self.next_logits = logits[-1]
             self.stats.forwards += 1
-        probs = probs_from_logits(self.next_logits, self.params)
+        probs = probs_from_logits(self.next_logits, self.params, self.cache.length)
         token = pick(probs, self.params, self._rng, STREAM_DRAW, self.cache.length)
         self._ar_pending = token
         return token
+
+    def ar_stream(self, max_tokens: int, eos: Collection[int]) -> Program[int]:
+        """Cloud-only decoding as one program: emits each token as it is picked, up to
+        ``max_tokens`` or an EOS; returns how many it emitted."""
+        for i in range(max_tokens):
+            token = yield from self.ar_next()
+            yield Emit(token)
+            if token in eos:
+                return i + 1
+        return max_tokens
 
 
 def warm_up(model: LanguageModel) -> list[tuple[int, float]]:
@@ -296,9 +322,6 @@ def warm_up(model: LanguageModel) -> list[tuple[int, float]]:
     return timed
 
 
-_Program = Generator[tuple[VerifierSession, list[int], int], torch.Tensor | None, None]
-
-
 def verify_many(
     items: list[tuple[VerifierSession, DraftBlock]],
     on_forward: Callable[[int], None] | None = None,
@@ -309,57 +332,19 @@ def verify_many(
     or the :class:`BlockRefused` it would raise: refusals are reported per item, never raised.
     The blocks of one session are taken in their order in ``items``, one forward at a time (a
     later block depends on the earlier one's outcome). In each round every session with a
-    block ready contributes it to ONE :meth:`LanguageModel.forward_batch` per model, so the
-    verdicts are those of submitting session by session (with logits equal to float tolerance).
-    ``on_forward(n)`` is called with the number of sessions of every forward run (1 each where
-    the model cannot batch, see :attr:`LanguageModel.batching_unsupported`).
+    block ready contributes it to ONE :meth:`LanguageModel.forward_batch` per model (the
+    scheduler's :func:`~picospec.scheduler.run_batched`), so the verdicts are those of
+    submitting session by session (with logits equal to float tolerance). ``on_forward(n)`` is
+    called with the number of sessions of every forward run (1 each where the model cannot
+    batch, see :attr:`LanguageModel.batching_unsupported`).
     """
-    results: list[list[Verdict] | BlockRefused] = [[] for _ in items]
-    per_session: dict[int, list[int]] = {}
-    for i, (vs, _) in enumerate(items):
-        per_session.setdefault(id(vs), []).append(i)
-
-    def program(indices: list[int]) -> _Program:
-        """One session's items in order; yields (session, tokens) for each forward."""
-        for i in indices:
-            vs, block = items[i]
-            steps = vs._steps(block)
-            try:
-                tokens, keep = next(steps)
-                while True:
-                    logits = yield vs, tokens, keep
-                    assert logits is not None
-                    tokens, keep = steps.send(logits)
-            except StopIteration as done:
-                results[i] = done.value
-            except BlockRefused as e:
-                results[i] = e
-
-    pending: list[tuple[_Program, VerifierSession, list[int], int]] = []
-
-    def resume(prog: _Program, logits: torch.Tensor | None) -> None:
-        try:
-            vs, tokens, keep = prog.send(logits)
-        except StopIteration:
-            return
-        pending.append((prog, vs, tokens, keep))
-
-    for indices in per_session.values():
-        resume(program(indices), None)
-    while pending:  # one round: at most one forward per session, one batch per model
-        groups: dict[int, list[tuple[_Program, VerifierSession, list[int], int]]] = {}
-        for entry in pending:
-            groups.setdefault(id(entry[1].model), []).append(entry)
-        pending = []
-        for group in groups.values():
-            model = group[0][1].model
-            outs = model.forward_batch(
-                [vs.cache for _, vs, _, _ in group],
-                [t for _, _, t, _ in group],
-                on_forward,
-                keep=[k for *_, k in group],
-                on_device=True,
-            )
-            for (prog, *_), logits in zip(group, outs, strict=True):
-                resume(prog, logits)
-    return results
+    jobs = run_batched([(id(vs), vs.verify(block)) for vs, block in items], on_batch=on_forward)
+    out: list[list[Verdict] | BlockRefused] = []
+    for job in jobs:
+        if isinstance(job.error, BlockRefused):
+            out.append(job.error)
+        elif job.error is not None:
+            raise job.error
+        else:
+            out.append(job.result)
+    return out
