@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from picospec import DRAFTER_HELP, default_drafter
-from picospec.bench.report import _progress_factory, plots, sweep_plot, table
+from picospec.bench.concurrency import CONCURRENCY_MODES, parse_levels, run_concurrency
+from picospec.bench.report import (
+    _progress_factory,
+    concurrency_plot,
+    concurrency_table,
+    plots,
+    sweep_plot,
+    table,
+)
 from picospec.bench.run import MODES, PROFILES, QUICK_PROMPTS, load_prompts, run_profile
 from picospec.bench.speedup_map import (
     MAP_MODES,
@@ -18,6 +26,8 @@ from picospec.bench.speedup_map import (
     model_curves,
     speedup_map,
 )
+
+DEFAULT_PROFILES = "lan,wifi,5g,4g,poor"
 
 
 def _draft_len_arg(value: str) -> int | str:
@@ -55,6 +65,25 @@ def _print_result(name: str, result: dict[str, Any], as_json: bool) -> int:
     return 0
 
 
+def _cpu_sets(args: argparse.Namespace, console: Any) -> dict[str, frozenset[int]] | None:
+    """The benchmark's own placement: --edge-cpus/--cloud-cpus, else the CPUs halved (None,
+    with the reason printed, where that cannot be)."""
+    from picospec.stack.up import StackConfig
+
+    try:
+        cpus = StackConfig(
+            topology="edge-cloud",
+            pin_cpus=True,
+            edge_cpus=args.edge_cpus,
+            cloud_cpus=args.cloud_cpus,
+        ).cpu_sets()
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        return None
+    assert cpus is not None  # pinning was asked for: cpu_sets raises rather than give None
+    return cpus
+
+
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -65,28 +94,29 @@ def main(args: argparse.Namespace) -> int:
         from picospec.bench.overhead import measure
 
         return _print_result("overhead", measure(args), args.json)
+    if args.prefill is not None:
+        from picospec.bench.prefill import measure as prefill
+
+        cpus = _cpu_sets(args, console)
+        if cpus is None:
+            return 2
+        return _print_result("prefill", prefill(args, cpus["cloud"]), args.json)
     prompts = load_prompts(args.prompts, args.quick)
     if args.colocation is not None:
         from picospec.bench.colocation import measure as colocation
-        from picospec.stack.up import StackConfig
 
-        try:  # the benchmark's own placement: --edge-cpus/--cloud-cpus, else the CPUs halved
-            cpus = StackConfig(
-                topology="edge-cloud",
-                pin_cpus=True,
-                edge_cpus=args.edge_cpus,
-                cloud_cpus=args.cloud_cpus,
-            ).cpu_sets()
-        except ValueError as e:
-            console.print(f"[red]{e}[/red]")
+        cpus = _cpu_sets(args, console)
+        if cpus is None:
             return 2
-        assert cpus is not None  # pinning was asked for: cpu_sets raises rather than give None
         result = colocation(args, prompts[:QUICK_PROMPTS], cpus, args.colocation)
         return _print_result("colocation", result, args.json)
     if args.modes is None:
-        args.modes = ",".join(MAP_MODES if args.map else MODES)
+        default = CONCURRENCY_MODES if args.concurrency else MAP_MODES if args.map else MODES
+        args.modes = ",".join(default)
     args.modes = [m.strip() for m in args.modes.split(",")]
     bad = [m for m in args.modes if m not in MODES]
+    if args.profiles is None:
+        args.profiles = "loopback" if args.concurrency else DEFAULT_PROFILES
     profiles = [p.strip() for p in args.profiles.split(",")]
     bad += [p for p in profiles if p not in PROFILES]
     if bad:
@@ -109,6 +139,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.map:
             report["map"] = speedup_map(report, args, prompts, progress)
+        elif args.concurrency:
+            report["concurrency"] = {
+                name: run_concurrency(name, args, prompts, progress) for name in profiles
+            }
         else:
             for name in profiles:
                 rows = run_profile(name, args, prompts, progress, placement=report["placement"])
@@ -133,6 +167,7 @@ def main(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "prompts": len(prompts),
         "repeat": args.repeat,
+        "concurrency": args.concurrency,
         "prompt_source": args.prompts or "mt-bench",
         "threads_per_service": args.threads or "one per CPU of its side",
         "leaf_compression": args.leaf_compression or "s2_auto",
@@ -149,7 +184,13 @@ def main(args: argparse.Namespace) -> int:
             f"{device.name} (real tokens, real acceptance, real emulated network); see "
             "'emulation' in each mode for forwards whose real compute overran the profile"
         )
-    if device is None and not args.map and "ar" in args.modes:
+    if args.concurrency:
+        report["notes"].append(
+            "every request has ignore_eos and min_tokens = max_tokens, so all are max_tokens "
+            "long; cloud model-s/token is the verifier model thread's forward time over the "
+            "tokens generated (prefills included)"
+        )
+    elif device is None and not args.map and "ar" in args.modes:
         report["notes"].append(
             "TTFT is the cloud's prefill (cloud_prefill_s) plus the rest: the link's round "
             "trip and both sides' software (ttft_beyond_prefill_s). Both sides share this "
@@ -168,7 +209,9 @@ def main(args: argparse.Namespace) -> int:
         report["model_curves"] = model_curves(report, args)
         report["paper_table1"] = PAPER_TABLE1
     if args.plot_dir:
-        if args.map:
+        if args.concurrency:
+            report["plots"] = [str(concurrency_plot(report, Path(args.plot_dir)))]
+        elif args.map:
             report["plots"] = [str(map_plot(report, Path(args.plot_dir)))]
             for label, d in report["map"].items():
                 if "draft_len_sweep" in d:
@@ -179,6 +222,8 @@ def main(args: argparse.Namespace) -> int:
                 report["plots"].append(str(sweep_plot(report, Path(args.plot_dir))))
     if args.json:
         print(json.dumps(report, indent=1))
+    elif args.concurrency:
+        concurrency_table(report, Console())
     elif args.map:
         map_table(report, Console())
     else:
@@ -192,7 +237,10 @@ def register(sub: Any) -> None:
     b = sub.add_parser("bench", help="edge-cloud benchmark of every mode over emulated WANs")
     b.add_argument("--quick", action="store_true", help=f"first {QUICK_PROMPTS} prompts only")
     b.add_argument(
-        "--profiles", default="lan,wifi,5g,4g,poor", help=f"comma-separated: {', '.join(PROFILES)}"
+        "--profiles",
+        default=None,
+        help=f"comma-separated: {', '.join(PROFILES)} (default: {DEFAULT_PROFILES}, "
+        "or loopback with --concurrency)",
     )
     b.add_argument(
         "--modes",
@@ -276,6 +324,31 @@ def register(sub: Any) -> None:
         help="measure how much the edge's draft prefill slows the verifier's prefill when "
         "both sides share this machine: N prefills with the edge idle and N with it busy, "
         "alternating (picospec.bench.colocation)",
+    )
+    b.add_argument(
+        "--concurrency",
+        type=parse_levels,
+        default=None,
+        metavar="LIST",
+        help="throughput as users are added: at each of these levels (e.g. 1,4,16) that many "
+        "clients stream requests at once, per mode (default modes: "
+        f"{','.join(CONCURRENCY_MODES)}); picospec.bench.concurrency",
+    )
+    b.add_argument(
+        "--prefill",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="time an N-token prompt's prefill (transformers, the slot layout, the "
+        "scheduler's chunks) and how much later running streams' tokens come while it is "
+        "prefilled, in one process on the cloud's CPUs (picospec.bench.prefill)",
+    )
+    b.add_argument(
+        "--prefill-streams",
+        type=_positive,
+        default=2,
+        metavar="N",
+        help="with --prefill: cloud-only streams decoding when the long prompt arrives",
     )
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot-dir", default=None, help="write PNG plots here")

@@ -41,6 +41,10 @@ def _overruns(emulation: dict[str, Any] | None) -> str:
     )
 
 
+def _bandwidth(mbit: float | None) -> str:
+    return "no bandwidth limit" if mbit is None else f"{mbit:g} Mbit/s"
+
+
 def table(report: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
@@ -51,7 +55,7 @@ def table(report: dict[str, Any], console: Any) -> None:
         rtt, mbit = PROFILES[profile]
         emulated = report["config"]["device_profile"]
         tag = f" - EMULATED devices: {emulated}" if emulated else " - real compute"
-        t = Table(title=f"{profile}: RTT {rtt:g} ms, {mbit:g} Mbit/s{tag}")
+        t = Table(title=f"{profile}: RTT {rtt:g} ms, {_bandwidth(mbit)}{tag}")
         for col in (
             "mode",
             "tok/s (p10-p90)",
@@ -164,6 +168,85 @@ def sweep_plot(report: dict[str, Any], out_dir: Path, draft: str | None = None) 
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(draft).name) if draft else ""
     tag_file = ("emulated" if emulated else "real") + (f"_{safe}" if safe else "")
     path = out_dir / f"draft_len_sweep_{tag_file}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def concurrency_table(report: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    from picospec.bench.concurrency import knee
+
+    def f(v: Any, fmt: str = "{:.2f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    emulated = report["config"]["device_profile"]
+    tag = f"EMULATED devices: {emulated}" if emulated else "real compute"
+    for profile, modes in report["concurrency"].items():
+        rtt, mbit = PROFILES[profile]
+        t = Table(title=f"{profile}: RTT {rtt:g} ms, {_bandwidth(mbit)} - {tag}")
+        for col in (
+            "mode",
+            "users",
+            "total tok/s",
+            "x users=first",
+            "vs ar",
+            "per-user tok/s",
+            "TTFT p50 / p90 s",
+            "cloud model-s/token",
+            "same text",
+            "errors",
+        ):
+            t.add_column(col, justify="right")
+        for mode, by_level in modes.items():
+            for c, r in by_level.items():
+                t.add_row(
+                    mode,
+                    c,
+                    f(r["tokens_per_s"], "{:.1f}"),
+                    f(r.get("scaling"), "{:.2f}x"),
+                    f(r.get("vs_ar"), "{:.2f}x"),
+                    f(r["per_user_tokens_per_s"], "{:.1f}"),
+                    f"{f(r['ttft_p50_s'])} / {f(r['ttft_p90_s'])}",
+                    f(r["cloud_model_s_per_token"], "{:.4f}"),
+                    {True: "yes", False: "NO", None: "-"}[r.get("identical_to_ref")],
+                    str(sum(r["errors"].values())),
+                )
+            t.add_row(mode, "knee", str(knee(by_level)), *[""] * 7)
+        console.print(t)
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+
+def concurrency_plot(report: dict[str, Any], out_dir: Path) -> Path:
+    """Total tokens/s against concurrent users, per mode and network profile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for profile, modes in report["concurrency"].items():
+        for mode, by_level in modes.items():
+            rows = sorted(by_level.values(), key=lambda r: r["concurrency"])
+            ax.plot(
+                [r["concurrency"] for r in rows],
+                [r["tokens_per_s"] for r in rows],
+                marker="o",
+                label=f"{mode} ({profile})",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("total generated tokens/s")
+    emulated = report["config"]["device_profile"]
+    tag = f"EMULATED {emulated}" if emulated else "real compute"
+    ax.set_title(f"PicoSpec: throughput against concurrent users ({tag})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = out_dir / f"concurrency_{'emulated' if emulated else 'real'}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

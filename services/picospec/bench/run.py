@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PROFILES: dict[str, tuple[float, float]] = {  # name: (round-trip ms, bandwidth Mbit/s)
+PROFILES: dict[str, tuple[float, float | None]] = {  # name: (round-trip ms, Mbit/s)
+    "loopback": (0.0, None),  # the link emulator adds nothing: edge and cloud one hop apart
     "lan": (1.0, 1000.0),
     "wifi": (10.0, 100.0),
     "5g": (30.0, 50.0),
