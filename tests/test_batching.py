@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from picospec.models import KVCache, LanguageModel, quantize_int8
 from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict
 from picospec.sampler import sample
 from picospec.sampling import SamplingParams
+from picospec.scheduler import run_batched
 from picospec.verifier.session import BlockRefused, VerifierSession, verify_many
 
 V = 16
@@ -398,13 +400,32 @@ _REFERENCE: dict[tuple[str, tuple[int, ...], int], list[int]] = {}
 
 
 @torch.inference_mode()
+def _draft_ready(d: DrafterSession) -> Generator[Any, Any, list[DraftBlock]]:
+    """:meth:`DrafterSession.draft_ready` as a program: every draft step one forward."""
+    blocks = []
+    while d.can_draft():
+        block = yield from d.draft()
+        if block is not None:
+            blocks.append(block)
+    return blocks
+
+
 def _rounds_in_lock_step(
-    pairs: list[tuple[DrafterSession, VerifierSession]], sizes: list[int]
+    pairs: list[tuple[DrafterSession, VerifierSession]],
+    sizes: list[int],
+    draft_sizes: list[int] | None = None,
 ) -> None:
-    """Run every pair to the end: each round, every unfinished session drafts what it may and
-    all the blocks are verified together (``verify_many``); the forward sizes go to ``sizes``."""
+    """Run every pair to the end: each round, every unfinished session drafts what it may,
+    the sessions' draft steps sharing forwards (the drafter's model thread), and all the
+    blocks are verified together (``verify_many``); the forward sizes go to ``sizes`` and
+    ``draft_sizes``."""
     while not all(d.done for d, _ in pairs):
-        items = [(v, b) for d, v in pairs if not d.done for b in d.draft_ready()]
+        live = [(d, v) for d, v in pairs if not d.done]
+        drafted = run_batched(
+            [(i, _draft_ready(d)) for i, (d, _) in enumerate(live)],
+            on_batch=None if draft_sizes is None else draft_sizes.append,
+        )
+        items = [(v, b) for (_, v), job in zip(live, drafted, strict=True) for b in job.result]
         got = verify_many(items, on_forward=sizes.append)
         for (v, _), verdicts in zip(items, got, strict=True):
             assert not isinstance(verdicts, BlockRefused)
@@ -483,9 +504,10 @@ def test_smollm2_batches_for_real_and_exactly(smollm2: LanguageModel) -> None:
 
 
 def test_sampled_continuations_through_batched_rounds_follow_the_target() -> None:
-    """The statistical losslessness check of test_lossless, with every run's verifier session
-    verified in batched rounds of ``BATCH`` sessions (different seeds) through
-    :func:`verify_many`, and the first token from the prefill as the services do."""
+    """The statistical losslessness check of test_lossless, with every run's draft steps and
+    verifications in batched rounds of ``BATCH`` sessions (different seeds: the drafter's and
+    the verifier's model threads batch them so), and the first token from the prefill as the
+    services do."""
 
     from test_lossless import LENGTH, VOCAB, _exact_sequence_distribution
 
@@ -496,6 +518,7 @@ def test_sampled_continuations_through_batched_rounds_follow_the_target() -> Non
     exact = _exact_sequence_distribution(target, prompt, params)
     counts: dict[tuple[int, ...], int] = {}
     sizes: list[int] = []
+    draft_sizes: list[int] = []
     rollbacks = 0
     batch, runs = 25, 1500
     for first_seed in range(0, runs, batch):
@@ -506,12 +529,13 @@ def test_sampled_continuations_through_batched_rounds_follow_the_target() -> Non
             v = VerifierSession(target, sid, prompt, p, spec)
             d.accept_first(v.first_token())
             pairs.append((d, v))
-        _rounds_in_lock_step(pairs, sizes)
+        _rounds_in_lock_step(pairs, sizes, draft_sizes)
         for d, _ in pairs:
             key = tuple(d.generated)
             counts[key] = counts.get(key, 0) + 1
             rollbacks += d.stats.rollbacks
     assert max(sizes) == batch, "the sessions must have shared forwards"
+    assert max(draft_sizes) == batch, "the sessions' draft steps must have shared forwards"
     assert rollbacks > runs // 4, "draft and target must disagree often for the test to bite"
     outcomes = sorted(exact)
     expected = np.array([exact[o] for o in outcomes]) * runs
