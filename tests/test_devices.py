@@ -161,5 +161,9 @@ def test_stack_config_pins_sides_apart_and_passes_the_profile() -> None:
     for svc in stack.services.values():
         assert svc.env["PICOSPEC_DEVICE_PROFILE"] == "paper-llama-1b-70b"
         assert svc.env["PICOSPEC_THREADS"] == "1"
-    assert StackConfig(topology="single").cpu_sets() is None
+    # every topology pins by default (2+ CPUs), the single NATS server with the cloud
+    single = Stack(StackConfig(topology="single").with_free_ports())
+    assert single.cpus is not None and single.services["drafter"].cpus == single.cpus["edge"]
+    assert single.services["verifier-1"].cpus == single.nats["nats"].cpus == single.cpus["cloud"]
+    assert StackConfig(topology="single", pin_cpus=False).cpu_sets() is None
     assert StackConfig(topology="edge-cloud", pin_cpus=False).cpu_sets() is None

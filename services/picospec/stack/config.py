@@ -60,8 +60,9 @@ class StackConfig:
     tls: bool = False  # TLS on every NATS listener, from a throwaway CA (needs openssl)
     extra_sites: tuple[str, ...] = ()  # secure: also admit these edge sites (their own nodes)
     api_key: str | None = field(default=None, repr=False)  # the drafter's API key
-    # edge-cloud: pin the edge (drafter, sampler, leaf node) and the cloud (verifiers, hub) to
-    # disjoint CPU sets; None pins whenever 2+ CPUs are usable, with split_cpus() as default sets
+    # pin the edge (drafter, sampler, leaf node) and the cloud (verifiers, hub or the single
+    # server) to disjoint CPU sets, in every topology; None pins whenever 2+ CPUs are usable,
+    # with split_cpus() as default sets
     pin_cpus: bool | None = None
     edge_cpus: frozenset[int] | None = None
     cloud_cpus: frozenset[int] | None = None
@@ -99,8 +100,8 @@ class StackConfig:
         if self.edge_cpus is not None and self.cloud_cpus is not None:
             if self.edge_cpus & self.cloud_cpus:
                 raise ValueError("edge_cpus and cloud_cpus must be disjoint")
-            if self.topology != "edge-cloud" or self.pin_cpus is False:
-                raise ValueError("edge_cpus/cloud_cpus need the edge-cloud topology and pinning")
+            if self.pin_cpus is False:
+                raise ValueError("edge_cpus/cloud_cpus need pinning")
         if self.device_profile:
             from picospec.devices import DeviceProfileError, load_profile
 
@@ -111,7 +112,7 @@ class StackConfig:
 
     def cpu_sets(self) -> dict[str, frozenset[int]] | None:
         """``{"edge": cpus, "cloud": cpus}`` when the two sides are pinned apart, else None."""
-        if self.topology != "edge-cloud" or self.pin_cpus is False:
+        if self.pin_cpus is False:
             return None
         if self.edge_cpus is not None and self.cloud_cpus is not None:
             return {"edge": self.edge_cpus, "cloud": self.cloud_cpus}

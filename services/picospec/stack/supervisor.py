@@ -198,6 +198,7 @@ class Stack:
                 run_dir=self.run_dir,
                 users=self._server_users("single"),
                 tls=tls,
+                cpus=self._side_cpus("cloud"),
                 **common,
             )
         else:

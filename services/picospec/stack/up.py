@@ -69,6 +69,7 @@ __all__ = [
     "add_placement_arguments",
     "build_parser",
     "cmd_up",
+    "compare_with_ar",
     "config_from_args",
     "http_status",
     "main",
@@ -99,8 +100,10 @@ def stream_chat(
     top_p: float = 0.9,
     timeout: float = 300.0,
     api_key: str | None = None,
+    **extra: Any,
 ) -> Iterator[dict[str, Any]]:
-    """POST a streaming chat completion and yield each server-sent event's JSON object."""
+    """POST a streaming chat completion and yield each server-sent event's JSON object
+    (``extra``: more request fields, e.g. ``mode`` or ``seed``)."""
     body = {
         "model": _model_id(api_url, api_key),
         "messages": [{"role": "user", "content": prompt}],
@@ -108,6 +111,7 @@ def stream_chat(
         "temperature": temperature,
         "top_p": top_p,
         "stream": True,
+        **extra,
     }
     req = urllib.request.Request(
         f"{api_url}/chat/completions",
@@ -130,6 +134,22 @@ def stream_chat(
             yield json.loads(payload)
 
 
+DEMO_SEED = 0  # the demo's requests are seeded: the same answer every run
+
+
+def _final_stats(chunks: Iterator[dict[str, Any]], out: Any = None) -> dict[str, Any]:
+    """Consume a stream (printing its text to ``out`` when given); its ``picospec`` stats."""
+    stats: dict[str, Any] = {}
+    for chunk in chunks:
+        for choice in chunk.get("choices") or []:
+            text = (choice.get("delta") or {}).get("content")
+            if text and out is not None:
+                print(text, end="", file=out, flush=True)
+        if isinstance(chunk.get("picospec"), dict):
+            stats = chunk["picospec"]
+    return stats
+
+
 def run_demo(
     api_url: str,
     prompt: str,
@@ -139,18 +159,50 @@ def run_demo(
 ) -> dict[str, Any]:
     """Stream one chat answer to ``out`` as it arrives; print and return the final stats."""
     out = out or sys.stdout
-    stats: dict[str, Any] = {}
     print(f"demo> {prompt}", file=out, flush=True)
-    for chunk in stream_chat(api_url, prompt, max_tokens=max_tokens, api_key=api_key):
-        for choice in chunk.get("choices") or []:
-            text = (choice.get("delta") or {}).get("content")
-            if text:
-                print(text, end="", file=out, flush=True)
-        if isinstance(chunk.get("picospec"), dict):
-            stats = chunk["picospec"]
+    stats = _final_stats(
+        stream_chat(api_url, prompt, max_tokens=max_tokens, api_key=api_key, seed=DEMO_SEED),
+        out,
+    )
     print(file=out)
     print(json.dumps({"picospec": stats}, indent=2), file=out, flush=True)
     return stats
+
+
+def compare_with_ar(
+    api_url: str,
+    prompt: str,
+    stats: dict[str, Any],
+    max_tokens: int = 64,
+    out: Any = None,
+    api_key: str | None = None,
+) -> dict[str, Any]:
+    """Send the demo's request again in ``ar`` mode (the cloud alone: what PicoSpec saves) and
+    print the two speeds side by side; return ``{"demo_vs_ar": ...}``."""
+    out = out or sys.stdout
+    ar = _final_stats(
+        stream_chat(
+            api_url, prompt, max_tokens=max_tokens, api_key=api_key, seed=DEMO_SEED, mode="ar"
+        )
+    )
+    mine, theirs = stats.get("tokens_per_s"), ar.get("tokens_per_s")
+    ratio = mine / theirs if mine and theirs else None
+    mode = stats.get("mode", "picospec")
+
+    def rate(s: dict[str, Any]) -> str:
+        tps, ttft = s.get("tokens_per_s"), s.get("ttft_s")
+        if not tps or ttft is None:
+            return "-"
+        return f"{tps:.1f} tokens/s (TTFT {ttft:.2f} s)"
+
+    print(
+        f"demo: {mode} {rate(stats)}; ar, the cloud alone, {rate(ar)}"
+        + (f": {ratio:.2f}x" if ratio else ""),
+        file=out,
+        flush=True,
+    )
+    return {"demo_vs_ar": {"mode": mode, "tokens_per_s": mine, "ar_tokens_per_s": theirs,
+                           "ratio": ratio}}  # fmt: skip
 
 
 def cold_and_warm(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -255,8 +307,9 @@ def add_placement_arguments(p: argparse.ArgumentParser) -> None:
         "--pin-cpus",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="edge-cloud: pin the edge (drafter, sampler, leaf node) and the cloud (verifiers, "
-        "hub) to disjoint CPUs (default: whenever 2+ CPUs are usable; on 2 cores edge=0, "
+        help="pin the edge (drafter, sampler, leaf node) and the cloud (verifiers, the hub or "
+        "the single server) to disjoint CPUs, in every topology (default: whenever 2+ CPUs "
+        "are usable; on 2 cores edge=0, "
         "cloud=1)",
     )
     p.add_argument("--edge-cpus", type=parse_cpus, default=None, help="e.g. 0 or 0-1")
@@ -378,6 +431,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                 ]
                 if len(runs) > 1:
                     print(json.dumps(cold_and_warm(runs)), flush=True)
+                if runs[-1].get("mode") != "ar":
+                    compare_with_ar(stack.api_url, args.demo_prompt, runs[-1],
+                                    api_key=cfg.api_key)  # fmt: skip
             except (OSError, ValueError) as e:
                 print(f"picospec up: demo request failed: {e}", file=sys.stderr, flush=True)
         print("serving; Ctrl-C to stop", flush=True)
