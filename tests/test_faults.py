@@ -316,8 +316,10 @@ class TestSingleServer:
         self, single: Stack, reference: LanguageModel
     ) -> None:
         """Restart the nats-server (down 1 s) under 6 live streams. Every client reconnects;
-        every stream ends within its timeout, complete and identical or with an error event
-        after a prefix of the reference; a new request afterwards is served correctly."""
+        every stream ends, complete and identical or with an error event after a prefix of the
+        reference, and none goes without a token (or its end) for longer than its request
+        timeout after NATS is back (request_timeout_s bounds the time without progress, not a
+        request's length: docs/reliability.md); a new request afterwards is served correctly."""
         s, n = single, 400
         timeout = float(SINGLE_ENV["PICOSPEC_REQUEST_TIMEOUT_S"])
         results = [StreamResult(content=f"Restart test {i}") for i in range(6)]
@@ -328,7 +330,8 @@ class TestSingleServer:
             ref_text = expected(reference, r.content, n)
             outcome = check_clean(r, ref_text)
             outcomes.append(outcome)
-            assert r.t_end - back < timeout + 10, "ended within the request timeout"
+            assert r.t_end > 0, "every stream ended"
+            assert r.stall_around(back) < timeout + 10, "never stalled past the request timeout"
             lines.append(
                 f"{r.content}: {outcome} ({len(r.text)}/{n} tokens), stall "
                 f"{r.stall_around(t0):.2f}s, ended {r.t_end - t0:.1f}s after the restart began"
