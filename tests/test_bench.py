@@ -219,3 +219,52 @@ def test_colocation_times_the_cloud_prefill_with_the_edge_idle_and_busy(tmp_path
     assert 0 < lo <= c["cloud_prefill_slowdown"] <= hi
     bad = subprocess.run([*cmd, "0"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "at least 1" in bad.stderr
+
+
+def test_bench_concurrency_reports_every_level_and_mode(tmp_path: Path) -> None:
+    """``--concurrency``: every mode at every level, answers of exactly max_tokens (ignore_eos
+    and min_tokens), the same greedy text at every level and in every mode, and the cloud's
+    model time per token (under an emulated profile, so the figures exist but are not judged)."""
+    (tmp_path / "tiny.yaml").write_text(TINY_PROFILE)
+    report = _bench(
+        tmp_path, "--concurrency", "1,3", "--device-profile", str(tmp_path / "tiny.yaml")
+    )
+    assert report["config"]["concurrency"] == [1, 3]
+    assert report["placement"]["pinned"] and report["placement"]["link_emulator"] is None
+    rows = report["concurrency"]["loopback"]
+    assert set(rows) == {"ar", "picospec"}
+    for mode, by_level in rows.items():
+        assert set(by_level) == {"1", "3"}
+        for c, row in by_level.items():
+            assert row["concurrency"] == int(c) and row["errors"] == {}
+            assert row["requests"] == max(3, 2 * int(c))  # the prompts, or two rounds
+            assert row["tokens"] == row["requests"] * 24, "every answer is max_tokens long"
+            assert row["identical_to_ref"] is True, (mode, c)
+            assert row["cloud_model_s_per_token"] > 0 and row["tokens_per_s"] > 0
+            assert 0 < row["ttft_p50_s"] <= row["ttft_p90_s"]
+        assert by_level["1"]["scaling"] == 1.0
+    # ar sessions share the verifier's forwards: under the profile a forward of 3 tokens costs
+    # far less than 3 of one token, so the cloud's time per token falls
+    ar = rows["ar"]
+    assert ar["3"]["cloud_model_s_per_token"] < 0.75 * ar["1"]["cloud_model_s_per_token"]
+
+
+def test_bench_prefill_chunks_a_long_prompt_while_streams_go_on(tmp_path: Path) -> None:
+    """``--prefill``: the three prefill paths are timed, and streams running when a long prompt
+    arrives keep getting tokens during its prefill, the same tokens as without it."""
+    target = tinymodels.build(tmp_path / "target", seed=1)
+    out = subprocess.run(
+        [sys.executable, "-m", "picospec.cli", "bench", "--prefill", "600",
+         "--verifier", str(target), "--json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)["prefill"]
+    assert r["prompt_tokens"] == 600 and r["max_batch_tokens"] == 128
+    assert set(r["prefill_s"]) == {"transformers", "slots", "slots_chunked"}
+    assert r["vs_transformers"]["transformers"] == 1.0
+    s = r["streams"]
+    assert s["streams"] == 2 and s["tokens_equal_without_the_prompt"] is True
+    # 600 tokens in chunks of at most 128 (less the streams' tokens): 5+ iterations, each
+    # giving both streams a token
+    assert s["tokens_during_prefill"] >= 8

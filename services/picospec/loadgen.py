@@ -114,6 +114,7 @@ async def stream_one(
         "max_tokens": max_tokens,
         "temperature": temperature,
         "stream": True,
+        "stream_options": {"include_usage": True},  # OpenAI's: usage in the last chunk
         **(extra or {}),
     }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

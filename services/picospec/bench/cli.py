@@ -141,7 +141,8 @@ def main(args: argparse.Namespace) -> int:
             report["map"] = speedup_map(report, args, prompts, progress)
         elif args.concurrency:
             report["concurrency"] = {
-                name: run_concurrency(name, args, prompts, progress) for name in profiles
+                name: run_concurrency(name, args, prompts, progress, report["placement"])
+                for name in profiles
             }
         else:
             for name in profiles:
@@ -168,6 +169,7 @@ def main(args: argparse.Namespace) -> int:
         "prompts": len(prompts),
         "repeat": args.repeat,
         "concurrency": args.concurrency,
+        "vllm_baseline": args.vllm_baseline or None,
         "prompt_source": args.prompts or "mt-bench",
         "threads_per_service": args.threads or "one per CPU of its side",
         "leaf_compression": args.leaf_compression or "s2_auto",
@@ -333,6 +335,12 @@ def register(sub: Any) -> None:
         help="throughput as users are added: at each of these levels (e.g. 1,4,16) that many "
         "clients stream requests at once, per mode (default modes: "
         f"{','.join(CONCURRENCY_MODES)}); picospec.bench.concurrency",
+    )
+    b.add_argument(
+        "--vllm-baseline",
+        action="store_true",
+        help="with --concurrency: also vLLM's own OpenAI server on the verifier's weights, on "
+        "the cloud's CPUs, driven the same way (needs `make vllm-setup`)",
     )
     b.add_argument(
         "--prefill",

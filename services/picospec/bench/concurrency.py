@@ -15,6 +15,10 @@ and the levels compare. Per mode and level it reports:
   over the tokens generated, the capacity cost of a token;
 * whether every greedy answer equals that prompt's answer at concurrency 1 and ``ar``'s.
 
+``--vllm-baseline`` adds the engine users would run instead: vLLM's own OpenAI server
+(``make vllm-setup``) serving the verifier's weights in float32 on the cloud's CPUs, driven by
+the same client with the same requests (row ``vllm-serve``).
+
 The benchmark's client runs on the cloud's CPUs, as in the other runs. Under
 ``--device-profile`` a batched forward costs the profile's line over all its tokens (decode is
 memory-bound on the emulated devices, so a forward over N sessions costs little more than one).
@@ -24,13 +28,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 from typing import Any
 
-from picospec.bench.run import _pinned, _scrape, _stream, _sum_series, stack_config
+from picospec.bench.run import _pinned, _placement, _scrape, _sum_series, stack_config
 
 CONCURRENCY_MODES = ("ar", "picospec")
 CLOUD_SECONDS = "picospec_verify_forward_seconds_sum"
+VLLM_SERVE = "vllm-serve"
+"""The row of ``--vllm-baseline``: vLLM's own OpenAI server on the verifier's weights."""
+
+
+def _warm(url: str, prompt: str, extra: dict[str, Any], args: argparse.Namespace) -> None:
+    """One short request, so first-touch costs stay out of the figures."""
+    from picospec.loadgen import run_load
+
+    asyncio.run(
+        run_load(
+            url,
+            1,
+            float("inf"),
+            min(16, args.max_tokens),
+            [prompt],
+            args.temperature,
+            extra=extra,
+            max_requests=1,
+        )  # fmt: skip
+    )
 
 
 def parse_levels(text: str) -> list[int]:
@@ -63,47 +88,64 @@ class _Collected:
 
 
 def run_concurrency(
-    name: str, args: argparse.Namespace, prompts: list[str], progress: Any
+    name: str,
+    args: argparse.Namespace,
+    prompts: list[str],
+    progress: Any,
+    placement: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every mode of ``args.modes`` at every level of ``args.concurrency`` on one stack."""
+    """Every mode of ``args.modes`` at every level of ``args.concurrency`` on one stack (fills
+    ``placement``, when given, with the CPUs each side had)."""
+    from picospec.engines.vllm_env import serve as vllm_serve
     from picospec.loadgen import run_load
+    from picospec.stack.natsserver import free_ports
     from picospec.stack.up import Stack
 
     cfg = stack_config(name, args, args.drafter, args.quantize_draft)
     levels: list[int] = args.concurrency
-    rows: dict[str, dict[str, Any]] = {m: {} for m in args.modes}
+    modes = [*args.modes, *([VLLM_SERVE] if args.vllm_baseline else [])]
+    rows: dict[str, dict[str, Any]] = {m: {} for m in modes}
     texts: dict[tuple[str, int], dict[str, set[str]]] = {}
-    with Stack(cfg) as stack, _pinned(stack.cpus["cloud"] if stack.cpus else None):
+    with contextlib.ExitStack() as ctx:
+        stack = ctx.enter_context(Stack(cfg))
+        if placement is not None:
+            placement.update(_placement(stack))
+        cloud = stack.cpus["cloud"] if stack.cpus else None
+        urls = {m: stack.api_url for m in args.modes}
+        if args.vllm_baseline:  # vLLM's own server, the same weights, on the cloud's CPUs
+            urls[VLLM_SERVE] = ctx.enter_context(
+                vllm_serve(args.verifier, free_ports(1)[0], cloud, stack.run_dir / "vllm.log")
+            )
+        ctx.enter_context(_pinned(cloud))
         verifier = stack.services["verifier-1"].url
-        for mode in args.modes:  # first-touch costs of each mode out of the way
-            _stream(stack.api_url, prompts[0], mode, args)
-        extra = {
-            "seed": args.seed,
-            "top_p": args.top_p,
-            "draft_len": args.draft_len,
-            "ignore_eos": True,
-            "min_tokens": args.max_tokens,
-        }
+        base = {"seed": args.seed, "top_p": args.top_p, "ignore_eos": True,
+                "min_tokens": args.max_tokens}  # fmt: skip
+        extras = {m: {**base, "mode": m, "draft_len": args.draft_len} for m in args.modes}
+        extras[VLLM_SERVE] = base
+        for mode in modes:  # first-touch costs of each one out of the way
+            _warm(urls[mode], prompts[0], extras[mode], args)
         for c in levels:
             n = max(len(prompts), 2 * c) * args.repeat
-            for mode in args.modes:
+            for mode in modes:
                 done = _Collected(progress(f"{name}: {mode} x{c}", n))
                 before = _sum_series(_scrape(verifier), CLOUD_SECONDS)
                 load = asyncio.run(
                     run_load(
-                        stack.api_url,
+                        urls[mode],
                         concurrency=c,
                         duration_s=float("inf"),
                         max_tokens=args.max_tokens,
                         prompts=prompts,
                         temperature=args.temperature,
                         timeout_s=600.0,
-                        extra={**extra, "mode": mode},
+                        extra=extras[mode],
                         max_requests=n,
                         on_result=done.add,
                     )
                 )
                 cloud_s = _sum_series(_scrape(verifier), CLOUD_SECONDS) - before
+                if mode == VLLM_SERVE:
+                    cloud_s = float("nan")  # not PicoSpec's verifier: its forwards not seen
                 ok = [r for r in done.results if r.error is None]
                 per_user = [r.tokens / r.elapsed_s for r in ok if r.elapsed_s > 0]
                 ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -118,7 +160,9 @@ def run_concurrency(
                     "per_user_tokens_per_s": statistics.median(per_user) if per_user else None,
                     "ttft_p50_s": _percentile(ttft, 50),
                     "ttft_p90_s": _percentile(ttft, 90),
-                    "cloud_model_s_per_token": cloud_s / tokens if tokens else None,
+                    "cloud_model_s_per_token": cloud_s / tokens
+                    if tokens and cloud_s == cloud_s
+                    else None,
                 }
                 by_prompt: dict[str, set[str]] = {}
                 for r in ok:

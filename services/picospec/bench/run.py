@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 PROFILES: dict[str, tuple[float, float | None]] = {  # name: (round-trip ms, Mbit/s)
-    "loopback": (0.0, None),  # the link emulator adds nothing: edge and cloud one hop apart
+    "loopback": (0.0, None),  # no link emulator: the edge's leaf node dials the hub directly
     "lan": (1.0, 1000.0),
     "wifi": (10.0, 100.0),
     "5g": (30.0, 50.0),
@@ -316,6 +316,7 @@ def stack_config(name: str, args: argparse.Namespace, drafter: str, quantize: st
     from picospec.stack.up import StackConfig
 
     rtt_ms, mbit = PROFILES[name]
+    emulate = rtt_ms > 0 or mbit is not None  # loopback: the leaf dials the hub directly
     env = {
         "PICOSPEC_REQUEST_TIMEOUT_S": "120",
         "PICOSPEC_VERIFY_TIMEOUT_S": "30",
@@ -328,8 +329,9 @@ def stack_config(name: str, args: argparse.Namespace, drafter: str, quantize: st
         verifier_model=args.verifier,
         quantize_draft=quantize,
         threads=args.threads,
-        rtt_ms=rtt_ms,
+        rtt_ms=rtt_ms if emulate else None,
         bandwidth_mbit=mbit,
+        emulate_link=emulate,
         env=env,
         ready_timeout=600.0,
         log_level="WARNING",
@@ -451,6 +453,6 @@ def _placement(stack: Any) -> dict[str, Any]:
         "edge": ["drafter", "sampler", "nats-edge (leaf node)"],
         "cloud": ["verifier-1", "nats-hub"],
         "ar_runs_on": "cloud",
-        "link_emulator": "cloud",
+        "link_emulator": "cloud" if stack.config.link_enabled else None,
         "benchmark_client": "cloud",
     }
