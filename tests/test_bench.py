@@ -242,6 +242,7 @@ def test_bench_concurrency_reports_every_level_and_mode(tmp_path: Path) -> None:
             assert row["identical_to_ref"] is True, (mode, c)
             assert row["cloud_model_s_per_token"] > 0 and row["tokens_per_s"] > 0
             assert 0 < row["ttft_p50_s"] <= row["ttft_p90_s"]
+            assert row["emulation"]["verifier"]["forwards"] > 0  # the pacers' own counts
         assert by_level["1"]["scaling"] == 1.0
     # ar sessions share the verifier's forwards: under the profile a forward of 3 tokens costs
     # far less than 3 of one token, so the cloud's time per token falls

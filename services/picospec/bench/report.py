@@ -198,6 +198,7 @@ def concurrency_table(report: dict[str, Any], console: Any) -> None:
             "cloud model-s/token",
             "same text",
             "errors",
+            "overruns e/c",
         ):
             t.add_column(col, justify="right")
         for mode, by_level in modes.items():
@@ -213,8 +214,9 @@ def concurrency_table(report: dict[str, Any], console: Any) -> None:
                     f(r["cloud_model_s_per_token"], "{:.4f}"),
                     {True: "yes", False: "NO", None: "-"}[r.get("identical_to_ref")],
                     str(sum(r["errors"].values())),
+                    _overruns(r.get("emulation")),
                 )
-            t.add_row(mode, "knee", str(knee(by_level)), *[""] * 7)
+            t.add_row(mode, "knee", str(knee(by_level)), *[""] * 8)
         console.print(t)
     for note in report["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
