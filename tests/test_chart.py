@@ -1110,3 +1110,56 @@ def test_notes_tell_how_to_reach_the_api_and_dashboards() -> None:
     text = notes(COMBOS["observability-on"])
     assert "grafana_dashboard=1" in text
     assert "Edge agents push" in text
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "charts/picospec/examples").glob("*.yaml"))
+
+
+def test_verifier_on_vllm_requests_its_parallel_gpus_and_shared_memory() -> None:
+    """verifier.backend: vllm with tensorParallelSize 4: the pod requests 4 GPUs, mounts a
+    memory-backed /dev/shm of vllm.shmSizeLimit, runs the vLLM image and gets the settings as
+    PICOSPEC_* variables; every object passes the strict schemas. The default is unchanged."""
+    values = {"verifier": {"backend": "vllm", "vllm": {"tensorParallelSize": 4}}}
+    objs = render(values)
+    (dep,) = find(objs, "Deployment", "verifier")
+    spec = dep["spec"]["template"]["spec"]
+    assert gpus(spec) == 4
+    (ctr,) = containers(spec)
+    assert ctr["resources"]["limits"]["nvidia.com/gpu"] == 4
+    shm = {v["name"]: v for v in spec["volumes"]}["dshm"]["emptyDir"]
+    assert shm == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in ctr["volumeMounts"]
+    assert ctr["image"].endswith("-vllm")
+    env = {e["name"]: e.get("value") for e in ctr["env"]}
+    assert env["PICOSPEC_VERIFIER_BACKEND"] == "vllm"
+    assert env["PICOSPEC_VLLM_TENSOR_PARALLEL_SIZE"] == "4"
+    assert env["PICOSPEC_VLLM_ENABLE_PREFIX_CACHING"] == "true"
+    assert "PICOSPEC_VLLM_QUANTIZATION" not in env and "PICOSPEC_VLLM_MAX_MODEL_LEN" not in env
+    from picospec.config import Settings
+
+    Settings(**{k[len("PICOSPEC_"):].lower(): v for k, v in env.items()
+                if k.startswith("PICOSPEC_VLLM") or k == "PICOSPEC_VERIFIER_BACKEND"})  # fmt: skip
+    for obj in objs:
+        if obj["apiVersion"] not in CRD_APIS:
+            for version in K8S_VERSIONS:
+                k8s_validate(obj, version)
+    (plain,) = find(render({}), "Deployment", "verifier")
+    plain_spec = plain["spec"]["template"]["spec"]
+    assert gpus(plain_spec) == 1
+    assert {v["name"]: v for v in plain_spec["volumes"]}["dshm"]["emptyDir"]["sizeLimit"] == "1Gi"
+    assert all(e["name"] != "PICOSPEC_VERIFIER_BACKEND" for e in containers(plain_spec)[0]["env"])
+    with pytest.raises(Exception, match="backend"):
+        render({"verifier": {"backend": "tensorrt"}})
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_values_examples_render_and_validate(example: Path) -> None:
+    values = yaml.safe_load(example.read_text())
+    objs = render(values)
+    (dep,) = find(objs, "Deployment", "verifier")
+    vllm = values["verifier"]["vllm"]
+    want = vllm.get("tensorParallelSize", 1) * vllm.get("pipelineParallelSize", 1)
+    assert gpus(dep["spec"]["template"]["spec"]) == want
+    for obj in objs:
+        if obj["apiVersion"] not in CRD_APIS:
+            k8s_validate(obj, K8S_VERSIONS[-1])

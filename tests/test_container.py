@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {
     "cpu": ROOT / "services" / "Dockerfile",
     "cuda": ROOT / "services" / "Dockerfile.cuda",
+    "vllm": ROOT / "services" / "Dockerfile.vllm",
 }
 BUILD_TOOLS = (
     "gcc",
@@ -91,6 +92,13 @@ def test_dockerfile_rules(flavour: str) -> None:
     args = dict(
         a.split("=", 1) for _, steps in all_stages for i, a in steps if i == "ARG" and "=" in a
     )
+    if flavour == "vllm":  # vLLM's image brings its torch; PicoSpec installs over it
+        makefile = (ROOT / "Makefile").read_text()
+        version = re.search(r"VLLM_VERSION \?= (\S+)", makefile).group(1)
+        image = re.search(r"ARG VLLM_IMAGE=(\S+)", path.read_text()).group(1)
+        assert image == f"vllm/vllm-openai:v{version}", "the version make test-vllm tests"
+        assert "venv --system-site-packages" in build
+        return
     # the same torch the Makefile pins
     makefile = (ROOT / "Makefile").read_text()
     assert f"torch=={args['TORCH_VERSION']}" in makefile

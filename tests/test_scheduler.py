@@ -285,7 +285,7 @@ def test_the_verifier_service_verifies_ready_sessions_in_one_forward(
     try:
         out = asyncio.run(main())
     finally:
-        svc.thread.stop()
+        svc.backend.stop()
     after = observed()
     assert sorted(subject for subject, _ in out) == [
         subjects.verdicts("site", f"drafter-{k}") for k in range(3)

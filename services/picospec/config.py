@@ -135,6 +135,51 @@ class Settings(BaseSettings):
         "it (a built-in name such as paper-llama-1b-70b, or a .yaml/.json file); real compute "
         "is never shortened, and overruns are counted",
     )
+    # the verifier's engine
+    verifier_backend: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="verifier: the engine that runs the target: 'transformers', PicoSpec's "
+        "embedded runtime on one device, or 'vllm', vLLM's engine in the verifier process "
+        "(tensor and pipeline parallelism, paged KV caches with prefix caching, quantised "
+        "weights); the vllm_* settings configure it",
+    )
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per pipeline stage")
+    vllm_pipeline_parallel_size: int = Field(1, ge=1, description="vllm: pipeline stages")
+    vllm_dtype: str = Field(
+        "auto",
+        pattern="^(auto|float32|bfloat16|float16)$",
+        description="vllm: the weights' precision ('auto': the model's own)",
+    )
+    vllm_quantization: str | None = Field(
+        None, description="vllm: quantisation method (vLLM's names, e.g. fp8, awq, gptq)"
+    )
+    vllm_max_model_len: int | None = Field(
+        None, ge=16, description="vllm: the context length (default: the model's)"
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vllm: the fraction of each GPU's memory vLLM may use"
+    )
+    vllm_enable_prefix_caching: bool = Field(
+        True,
+        description="vllm: reuse cached keys/values of a session's earlier tokens, so a "
+        "verification round computes only its new tokens (and the rest of the last block)",
+    )
+    vllm_max_logprobs: int = Field(
+        256,
+        ge=1,
+        description="vllm: the entries of each position's distribution the engine returns "
+        "(top-K, plus the token's own); a request whose sampling support fits in them is "
+        "verified exactly, beyond that the rest is tail mass, reported",
+    )
+    vllm_block_size: int | None = Field(
+        None, ge=1, description="vllm: tokens per KV-cache block (default: vLLM's)"
+    )
+    vllm_enforce_eager: bool = Field(
+        False, description="vllm: no CUDA graphs or compilation (faster start, slower steps)"
+    )
+    vllm_cpu_kv_cache_gib: int | None = Field(
+        None, gt=0, description="vllm on a CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)"
+    )
     # speculation defaults (requests may override draft_len and mode)
     mode: Mode = Mode.PICOSPEC
     draft_len: Annotated[int, Field(ge=1, le=MAX_DRAFT_TOKENS)] | Literal["auto"] = Field(

@@ -51,6 +51,19 @@ MANAGED = (
     "nats_password_file",
     "host",
     "api_key",
+    # the verifier's engine: verifier.backend and verifier.vllm (the template sets them)
+    "verifier_backend",
+    "vllm_tensor_parallel_size",
+    "vllm_pipeline_parallel_size",
+    "vllm_dtype",
+    "vllm_quantization",
+    "vllm_max_model_len",
+    "vllm_gpu_memory_utilization",
+    "vllm_enable_prefix_caching",
+    "vllm_max_logprobs",
+    "vllm_block_size",
+    "vllm_enforce_eager",
+    "vllm_cpu_kv_cache_gib",
 )
 
 

@@ -71,8 +71,37 @@ app.kubernetes.io/managed-by: {{ $root.Release.Service }}
 {{- define "picospec.verifierImage" -}}
 {{- $v := .Values.verifier.image }}
 {{- $repo := default .Values.image.repository $v.repository }}
-{{- $tag := $v.tag | default (printf "%s%s" (default .Chart.AppVersion .Values.image.tag) $v.tagSuffix) }}
+{{- $suffix := ternary $v.vllmTagSuffix $v.tagSuffix (eq .Values.verifier.backend "vllm") }}
+{{- $tag := $v.tag | default (printf "%s%s" (default .Chart.AppVersion .Values.image.tag) $suffix) }}
 {{- printf "%s:%s" $repo $tag }}
+{{- end }}
+
+{{/* The verifier's vLLM settings (verifier.vllm) as PICOSPEC_* variables. */}}
+{{- define "picospec.vllmEnv" -}}
+- name: PICOSPEC_VERIFIER_BACKEND
+  value: vllm
+- name: PICOSPEC_VLLM_TENSOR_PARALLEL_SIZE
+  value: {{ .tensorParallelSize | quote }}
+- name: PICOSPEC_VLLM_PIPELINE_PARALLEL_SIZE
+  value: {{ .pipelineParallelSize | quote }}
+- name: PICOSPEC_VLLM_DTYPE
+  value: {{ .dtype | quote }}
+{{- with .quantization }}
+- name: PICOSPEC_VLLM_QUANTIZATION
+  value: {{ . | quote }}
+{{- end }}
+{{- if gt (int .maxModelLen) 0 }}
+- name: PICOSPEC_VLLM_MAX_MODEL_LEN
+  value: {{ .maxModelLen | quote }}
+{{- end }}
+- name: PICOSPEC_VLLM_GPU_MEMORY_UTILIZATION
+  value: {{ .gpuMemoryUtilization | quote }}
+- name: PICOSPEC_VLLM_ENABLE_PREFIX_CACHING
+  value: {{ .enablePrefixCaching | quote }}
+- name: PICOSPEC_VLLM_MAX_LOGPROBS
+  value: {{ .maxLogprobs | quote }}
+- name: PICOSPEC_VLLM_ENFORCE_EAGER
+  value: {{ .enforceEager | quote }}
 {{- end }}
 
 {{/* ---------------------------------------------------------------- NATS */}}

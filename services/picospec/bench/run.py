@@ -340,6 +340,7 @@ def stack_config(name: str, args: argparse.Namespace, drafter: str, quantize: st
         edge_cpus=args.edge_cpus,
         cloud_cpus=args.cloud_cpus,
         device_profile=args.device_profile,
+        verifier_backend=args.verifier_backend,
     ).with_free_ports()
     if args.threads is None and cfg.cpu_sets() is None:  # unpinned: one thread per service
         cfg = dataclasses.replace(cfg, threads=1)

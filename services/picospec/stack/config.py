@@ -67,6 +67,7 @@ class StackConfig:
     edge_cpus: frozenset[int] | None = None
     cloud_cpus: frozenset[int] | None = None
     device_profile: str | None = None  # emulate hardware (picospec.devices): drafter + verifiers
+    verifier_backend: str = "transformers"  # or vllm: the verifiers run vLLM's engine
     run_dir: Path | None = None
     ready_timeout: float = 300.0
     log_level: str = "INFO"
@@ -77,6 +78,8 @@ class StackConfig:
             raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}")
         if self.verifiers < 0:
             raise ValueError("verifiers must be >= 0")
+        if self.verifier_backend not in ("transformers", "vllm"):
+            raise ValueError("verifier_backend must be transformers or vllm")
         if self.quantize_draft not in ("none", "int8"):
             raise ValueError("quantize_draft must be none or int8")
         if self.rtt_ms is not None and self.rtt_ms < 0:

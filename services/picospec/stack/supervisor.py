@@ -61,13 +61,20 @@ class Service:
     cpus: frozenset[int] | None = None  # pinned to these CPUs (edge-cloud sides)
     proc: subprocess.Popen[bytes] | None = None
     was_ready: bool = False  # reached /ready since its last start (else nothing to drain)
+    python: str = sys.executable  # a verifier on vLLM runs in vLLM's own environment
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
     def argv(self, log_level: str) -> list[str]:
-        return [sys.executable, "-m", "picospec.cli", "--log-level", log_level, self.role]
+        return [self.python, "-m", "picospec.cli", "--log-level", log_level, self.role]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def http_status(url: str, timeout: float = 1.0) -> int | None:
@@ -249,7 +256,10 @@ class Stack:
                 "PICOSPEC_REPLICA_ID": name,
                 **self._auth_env(name),
             }
-            self.services[name] = self._service(name, "verifier", port, env, "cloud")
+            svc = self._service(name, "verifier", port, env, "cloud")
+            if cfg.verifier_backend == "vllm":
+                self._on_vllm(svc)
+            self.services[name] = svc
         if cfg.sampler:
             env = {
                 "PICOSPEC_NATS_URL": edge_url,
@@ -275,6 +285,28 @@ class Stack:
             self.services["drafter"] = self._service(
                 "drafter", "drafter", cfg.api_port, env, "edge"
             )
+
+    def _on_vllm(self, svc: Service) -> None:
+        """A verifier on vLLM: vLLM's interpreter (``make vllm-setup``), and on a machine
+        without a GPU the CPU build's settings for a local stack (float32, as the drafter's
+        model; no compilation; 32-token KV blocks, so prefix caching keeps a verification
+        round to its new tokens; its OpenMP threads on the cloud's CPUs). Variables given to
+        the stack (``env``) still win."""
+        from picospec.engines.vllm_env import vllm_python
+
+        svc.python = str(vllm_python())
+        env = {"PICOSPEC_VERIFIER_BACKEND": "vllm"}
+        if not _has_cuda():
+            env.update(
+                PICOSPEC_VLLM_DTYPE="float32",
+                PICOSPEC_VLLM_ENFORCE_EAGER="true",
+                PICOSPEC_VLLM_BLOCK_SIZE="32",
+                PICOSPEC_VLLM_CPU_KV_CACHE_GIB="2",
+                PICOSPEC_VLLM_MAX_MODEL_LEN="4096",
+            )
+            if svc.cpus:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(svc.cpus))
+        svc.env.update({k: v for k, v in env.items() if k not in self.config.env})
 
     def _auth_env(self, user: str) -> dict[str, str]:
         """The NATS credentials and CA of one service (secure / tls)."""

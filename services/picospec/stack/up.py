@@ -315,6 +315,13 @@ def add_placement_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-cpus", type=parse_cpus, default=None, help="e.g. 0 or 0-1")
     p.add_argument("--cloud-cpus", type=parse_cpus, default=None, help="e.g. 1 or 2-3")
     p.add_argument(
+        "--verifier-backend",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help="the verifiers' engine: PicoSpec's embedded runtime, or vLLM in the verifier "
+        "process (run `make vllm-setup` first; docs/architecture.md)",
+    )
+    p.add_argument(
         "--device-profile",
         default=None,
         metavar="NAME|FILE",
@@ -353,6 +360,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         edge_cpus=args.edge_cpus,
         cloud_cpus=args.cloud_cpus,
         device_profile=args.device_profile,
+        verifier_backend=args.verifier_backend,
         api_key=(os.environ.get("PICOSPEC_API_KEY") or secrets.token_urlsafe(24))
         if args.secure
         else None,

@@ -20,8 +20,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from aiohttp import web
 from nats.aio.msg import Msg
@@ -70,19 +72,67 @@ def _reject(reason: str, **fields: object) -> None:
     event("message_rejected", logging.WARNING, reason=reason, **fields)
 
 
-class VerifierService:
-    def __init__(self, settings: Settings, model: LanguageModel | None = None) -> None:
+class EmbeddedBackend:
+    """PicoSpec's own runtime: the target on one device, its model thread the scheduler of
+    every session's prefills, ``ar`` steps and blocks (the default ``transformers`` backend).
+    The vLLM backend (:class:`picospec.engines.vllm_verifier.VllmBackend`) has the same face."""
+
+    def __init__(self, settings: Settings, on_forward: Callable[[ForwardStats], None]) -> None:
         self.settings = settings
-        self.model: LanguageModel = model  # type: ignore[assignment]  # loaded in main()
-        self.id = settings.replica_id or f"{socket.gethostname()[:40]}-{os.urandom(3).hex()}"
-        self.id = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.id)[:64]
-        self.sessions: dict[bytes, Held] = {}
+        self.model: LanguageModel | None = None
         self.thread = ModelThread(
             "verify",
             settings.max_batch_tokens,
-            on_forward=self._on_forward,
+            on_forward=on_forward,
             on_batch=metrics.BATCH_SIZE.observe,
         )
+
+    async def load(self, model: LanguageModel | None = None) -> LanguageModel:
+        self.model = model or await self.thread.call(
+            LanguageModel.from_settings, self.settings, "verify"
+        )
+        return self.model
+
+    async def warm_up(self) -> list[tuple[int, float]]:
+        """First-touch costs before ready, so the first request is as fast as the hundredth."""
+        return await self.thread.call(warm_up, self.model)
+
+    def submit(self, program: Program[Any], key: Hashable) -> Job[Any]:
+        return self.thread.submit(program, key=key)
+
+    def start_ar(
+        self, vs: VerifierSession, n: int, eos: set[int], key: Hashable, on_emit: Any
+    ) -> Job[int]:
+        return self.thread.submit(vs.ar_stream(n, eos), key=key, on_emit=on_emit)
+
+    def cancel(self, key: Hashable) -> None:
+        self.thread.cancel(key)
+
+    @property
+    def waiting(self) -> int:
+        return self.thread.waiting
+
+    def stop(self) -> None:
+        self.thread.stop()
+
+
+def make_backend(settings: Settings, on_forward: Callable[[ForwardStats], None]) -> Any:
+    """The engine ``settings.verifier_backend`` names."""
+    if settings.verifier_backend == "vllm":
+        from picospec.engines.vllm_verifier import VllmBackend
+
+        return VllmBackend(settings, on_forward)
+    return EmbeddedBackend(settings, on_forward)
+
+
+class VerifierService:
+    def __init__(self, settings: Settings, model: LanguageModel | None = None) -> None:
+        self.settings = settings
+        self.model: Any = model  # the target: loaded by the backend in main()
+        self.id = settings.replica_id or f"{socket.gethostname()[:40]}-{os.urandom(3).hex()}"
+        self.id = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.id)[:64]
+        self.sessions: dict[bytes, Held] = {}
+        self.backend = make_backend(settings, self._on_forward)
         self.outbox: asyncio.Queue[tuple[str, Verdict]] = asyncio.Queue()  # to publish, in order
         self.ready = False
         self.draining = False
@@ -122,7 +172,7 @@ class VerifierService:
             await self._reply_error(msg, "full", f"all {self.settings.max_sessions} sessions busy")
             return
         if self.sessions.pop(sid, None) is not None:  # re-opened here: the old one's work ends
-            self.thread.cancel(sid)
+            self.backend.cancel(sid)
         t0 = time.perf_counter()
         try:
             vs = VerifierSession(
@@ -136,7 +186,7 @@ class VerifierService:
                 prefill=False,
             )
             want_first = req.first_token and req.spec.mode.speculative
-            first = await self.thread.submit(self._opening(vs, want_first), key=sid)
+            first = await self.backend.submit(self._opening(vs, want_first), key=sid)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever the prefill refuses is a bad prompt
@@ -201,10 +251,10 @@ class VerifierService:
         """Hand ``block`` to the model thread behind the session's earlier work; its verdicts
         go to the outbox when it is verified."""
         held.last_used = time.monotonic()
-        job = self.thread.submit(held.session.verify(block), key=block.session)
+        job = self.backend.submit(held.session.verify(block), key=block.session)
         assert job.future is not None
         job.future.add_done_callback(partial(self._verified, held))
-        metrics.QUEUE_DEPTH.set(self.thread.waiting)
+        metrics.QUEUE_DEPTH.set(self.backend.waiting)
 
     def _verified(self, held: Held, done: asyncio.Future[list[Verdict]]) -> None:
         """A block's verification ended: queue its verdicts (in order), or count its refusal."""
@@ -250,10 +300,8 @@ class VerifierService:
         # tokens that nobody closes must not hold the model thread forever
         room = self.model.max_context - len(held.open_req.prompt)
         n = min(held.open_req.max_new_tokens, room)
-        job: Job[int] = self.thread.submit(
-            held.session.ar_stream(n, set(held.open_req.eos_ids)),
-            key=sid,
-            on_emit=partial(self._ar_token, held),
+        job: Job[int] = self.backend.start_ar(
+            held.session, n, set(held.open_req.eos_ids), sid, partial(self._ar_token, held)
         )
         assert job.future is not None
         job.future.add_done_callback(partial(self._ar_ended, sid, held))
@@ -284,7 +332,7 @@ class VerifierService:
         held = self.sessions.pop(sid, None)
         if held is None:
             return
-        self.thread.cancel(sid)  # its queued blocks, its ar stream
+        self.backend.cancel(sid)  # its queued blocks, its ar stream
         if reason != "closed":
             metrics.EVICTIONS.labels(reason).inc()
         event("session_freed", session=sid.hex()[:8], reason=reason)
@@ -360,12 +408,9 @@ class VerifierService:
         app.add_routes(health_routes(lambda: self.ready))
         runner = await serve_http(app, self.settings.host, self.settings.port)
         self._loop = asyncio.get_running_loop()
-        if self.model is None:  # load after /health is up, so startup probes see a live process
-            self.model = await self.thread.call(
-                LanguageModel.from_settings, self.settings, "verify"
-            )
-        # first-touch costs before ready, so the first request is as fast as the hundredth
-        timed = await self.thread.call(warm_up, self.model)
+        # load after /health is up, so startup probes see a live process
+        self.model = await self.backend.load(self.model)
+        timed = await self.backend.warm_up()
         for n, seconds in timed:
             self.cost.observe(n, seconds)
         if self.model.pacer is not None:
@@ -387,7 +432,7 @@ class VerifierService:
             t.cancel()
         await self.nc.drain()
         await runner.cleanup()
-        self.thread.stop()
+        self.backend.stop()
 
 
 def main(settings: Settings) -> int:
