@@ -123,6 +123,12 @@ $(VLLM_STAMP): pyproject.toml | $(STAMP)
 	  $(BIN)/python -m picospec.engines.vllm_env export smollm2 build/models/smollm2
 	touch $(VLLM_STAMP)
 
+# The verifier on vLLM, tested on vLLM's CPU build in its own environment (tests/test_vllm.py:
+# in-process rows and a statistical check, then real services with two vLLM verifiers).
+.PHONY: test-vllm
+test-vllm: vllm-setup
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
+
 # The soak test: a local stack on the tiny test models (tests/tinymodels.py, built into a temp
 # dir) with 2 verifiers; 32 concurrent streams for SOAK_S seconds while one verifier is killed
 # (SIGKILL) and restarted once a minute. Prints the load report (tokens/s, TTFT/ITL p50/p99,

@@ -95,6 +95,8 @@ def pooled_chisquare_pvalue(observed: np.ndarray, expected: np.ndarray) -> float
     order = np.argsort(expected)
     small = order[np.cumsum(expected[order]) < 10]
     keep = np.setdiff1d(np.nonzero(expected > 0)[0], small)
-    obs = np.append(observed[keep], observed[small].sum())
-    exp = np.append(expected[keep], expected[small].sum())
+    obs, exp = observed[keep], expected[keep]
+    if len(small):  # no pooled cell when every cell already expects 10
+        obs = np.append(obs, observed[small].sum())
+        exp = np.append(exp, expected[small].sum())
     return float(chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)

@@ -1,0 +1,235 @@
+"""The verifier on vLLM (``PICOSPEC_VERIFIER_BACKEND=vllm``), on vLLM's CPU build and the
+embedded SmolLM2 in float32. Runs in vLLM's own environment: ``make test-vllm`` (in ``make
+test``, without vLLM, this module is skipped).
+
+- In one process: the rows the backend builds from vLLM's prompt log-probabilities give the
+  embedded runtime's distributions; and a statistical check that speculative sampling verified
+  on those rows outputs exactly the target's distribution.
+- Through real services (NATS, a drafter with the int8 draft, two verifiers each running vLLM):
+  greedy answers identical to vLLM's own greedy decoding (``ar`` on vLLM) with rollbacks;
+  concurrent sessions in vLLM's batches; a verifier killed mid-answer, its sessions finishing
+  identically on the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="the vLLM backend's tests run in vLLM's environment")
+
+from conftest import pooled_chisquare_pvalue  # noqa: E402
+from picospec.config import Mode, Settings, SpecConfig  # noqa: E402
+from picospec.models import LanguageModel  # noqa: E402
+from picospec.protocol.codec import DraftBlock, SampleRequest  # noqa: E402
+from picospec.sampler import sample  # noqa: E402
+from picospec.sampling import Rng, SamplingParams, probs_from_logits  # noqa: E402
+from picospec.stack.up import Stack, StackConfig  # noqa: E402
+from picospec.verifier.session import VerifierSession  # noqa: E402
+from stackutil import gauge, metric, scrape, stream  # noqa: E402
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+CPU_VLLM = {
+    "verifier_backend": "vllm",
+    "vllm_dtype": "float32",
+    "vllm_enforce_eager": True,
+    "vllm_block_size": 32,
+    "vllm_cpu_kv_cache_gib": 1,
+    "vllm_max_model_len": 2048,
+}
+PROMPTS = ["Describe a walk by the river.", "Why do cats purr?", "List three uses of copper."]
+
+
+@pytest.fixture(scope="module")
+def target() -> Any:
+    from picospec.engines.vllm_verifier import VllmRunner, VllmTarget
+
+    settings = Settings(**CPU_VLLM)
+    loop = asyncio.new_event_loop()
+    vt = loop.run_until_complete(VllmTarget.start(settings))
+    yield vt, VllmRunner(vt), loop
+    vt.shutdown()
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def embedded() -> LanguageModel:
+    return LanguageModel.load("smollm2", threads=1)
+
+
+def test_rows_are_the_targets_distributions(target: Any, embedded: LanguageModel) -> None:
+    """A block's rows from vLLM (top-K log-probs, the rest spread evenly) give the embedded
+    runtime's distribution at every position: the same argmax, the same probabilities on the
+    top entries, and the draft tokens' own probabilities."""
+    vt, runner, loop = target
+    prompt = embedded.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    block = embedded.encode(" The river was quiet and green")[:6]
+    vs = VerifierSession(vt, b"r" * 16, prompt, SamplingParams(), SpecConfig(), prefill=False)
+
+    async def rows() -> torch.Tensor:
+        await runner.submit(vs.prefill(), key="r")
+        from picospec.scheduler import Forward
+
+        def program() -> Any:
+            return (yield Forward(vs.cache, block, keep=len(block)))
+
+        return await runner.submit(program(), key="r")
+
+    got = loop.run_until_complete(rows())
+    want = embedded.new_cache().extend(prompt + block)[len(prompt) :]
+    p_got, p_want = torch.softmax(got, -1), torch.softmax(want, -1)
+    assert torch.equal(p_got.argmax(-1), p_want.argmax(-1))
+    top = p_want.topk(20, dim=-1).indices
+    assert torch.allclose(p_got.gather(1, top), p_want.gather(1, top), atol=2e-3)
+    for i, tok in enumerate(block[1:]):  # each next block token's own probability, exact
+        assert abs(float(p_got[i, tok]) - float(p_want[i, tok])) < 2e-3
+    assert vs.cache.length == len(prompt) + len(block)
+
+
+def test_sampled_output_through_vllm_rows_is_the_targets_distribution(target: Any) -> None:
+    """One verified position, many seeds: a draft token from a deliberately different q,
+    verified on vLLM's rows (separate rejection sampling, the sampler's correction from the
+    compressed p_j), is distributed as the target's top-5 distribution (top_k 5 <= K: exact)."""
+    vt, runner, loop = target
+    tok = vt.tokenizer
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[1]}], add_generation_prompt=True
+    )
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    params = SamplingParams(temperature=1.0, top_k=5)
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=1, top_k=256)
+    prefix = prompt[-1:]  # the block re-sends the prompt's last token as its prefix
+    base = prompt[:-1]
+    n = 600
+
+    async def one(seed: int) -> tuple[int, torch.Tensor, bool]:
+        p = params.model_copy(update={"seed": seed})
+        vs = VerifierSession(vt, seed.to_bytes(16, "big"), base, p, spec, prefill=False)
+        await runner.submit(vs.prefill(), key=seed)
+        q = draft_q
+        x = int(torch.multinomial(q, 1, generator=Rng(seed).gen(1, len(prompt))))
+        block = DraftBlock(
+            session=vs.session, epoch=0, seq=0, pos=len(base), prefix=tuple(prefix),
+            tokens=(x,), q=(float(q[x]),), vocab_size=vt.vocab_size,
+        )  # fmt: skip
+        (verdict,) = await runner.submit(vs.verify(block), key=seed)
+        if verdict.accepted == 1:
+            return x, q, False
+        req = SampleRequest(
+            sparse=verdict.sparse, q=q.numpy().astype(np.float32),
+            seed=Rng(seed).seed_for(4, len(prompt)),
+        )  # fmt: skip
+        return sample(req).token, q, True
+
+    # the target's processed distribution at the position, from one vLLM row
+    ref = VerifierSession(vt, b"x" * 16, base, params, spec, prefill=False)
+    from picospec.scheduler import Forward
+
+    def row() -> Any:
+        yield from ref.prefill()
+        return (yield Forward(ref.cache, prefix, keep=1))
+
+    async def ref_row() -> torch.Tensor:
+        return await runner.submit(row(), key="ref")
+
+    target_row = loop.run_until_complete(ref_row())[-1]
+    p = probs_from_logits(target_row, params, len(prompt)).double()
+    support = torch.nonzero(p).flatten().tolist()
+    assert len(support) == 5
+    # q: most of its mass where p has little, some outside p's support
+    draft_q = torch.zeros(vt.vocab_size, dtype=torch.float32)
+    weights = torch.linspace(1.0, 3.0, 5)
+    draft_q[torch.tensor(support)] = weights / weights.sum() * 0.8
+    draft_q[torch.tensor([int(i) for i in range(100, 105)])] += 0.04
+
+    async def all_runs() -> list[tuple[int, torch.Tensor, bool]]:
+        return await asyncio.gather(*(one(s) for s in range(n)))
+
+    out = loop.run_until_complete(all_runs())
+    tokens = [t for t, _, _ in out]
+    rejections = sum(r for *_, r in out)
+    assert rejections > n // 10, "the draft must be rejected often for the test to bite"
+    assert set(tokens) <= set(support), "a token the target's distribution excludes"
+    observed = np.array([tokens.count(t) for t in support], dtype=float)
+    expected = np.array([float(p[t]) for t in support]) * n
+    assert pooled_chisquare_pvalue(observed, expected) > 1e-4
+
+
+# --- through the services -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack() -> Any:
+    cfg = StackConfig(
+        topology="single",
+        verifiers=2,
+        verifier_backend="vllm",
+        quantize_draft="int8",  # a draft that disagrees: rejections and rollbacks
+        env={
+            "PICOSPEC_VERIFY_TIMEOUT_S": "5",
+            "PICOSPEC_REQUEST_TIMEOUT_S": "60",
+            "PICOSPEC_VLLM_CPU_KV_CACHE_GIB": "1",
+            "PICOSPEC_VLLM_MAX_MODEL_LEN": "2048",
+        },
+        ready_timeout=600.0,
+    ).with_free_ports()
+    with Stack(cfg) as s:
+        yield s
+
+
+def _answers(stack: Stack, mode: str, n: int = 48) -> list[Any]:
+    async def go() -> list[Any]:
+        return await asyncio.gather(*(stream(stack.api_url, p, n, mode=mode) for p in PROMPTS))
+
+    return asyncio.run(go())
+
+
+def test_greedy_on_vllm_is_vllms_own_greedy_decoding_with_rollbacks(stack: Stack) -> None:
+    """picospec with the int8 draft, verified on vLLM, answers exactly what vLLM decodes alone
+    (``ar`` on the vLLM backend), with real rejections and rollbacks; the sessions of both
+    modes share vLLM's batches."""
+    ar = _answers(stack, "ar")
+    spec = _answers(stack, "picospec")
+    for a, s in zip(ar, spec, strict=True):
+        assert a.ok and s.ok, (a.error, s.error)
+        assert s.text == a.text
+        assert a.final["usage"]["completion_tokens"] == s.final["usage"]["completion_tokens"]
+    assert sum(s.final["picospec"]["rollbacks"] for s in spec) > 0
+    # vLLM's own metrics on the verifiers' /metrics: its engine ran several requests per step
+    steps = tokens = 0.0
+    for name in ("verifier-1", "verifier-2"):
+        text = scrape(stack.services[name].url)
+        steps += metric(text, "vllm:iteration_tokens_total_count")
+        tokens += metric(text, "vllm:iteration_tokens_total_sum")
+    assert steps > 0 and tokens / steps > 1.0
+
+
+def test_a_killed_vllm_verifier_moves_its_sessions_and_nothing_changes(stack: Stack) -> None:
+    """SIGKILL the verifier holding a live session: the drafter re-opens it on the other
+    vLLM verifier (re-prefill from the committed tokens) and the answer is the same."""
+    ref = _answers(stack, "picospec", 96)
+
+    async def go() -> list[Any]:
+        tasks = [asyncio.create_task(stream(stack.api_url, p, 96)) for p in PROMPTS]
+        await asyncio.sleep(3.0)
+        held = {v: gauge(stack, v, "picospec_active_sessions") for v in
+                ("verifier-1", "verifier-2")}  # fmt: skip
+        victim.append(max(held, key=held.__getitem__))
+        stack.kill(victim[0], signal.SIGKILL)
+        return await asyncio.gather(*tasks)
+
+    victim: list[str] = []
+    try:
+        got = asyncio.run(go())
+    finally:
+        if victim:
+            stack.start_service(victim[0])
+    for r, want in zip(got, ref, strict=True):
+        assert r.ok and r.text == want.text
+    assert sum(r.final["picospec"]["migrations"] for r in got) >= 1
