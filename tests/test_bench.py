@@ -269,3 +269,23 @@ def test_bench_prefill_chunks_a_long_prompt_while_streams_go_on(tmp_path: Path) 
     # 600 tokens in chunks of at most 128 (less the streams' tokens): 5+ iterations, each
     # giving both streams a token
     assert s["tokens_during_prefill"] >= 8
+
+
+def test_map_drafts_and_the_draft_precision_reach_the_drafter() -> None:
+    """``--map-drafts bf16`` is the target's weights in bfloat16 as the draft: the drafter
+    process gets PICOSPEC_DTYPE=bfloat16, the verifier keeps its own precision."""
+    from picospec.bench.speedup_map import _drafts
+    from picospec.stack.up import Stack, StackConfig
+
+    assert _drafts("self,bf16,int8,smollm2-draft", "smollm2") == [
+        ("self", "smollm2", "none", None),
+        ("bf16", "smollm2", "none", "bfloat16"),
+        ("int8", "smollm2", "int8", None),
+        ("smollm2-draft", "smollm2-draft", "none", None),
+    ]
+    stack = Stack(StackConfig(draft_dtype="bfloat16").with_free_ports())  # laid out only
+    assert stack.services["drafter"].env["PICOSPEC_DTYPE"] == "bfloat16"
+    assert "PICOSPEC_DTYPE" not in StackConfig().env
+    assert stack.services["verifier-1"].env.get("PICOSPEC_DTYPE", "auto") == "auto"
+    with pytest.raises(ValueError, match="draft_dtype"):
+        StackConfig(draft_dtype="int4")

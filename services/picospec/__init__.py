@@ -9,6 +9,19 @@ DRAFTER_HELP = (
 )
 
 
+DRAFT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DRAFT_DTYPE_HELP = (
+    "the draft model's precision (the target keeps its own; beats a device profile's); "
+    "default $PICOSPEC_DRAFT_DTYPE or auto"
+)
+
+
+def default_draft_dtype() -> str:
+    """The draft's precision when ``--draft-dtype`` is not given: ``PICOSPEC_DRAFT_DTYPE``,
+    else ``auto`` (the device's default, or the device profile's)."""
+    return os.environ.get("PICOSPEC_DRAFT_DTYPE") or "auto"
+
+
 def default_drafter() -> str:
     """The draft model the command line uses when ``--drafter`` is not given:
     ``PICOSPEC_DRAFT_MODEL`` (e.g. ``smollm2-draft``), else the embedded model itself."""

@@ -8,7 +8,14 @@ import logging
 import sys
 from typing import Any
 
-from picospec import DRAFTER_HELP, __version__, default_drafter
+from picospec import (
+    DRAFT_DTYPE_HELP,
+    DRAFT_DTYPES,
+    DRAFTER_HELP,
+    __version__,
+    default_draft_dtype,
+    default_drafter,
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,6 +30,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["none", "int8"],
         default="none",
         help="quantise the draft model on load (int8 dynamic, CPU)",
+    )
+    p.add_argument(
+        "--draft-dtype", choices=DRAFT_DTYPES, default=default_draft_dtype(), help=DRAFT_DTYPE_HELP
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, …")
@@ -39,10 +49,15 @@ def _load_pair(args: argparse.Namespace, need_draft: bool) -> tuple[Any, Any]:
     )
     if not need_draft:
         return target, None
-    if args.drafter == args.verifier and args.quantize_draft == "none":
+    draft_dtype = getattr(args, "draft_dtype", "auto")
+    same = draft_dtype in ("auto", args.dtype)
+    if args.drafter == args.verifier and args.quantize_draft == "none" and same:
         return target, target  # one set of weights; each session still has its own KV caches
     draft = LanguageModel.load(
-        args.drafter, device=args.device, dtype=args.dtype, quantize=args.quantize_draft
+        args.drafter,
+        device=args.device,
+        dtype=args.dtype if draft_dtype == "auto" else draft_dtype,
+        quantize=args.quantize_draft,
     )
     return target, draft
 

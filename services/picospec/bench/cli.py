@@ -7,7 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from picospec import DRAFTER_HELP, default_drafter
+from picospec import (
+    DRAFT_DTYPE_HELP,
+    DRAFT_DTYPES,
+    DRAFTER_HELP,
+    default_draft_dtype,
+    default_drafter,
+)
 from picospec.bench.concurrency import CONCURRENCY_MODES, parse_levels, run_concurrency
 from picospec.bench.report import (
     _progress_factory,
@@ -161,6 +167,7 @@ def main(args: argparse.Namespace) -> int:
         "drafter": args.drafter,
         "verifier": args.verifier,
         "quantize_draft": args.quantize_draft,
+        "draft_dtype": args.draft_dtype,
         "draft_len": args.draft_len,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -201,7 +208,8 @@ def main(args: argparse.Namespace) -> int:
             "shows by how much; docs/benchmark.md measures the effect), a cost separate edge "
             "and cloud machines do not pay"
         )
-    if not args.map and args.drafter == args.verifier and args.quantize_draft == "none":
+    self_draft = args.drafter == args.verifier and args.quantize_draft == "none"
+    if not args.map and self_draft and args.draft_dtype in ("auto", "float32"):
         report["notes"].append(
             "draft and verifier are the same checkpoint: every greedy draft is accepted, so the "
             "speedup over ar is bounded by the draft-bound pipeline and is not representative "
@@ -288,6 +296,9 @@ def register(sub: Any) -> None:
     b.add_argument("--verifier", default="smollm2")
     b.add_argument("--quantize-draft", choices=["none", "int8"], default="none")
     b.add_argument(
+        "--draft-dtype", choices=DRAFT_DTYPES, default=default_draft_dtype(), help=DRAFT_DTYPE_HELP
+    )
+    b.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -310,7 +321,8 @@ def register(sub: Any) -> None:
         "--map-drafts",
         default="self,int8",
         help="drafts for --map: self (the verifier's checkpoint), int8 (its int8 "
-        "quantisation), or draft model names/paths",
+        "quantisation), bf16 (its weights in bfloat16: a near-target draft that disagrees "
+        "about one token in ten), or draft model names/paths",
     )
     b.add_argument(
         "--overhead",

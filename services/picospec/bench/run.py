@@ -311,7 +311,13 @@ def bound(t_d: float, alpha: float, draft_len: int, rtt_s: float) -> float:
     return 1.0 / (t_d + (1 - alpha) * (wait + rtt_s))
 
 
-def stack_config(name: str, args: argparse.Namespace, drafter: str, quantize: str) -> Any:
+def stack_config(
+    name: str,
+    args: argparse.Namespace,
+    drafter: str,
+    quantize: str,
+    draft_dtype: str | None = None,
+) -> Any:
     """The edge-cloud stack of one network profile (free ports, pinned sides, emulation)."""
     from picospec.stack.up import StackConfig
 
@@ -328,6 +334,7 @@ def stack_config(name: str, args: argparse.Namespace, drafter: str, quantize: st
         drafter_model=drafter,
         verifier_model=args.verifier,
         quantize_draft=quantize,
+        draft_dtype=draft_dtype or args.draft_dtype,
         threads=args.threads,
         rtt_ms=rtt_ms if emulate else None,
         bandwidth_mbit=mbit,
@@ -355,13 +362,14 @@ def run_profile(
     drafter: str | None = None,
     quantize: str | None = None,
     placement: dict[str, Any] | None = None,
+    draft_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Every mode of ``args.modes`` over one network profile, on one fresh stack. Fills
     ``placement`` (when given) with the CPUs each side had."""
     from picospec.stack.up import Stack
 
     quantize = quantize if quantize is not None else args.quantize_draft
-    cfg = stack_config(name, args, drafter or args.drafter, quantize)
+    cfg = stack_config(name, args, drafter or args.drafter, quantize, draft_dtype)
     greedy = args.temperature == 0
     with Stack(cfg) as stack, _pinned(stack.cpus["cloud"] if stack.cpus else None):
         if placement is not None:

@@ -31,17 +31,20 @@ def break_even_acceptance(t_ar: float, t_d: float, draft_len: int, rtt_s: float)
     return max(0.0, 1.0 - (t_ar - t_d) / (wait + rtt_s))
 
 
-def _drafts(spec: str, verifier: str) -> list[tuple[str, str, str]]:
-    """``--map-drafts`` to (label, drafter model, quantisation): ``self`` is the verifier's own
-    checkpoint, ``int8`` its int8 dynamic quantisation, anything else a draft model name."""
-    out = []
+def _drafts(spec: str, verifier: str) -> list[tuple[str, str, str, str | None]]:
+    """``--map-drafts`` to (label, drafter model, quantisation, draft dtype): ``self`` is the
+    verifier's own checkpoint, ``int8`` its int8 dynamic quantisation, ``bf16`` its weights in
+    bfloat16 (a near-target draft that really disagrees), anything else a draft model name."""
+    out: list[tuple[str, str, str, str | None]] = []
     for item in (x.strip() for x in spec.split(",") if x.strip()):
         if item == "self":
-            out.append(("self", verifier, "none"))
+            out.append(("self", verifier, "none", None))
         elif item == "int8":
-            out.append(("int8", verifier, "int8"))
+            out.append(("int8", verifier, "int8", None))
+        elif item == "bf16":
+            out.append(("bf16", verifier, "none", "bfloat16"))
         else:
-            out.append((item, item, "none"))
+            out.append((item, item, "none", None))
     return out
 
 
@@ -54,12 +57,12 @@ def speedup_map(
 
     out: dict[str, Any] = {}
     t_ar = load_profile(args.device_profile).verify.step_s if args.device_profile else None
-    for label, drafter, quantize in _drafts(args.map_drafts, args.verifier):
+    for label, drafter, quantize, dtype in _drafts(args.map_drafts, args.verifier):
         rows: dict[str, Any] = {}
         sweeps: dict[str, Any] = {}
         for name in report["profiles_requested"]:
             modes = run_profile(
-                name, args, prompts, progress, drafter, quantize, report["placement"]
+                name, args, prompts, progress, drafter, quantize, report["placement"], dtype
             )
             sweep = modes.pop("_draft_len_sweep", None)
             if sweep:

@@ -39,6 +39,7 @@ class StackConfig:
     drafter_model: str = "smollm2"
     verifier_model: str = "smollm2"
     quantize_draft: str = "none"
+    draft_dtype: str = "auto"  # the drafter's PICOSPEC_DTYPE (auto: its device's or profile's)
     threads: int | None = None
     rtt_ms: float | None = None
     bandwidth_mbit: float | None = None
@@ -80,6 +81,8 @@ class StackConfig:
             raise ValueError("verifiers must be >= 0")
         if self.verifier_backend not in ("transformers", "vllm"):
             raise ValueError("verifier_backend must be transformers or vllm")
+        if self.draft_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("draft_dtype must be auto, float32, bfloat16 or float16")
         if self.quantize_draft not in ("none", "int8"):
             raise ValueError("quantize_draft must be none or int8")
         if self.rtt_ms is not None and self.rtt_ms < 0:

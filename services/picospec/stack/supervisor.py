@@ -276,6 +276,7 @@ class Stack:
                 "PICOSPEC_NATS_URL": edge_url,
                 "PICOSPEC_MODEL": cfg.drafter_model,
                 "PICOSPEC_QUANTIZE": cfg.quantize_draft,
+                **({"PICOSPEC_DTYPE": cfg.draft_dtype} if cfg.draft_dtype != "auto" else {}),
                 "PICOSPEC_PORT": str(cfg.api_port),
                 "PICOSPEC_SITE": cfg.site,
                 **self._auth_env(f"drafter-{cfg.site}"),

@@ -43,7 +43,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from picospec import DRAFTER_HELP, default_drafter
+from picospec import (
+    DRAFT_DTYPE_HELP,
+    DRAFT_DTYPES,
+    DRAFTER_HELP,
+    default_draft_dtype,
+    default_drafter,
+)
 from picospec.stack.config import TOPOLOGIES, StackConfig, StackError
 from picospec.stack.natsserver import (
     NatsServerError,
@@ -244,6 +250,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--verifier", default="smollm2", help="target model (cloud)")
     p.add_argument("--quantize-draft", choices=["none", "int8"], default="none")
+    p.add_argument(
+        "--draft-dtype", choices=DRAFT_DTYPES, default=default_draft_dtype(), help=DRAFT_DTYPE_HELP
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads per service")
     p.add_argument("--rtt-ms", type=float, default=None, help="edge-cloud: added round trip")
     p.add_argument(
@@ -337,6 +346,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         drafter_model=args.drafter,
         verifier_model=args.verifier,
         quantize_draft=args.quantize_draft,
+        draft_dtype=args.draft_dtype,
         threads=args.threads,
         rtt_ms=args.rtt_ms,
         bandwidth_mbit=args.bandwidth_mbit,
