@@ -345,3 +345,29 @@ def test_the_command_lines_drafter_defaults_to_picospec_draft_model(
     bench_register(parser.add_subparsers())
     assert parser.parse_args(["bench"]).drafter == "smollm2-draft"
     assert parser.parse_args(["bench", "--drafter", "x"]).drafter == "x"
+
+
+def test_a_run_continues_a_finished_draft_on_new_prompts(
+    distilled: Path, tiny_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``--init DRAFT_DIR`` (a finished draft, e.g. the shipped one, whose data is gone): the
+    draft starts from its weights (step-0 acceptance = its last, up to the int8 deltas) and
+    head; ``--prompt-offset`` skips the prompts the earlier run answered; no earlier data."""
+    from picospec.distill.recipe import Options, Recipe
+    from picospec.distill.train import _chat_prompts
+
+    work = tmp_path / "more"
+    extra = ("--init", str(distilled / "draft"), "--prompt-offset", "12", "--prompts", "6",
+             "--steps", "2")  # fmt: skip
+    assert main(_args(tiny_dirs[0], work, *extra)) == 0
+    first = json.loads((distilled / "draft" / "report.json").read_text())
+    report = json.loads((work / "draft" / "report.json").read_text())
+    assert report["curve"][0]["greedy"] == pytest.approx(first["curve"][-1]["greedy"], abs=0.05)
+    assert torch.equal(torch.load(work / "head_ids.pt"), torch.load(distilled / "head_ids.pt"))
+    own = sum(e.trained for p in (work / "data").glob("*.pt") for e in D.load_examples(p)[0])
+    assert report["train_tokens_available"] == own  # a finished draft brings no data
+    earlier = _chat_prompts(Recipe(prompts=12), Options())
+    later = _chat_prompts(Recipe(prompts=6, prompt_offset=12), Options())
+    assert later and not set(later) & set(earlier)
+    # a draft of another head size is refused
+    assert main(_args(tiny_dirs[0], tmp_path / "w5", *extra, "--head-size", "30")) == 2

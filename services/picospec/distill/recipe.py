@@ -16,6 +16,7 @@ class Recipe:
     sources: str = "chat,docs"
     prompt_set: str = "short"  # the chat prompts: short (one-line) or long (multi-part) requests
     prompts: int = 0  # chat prompts to answer (0 = every synthesised prompt)
+    prompt_offset: int = 0  # skip this many synthesised prompts (those an earlier run answered)
     max_new_tokens: int = 192
     temperatures: str = "0,0.7"  # the target answers prompt i at temperatures[i % n]
     gen_batch: int = 8
@@ -37,7 +38,9 @@ class Recipe:
     seed: int = 0
     dtype: str = "float32"
     # a work directory of an earlier run of the same target, layers and head: the draft starts
-    # from its last checkpoint (and keeps its head), and its training data joins this run's
+    # from its last checkpoint (and keeps its head), and its training data joins this run's;
+    # or a finished draft (a shipped name such as smollm2-draft, or a directory with draft.json):
+    # the draft starts from its weights and head, with no data of its own
     init: str = ""
 
     def layer_list(self, total: int) -> list[int]:

@@ -82,7 +82,7 @@ def status_text(work: Path) -> str:
 
 def _chat_prompts(recipe: Recipe, opts: Options) -> list[str]:
     prompts = opts.prompt_source or D.synthesise_prompts(recipe.seed, prompt_set=recipe.prompt_set)
-    prompts = D.exclude_benchmark(prompts)
+    prompts = D.exclude_benchmark(prompts)[recipe.prompt_offset :]
     return prompts[: recipe.prompts] if recipe.prompts else prompts
 
 
@@ -136,10 +136,19 @@ def build_data(target: Any, recipe: Recipe, opts: Options) -> list[D.Example]:
     return examples
 
 
+def init_draft(recipe: Recipe) -> Path | None:
+    """The finished draft ``init`` names (a shipped name or a directory with draft.json), or
+    None when ``init`` is a work directory (or unset)."""
+    from picospec.distill.format import draft_dir
+
+    return draft_dir(recipe.init) if recipe.init else None
+
+
 def init_chain(recipe: Recipe) -> list[str]:
-    """The work directories this run continues, nearest first (``init``, its ``init``, …)."""
+    """The work directories this run continues, nearest first (``init``, its ``init``, …); a
+    finished draft brings no data, and ends the chain."""
     out: list[str] = []
-    init = recipe.init
+    init = "" if init_draft(recipe) else recipe.init
     while init:
         if init in out:
             raise ValueError(f"--init {recipe.init}: the runs' inits form a cycle at {init}")
@@ -149,9 +158,37 @@ def init_chain(recipe: Recipe) -> list[str]:
     return out
 
 
+def _init_state(recipe: Recipe, target: Any) -> Any:
+    """The trained tensors ``init`` starts this run from: an earlier run's last checkpoint, or
+    a finished draft's weights (its deltas applied to the target's layers)."""
+    draft = init_draft(recipe)
+    if draft is None:  # cursor, optimiser and curve stay behind
+        blob = torch.load(Path(recipe.init) / "ckpt.pt", weights_only=False)
+        return blob["student"].items()
+    from safetensors.torch import load_file
+
+    from picospec.distill.format import TENSORS, read_meta, unpack
+    from picospec.distill.student import source_state
+
+    layers = [int(i) for i in read_meta(draft)["layers"]]
+    tensors = load_file(str(draft / TENSORS))
+    return unpack(tensors, source_state(target.model, layers)).items()
+
+
 def check_init(recipe: Recipe) -> None:
     """``init``, if set, must be a run with a checkpoint of the same target, layers and head."""
     if not recipe.init:
+        return
+    draft = init_draft(recipe)
+    if draft is not None:
+        from picospec.distill.format import read_meta
+
+        meta = read_meta(draft)
+        theirs = {"target": meta["target"], "head_size": int(meta.get("head_size") or 0)}
+        mine = {"target": recipe.target, "head_size": recipe.head_size}
+        differ = [k for k in theirs if theirs[k] != mine[k]]
+        if differ:
+            raise ValueError(f"--init {recipe.init} is a draft of another kind ({differ})")
         return
     work = Path(recipe.init)
     if not (work / "recipe.json").is_file() or not (work / "ckpt.pt").is_file():
@@ -336,9 +373,8 @@ def train(
     step, seen, curve = 0, 0, []
     ckpt = opts.work / "ckpt.pt"
     if recipe.init and not ckpt.is_file():  # the earlier run's draft, not its optimiser,
-        init = torch.load(Path(recipe.init) / "ckpt.pt", weights_only=False)  # cursor or curve
-        load_trainable_state(student, {k: v.to(device) for k, v in init["student"].items()})
-        _log_line(opts.work, f"initialised from {recipe.init} (step {init['step']})")
+        load_trainable_state(student, {k: v.to(device) for k, v in _init_state(recipe, target)})
+        _log_line(opts.work, f"initialised from {recipe.init}")
     if ckpt.is_file():
         blob = torch.load(ckpt, weights_only=False)
         load_trainable_state(student, {k: v.to(device) for k, v in blob["student"].items()})
@@ -517,10 +553,24 @@ def run(recipe: Recipe, opts: Options, target: Any = None) -> dict[str, Any]:
         examples = build_data(target, recipe, opts)
         eval_ex = build_eval(target, recipe, opts)
         layers = recipe.layer_list(len(decoder_layers(target.model)))
+        draft = init_draft(recipe)
+        if draft is not None:
+            from picospec.distill.format import read_meta
+
+            if [int(i) for i in read_meta(draft)["layers"]] != layers:
+                raise ValueError(f"--init {recipe.init} has other layers than --layers gives")
         head_ids = None
         head_path = opts.work / "head_ids.pt"  # fixed once: a resumed run keeps its head
         if recipe.head_size and recipe.init and not head_path.is_file():
-            head_path.write_bytes((Path(recipe.init) / "head_ids.pt").read_bytes())
+            draft = init_draft(recipe)
+            if draft is not None:  # a finished draft keeps its head in its tensors file
+                from safetensors.torch import load_file
+
+                from picospec.distill.format import TENSORS
+
+                torch.save(load_file(str(draft / TENSORS))["head_ids"].long(), head_path)
+            else:
+                head_path.write_bytes((Path(recipe.init) / "head_ids.pt").read_bytes())
         if recipe.head_size and head_path.is_file():
             head_ids = torch.load(head_path)
         elif recipe.head_size:
