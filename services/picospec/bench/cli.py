@@ -168,6 +168,7 @@ def main(args: argparse.Namespace) -> int:
         "verifier": args.verifier,
         "quantize_draft": args.quantize_draft,
         "draft_dtype": args.draft_dtype,
+        "verifier_backend": args.verifier_backend,
         "draft_len": args.draft_len,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,

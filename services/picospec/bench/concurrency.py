@@ -163,8 +163,8 @@ def run_concurrency(
                     side: {n: v - snap[side][n] for n, v in series.items()}
                     for side, series in after.items()
                 }
-                if mode == VLLM_SERVE:
-                    cloud_s = float("nan")  # not PicoSpec's verifier: its forwards not seen
+                if mode == VLLM_SERVE or args.verifier_backend == "vllm":
+                    cloud_s = float("nan")  # vLLM's forwards are its own: not seen here
                 ok = [r for r in done.results if r.error is None]
                 per_user = [r.tokens / r.elapsed_s for r in ok if r.elapsed_s > 0]
                 ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
