@@ -22,7 +22,8 @@ Face modules, so the weights, norms and MLPs are the model's:
 * the final norm and the LM head ONLY for the rows the caller keeps (the verifier needs the
   last ``n_draft + 1`` rows of a block, a prefill only the last one).
 
-On a CPU with float32 weights the linear layers run on :class:`PackedWeights`: oneDNN's
+On a CPU with float32 weights (or bfloat16, where the CPU has bfloat16 instructions) the linear
+layers run on :class:`PackedWeights`: oneDNN's
 pre-packed copies of the weights, with q/k/v fused into one matrix and gate/up into another,
 as serving engines fuse them. A decode forward of a few sessions is a handful of rows against
 each weight matrix, where a plain ``F.linear`` (MKL's GEMM, re-packing the matrix on every
@@ -145,9 +146,9 @@ class Slot:
 
 
 class PackedWeights:
-    """oneDNN-packed (``torch.ops.mkldnn``) float32 copies of a Llama-family decoder's linear
-    weights for :func:`varlen_forward` on a CPU: per layer ``qkv`` (q, k and v fused), ``o``,
-    ``gate_up`` (gate and up fused), ``down``, and the LM head.
+    """oneDNN-packed (``torch.ops.mkldnn``) copies of a Llama-family decoder's linear weights
+    (float32, or bfloat16) for :func:`varlen_forward` on a CPU: per layer ``qkv`` (q, k and v
+    fused), ``o``, ``gate_up`` (gate and up fused), ``down``, and the LM head.
 
     The copies follow the weights: :meth:`current` notices a weight changed in place (its
     version counter moved, as an optimiser step does) or replaced, and the caller repacks.
@@ -188,9 +189,18 @@ class PackedWeights:
             if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
                 return "an MLP other than Llama's gated one"
         for w in PackedWeights._weights(model):
-            if w.dtype != torch.float32 or w.device.type != "cpu":
-                return "weights that are not float32 on the CPU"
+            if w.device.type != "cpu" or w.dtype not in PackedWeights.dtypes():
+                return "weights neither float32 nor (with oneDNN's bfloat16) bfloat16 on the CPU"
         return None
+
+    @staticmethod
+    def dtypes() -> tuple[torch.dtype, ...]:
+        """The weight precisions oneDNN packs here: float32, and bfloat16 where the CPU has
+        its bfloat16 instructions (AVX512-BF16/AMX; measured here: a 4-row product over a
+        SmolLM2 layer stack 19 ms in bfloat16 against 32 ms in float32)."""
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return (torch.float32, torch.bfloat16)
+        return (torch.float32,)
 
     @staticmethod
     def _weights(model: Any) -> list[torch.Tensor]:

@@ -290,9 +290,10 @@ class LanguageModel:
     ``PREFILL_TOKENS`` tokens (:meth:`add_prefill_twin`); keys/values still go to the slots in
     the model's own precision."""
     packed_weights: bool = True
-    """Slot-layout forwards on a CPU in float32 run the linear layers on oneDNN-packed copies
-    of the weights (:class:`picospec.kvslots.PackedWeights`: faster at a few rows, a second
-    copy of the linear weights in memory)."""
+    """Slot-layout forwards on a CPU in float32 (or bfloat16, with the CPU's bfloat16
+    instructions) run the linear layers on oneDNN-packed copies of the weights
+    (:class:`picospec.kvslots.PackedWeights`: faster at a few rows, a second copy of the linear
+    weights in memory)."""
 
     @classmethod
     def load(

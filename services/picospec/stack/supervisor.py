@@ -3,6 +3,7 @@ restarts and cuts what tests ask it to, and stops everything in order."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -69,6 +70,13 @@ class Service:
 
     def argv(self, log_level: str) -> list[str]:
         return [self.python, "-m", "picospec.cli", "--log-level", log_level, self.role]
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group a service leads (each runs in its own session), so the
+    processes it started (vLLM's engine core and workers) go with it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _has_cuda() -> bool:
@@ -577,7 +585,10 @@ class Stack:
         if proc is None or proc.poll() is not None:
             raise StackError(f"{name} is not running")
         self._stopped_on_purpose.add(name)
-        proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            _kill_group(proc)  # and whatever it started (a vLLM verifier's engine processes)
+        else:
+            proc.send_signal(sig)
         if sig == signal.SIGKILL or wait is not None:
             proc.wait(wait)
 
@@ -619,6 +630,8 @@ class Stack:
                 cloud.append((svc.proc, VERIFIER_STOP_TIMEOUT_S))
         terminate_each(edge)
         terminate_each(cloud)
+        for proc, _ in edge + cloud:  # anything a service started and left behind
+            _kill_group(proc)
         self._stopped_on_purpose.update(self.services)
         if self.netem is not None:
             terminate_all([self.netem], INFRA_STOP_TIMEOUT_S)
