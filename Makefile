@@ -167,13 +167,13 @@ DRAFT_RECIPE := $(DRAFT_COMMON) --sources chat,docs --prompts 512 --steps 1200 -
 	--warmup 50 --eval-every 200
 DRAFT_RECIPE_LONG := $(DRAFT_COMMON) --sources chat --prompt-set long --prompts 768 --steps 600 \
 	--lr 3e-4 --warmup 20 --eval-every 100 --init $(DRAFT_WORK)
-# The recipe's next step (docs/distill.md): the shipped draft trained further on 1,024 more
+# The recipe's next step (docs/distill.md): the shipped draft trained further on 512 more
 # multi-part prompts (the 768 the long run answered are skipped), in its own work directory;
 # the result goes to DRAFT_MORE_WORK/draft, to be shipped only if its MT-Bench acceptance is
 # higher. `make draft-more-bg` runs it in the background, like draft-bg.
 DRAFT_MORE_WORK ?= build/distill/smollm2-draft-more
 DRAFT_RECIPE_MORE := $(DRAFT_COMMON) --sources chat --prompt-set long --prompt-offset 768 \
-	--prompts 1024 --steps 800 --lr 2e-4 --warmup 20 --eval-every 100 --init smollm2-draft
+	--prompts 512 --steps 400 --lr 2e-4 --warmup 20 --eval-every 100 --init smollm2-draft
 .PHONY: draft-more draft-more-bg
 draft-more: $(STAMP)
 	nice -n 19 $(BIN)/picospec distill $(DRAFT_RECIPE_MORE) --eval-mtbench 80 \

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import tinymodels
-from picospec.bench import MODES, bound, break_even_acceptance, mtbench_questions
+from picospec.bench import MODES, PAPER_TABLE1, bound, break_even_acceptance, mtbench_questions
 
 TINY_PROFILE = (
     "name: tiny-emulated\n"
@@ -74,6 +74,23 @@ def test_break_even_acceptance() -> None:
     assert 1 / (0.03 + (1 - a) * (1.5 * 0.03 + 0.2)) == pytest.approx(1 / 0.146)
     assert break_even_acceptance(0.03, 0.05, 4, 0.2) is None  # a draft slower than the target
     assert break_even_acceptance(1.0, 0.01, 4, 0.01) == 0.0  # pays off at any acceptance
+
+
+def test_implied_acceptance_inverts_the_rate_model() -> None:
+    from picospec.bench.speedup_map import implied_acceptance, paper_implied_acceptance
+
+    for alpha in (0.3, 0.75, 0.9, 1.0):
+        rate = bound(0.03, alpha, 4, 0.25)
+        assert implied_acceptance(rate, 0.03, 4, 0.25) == pytest.approx(alpha)
+    assert implied_acceptance(40.0, 0.03, 4, 0.25) is None  # faster than the draft alone
+    implied = paper_implied_acceptance(["lan", "4g", "poor"])
+    assert set(implied) == set(PAPER_TABLE1)
+    for row in implied.values():
+        a = [row[p] for p in ("lan", "4g", "poor")]
+        # a longer round trip needs a higher acceptance for the same speed
+        assert all(x is not None and 0 < x < 1 for x in a) and a[0] < a[1] < a[2]
+    # the paper's Llama 1B->70B GSM8K figure (2.51x) implies about 0.9 per token at 4g
+    assert implied["Llama 1B->70B, GSM8K"]["4g"] == pytest.approx(0.904, abs=0.005)
 
 
 def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:

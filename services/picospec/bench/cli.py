@@ -30,6 +30,7 @@ from picospec.bench.speedup_map import (
     map_plot,
     map_table,
     model_curves,
+    paper_implied_acceptance,
     speedup_map,
 )
 
@@ -219,6 +220,9 @@ def main(args: argparse.Namespace) -> int:
     if args.map:
         report["model_curves"] = model_curves(report, args)
         report["paper_table1"] = PAPER_TABLE1
+        report["paper_implied_acceptance"] = paper_implied_acceptance(
+            list(report["config"]["profiles"])
+        )
     if args.plot_dir:
         if args.concurrency:
             report["plots"] = [str(concurrency_plot(report, Path(args.plot_dir)))]

@@ -22,6 +22,44 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
 }
 
 
+# Which built-in device profile stands for each of the paper's pairs, and its draft length.
+PAPER_PAIR_PROFILES: dict[str, str] = {
+    "Llama 1B->70B": "paper-llama-1b-70b",
+    "Qwen3 0.6B->32B": "paper-qwen-0.6b-32b",
+}
+PAPER_DRAFT_LEN = 4
+
+
+def implied_acceptance(rate: float, t_d: float, draft_len: int, rtt_s: float) -> float | None:
+    """The per-token acceptance at which the rate model decodes at ``rate`` tokens/s: the
+    inverse of :func:`~picospec.bench.run.bound` in ``α``. None when ``rate`` is beyond the
+    draft's own speed (``1/t_d``), which no acceptance explains."""
+    if rate * t_d > 1.0:
+        return None
+    wait = (draft_len - 1) / 2 * t_d
+    return 1.0 - (1.0 / rate - t_d) / (wait + rtt_s)
+
+
+def paper_implied_acceptance(profiles: list[str]) -> dict[str, dict[str, float | None]]:
+    """For each row of the paper's Table 1, the acceptance its PicoSpec figure implies by the
+    rate model on each network profile: the draft step is the pair's device profile's, the
+    round trip the profile's RTT plus the verifier's time for a block of the paper's draft
+    length (for Llama 70B, 166 ms: the paper's own ablation figure)."""
+    from picospec.devices import load_profile
+
+    out: dict[str, dict[str, float | None]] = {}
+    for row, v in PAPER_TABLE1.items():
+        device = load_profile(PAPER_PAIR_PROFILES[row.split(",")[0]])
+        verify_s = device.verify.seconds(PAPER_DRAFT_LEN + 1)
+        out[row] = {
+            p: implied_acceptance(
+                v["picospec"], device.draft.step_s, PAPER_DRAFT_LEN, PROFILES[p][0] / 1e3 + verify_s
+            )
+            for p in profiles
+        }
+    return out
+
+
 def break_even_acceptance(t_ar: float, t_d: float, draft_len: int, rtt_s: float) -> float | None:
     """The per-token acceptance above which the pipeline beats cloud-only decoding, by the rate
     model: ``1 / (t_d + (1-α)(W+R)) > 1 / t_ar``. None when even α = 1 cannot (t_d >= t_ar)."""
@@ -118,14 +156,19 @@ def map_table(report: dict[str, Any], console: Any) -> None:
             )
     console.print(t)
     paper = Table(title="the paper's Table 1 (Jetson AGX Orin + A100), against cloud-only AR")
+    implied = report.get("paper_implied_acceptance", {})
+    profiles = list(next(iter(implied.values()), {}))
     for col in ("pair, dataset", "AR tok/s", "vanilla", "picospec"):
         paper.add_column(col, justify="right")
+    for p in profiles:
+        paper.add_column(f"implied α ({p})", justify="right")
     for row, v in PAPER_TABLE1.items():
         paper.add_row(
             row,
             f"{v['ar']:.2f}",
             f"{v['vanilla'] / v['ar']:.2f}x",
             f"{v['picospec'] / v['ar']:.2f}x",
+            *("-" if (a := implied[row][p]) is None else f"{a:.2f}" for p in profiles),
         )
     console.print(paper)
 
