@@ -126,6 +126,10 @@ def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
         assert r["speedup_vs_ar"] == pytest.approx(r["tokens_per_s"] / rows["ar"]["tokens_per_s"])
         if mode in ("vanilla", "dssd", "picospec"):
             assert 0 <= r["acceptance_rate"] <= 1 and r["accepted_tokens"] <= r["drafted_tokens"]
+            # per tested token: every rejection ends a block's tested run
+            tested = r["accepted_tokens"] + r["rollbacks"]
+            assert r["token_acceptance"] == pytest.approx(r["accepted_tokens"] / tested)
+            assert r["token_acceptance"] >= r["acceptance_rate"]
             assert r["verifier_forwards"] == 6 + r["rounds"] + r["migrations"]
             assert r["verifier_forwards_per_token"] < 1.0 or r["acceptance_rate"] < 0.5
         assert r["ttft_vs_ar"] == pytest.approx(r["ttft_s"] / rows["ar"]["ttft_s"])
@@ -146,7 +150,7 @@ def test_bench_quick_json_is_consistent(tmp_path: Path) -> None:
     assert 0 < p["draft_step_s"] and rows["edge"]["draft_step_s"] > 0
     # the bound at the mean γ that auto (the default) drafted with
     assert p["bound_tokens_per_s"] == pytest.approx(
-        bound(p["draft_step_s"], p["acceptance_rate"], 4, p["verify_round_trip_s"])
+        bound(p["draft_step_s"], p["token_acceptance"], 4, p["verify_round_trip_s"])
     )
     assert p["bound_ratio"] == pytest.approx(p["decode_tokens_per_s"] / p["bound_tokens_per_s"])
     assert rows["ar"]["draft_step_s"] is None  # the draft model does not run in ar
@@ -191,6 +195,8 @@ def test_speedup_map_runs_each_draft_with_rollbacks(tmp_path: Path) -> None:
     )
     assert own["acceptance_rate"] == 1.0 and own["rollbacks"] == 0
     assert other["acceptance_rate"] < 1.0 and other["rollbacks"] > 0  # a real run with rejections
+    assert own["token_acceptance"] == 1.0
+    assert other["acceptance_rate"] <= other["token_acceptance"] < 1
     for row in (own, other):
         assert row["identical_to_ar"] is True
         assert set(row["modes"]) == {"ar", "vanilla", "dssd", "picospec"}

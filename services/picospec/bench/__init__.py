@@ -12,7 +12,10 @@ The package: :mod:`~picospec.bench.run` (stacks, modes, the sweep and the figure
 The analytic bound of the draft-bound pipeline (docs/architecture.md, "A first-order model of
 speed"): with ``t_d`` the draft model's compute time per token, measured in the same picospec
 run (``picospec_draft_step_seconds``, so a verifier sharing the machine's cores shows up in it),
-``α`` the measured per-token acceptance, ``γ`` the block size, ``R`` the measured block round
+``α`` the measured per-token acceptance (``token_acceptance``: accepted draft tokens over the
+draft tokens the verifier tested, ``accepted / (accepted + rejections)``; ``acceptance_rate``,
+accepted over drafted, also counts the tokens drafted after a rejection in its block, never
+tested, so it is lower the longer the blocks), ``γ`` the block size, ``R`` the measured block round
 trip (send -> verdict applied, drafter-side histogram) and ``W = (γ-1)/2 · t_d`` the mean wait
 for a rejected token's block to be sent::
 

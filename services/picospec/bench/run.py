@@ -98,6 +98,7 @@ class ModeResult:
         drafted = sum(s.get("drafted_tokens", 0) for s in st)
         accepted = sum(s.get("accepted_tokens", 0) for s in st)
         rounds = sum(s.get("rounds", 0) for s in st)
+        rejections = sum(s.get("rollbacks", 0) for s in st)  # each rejection starts an epoch
         up = sum(s.get("bytes_up", 0) for s in st)
         down = sum(s.get("bytes_down", 0) for s in st)
         forwards = sum(_verifier_forwards(s, r.tokens) for s, r in zip(st, self.runs, strict=True))
@@ -127,6 +128,7 @@ class ModeResult:
             "cloud_prefill_s": statistics.median(prefill) if prefill else None,
             "ttft_beyond_prefill_s": statistics.median(beyond) if beyond else None,
             "acceptance_rate": accepted / drafted if drafted else None,
+            "token_acceptance": accepted / (accepted + rejections) if drafted else None,
             "mean_accepted_len": 1 + accepted / rounds if rounds else None,
             "drafted_tokens": drafted,
             "accepted_tokens": accepted,
@@ -136,7 +138,7 @@ class ModeResult:
             "bytes_per_token": (up + down) / tokens if tokens else None,
             "verifier_forwards": forwards,
             "verifier_forwards_per_token": forwards / tokens if tokens else None,
-            "rollbacks": sum(s.get("rollbacks", 0) for s in st),
+            "rollbacks": rejections,
             "wasted_tokens": sum(s.get("wasted_tokens", 0) for s in st),
             "migrations": sum(s.get("migrations", 0) for s in st),
             "verify_round_trip_s": self.rtt_s,
@@ -422,9 +424,9 @@ def run_profile(
             if row["cloud_prefill_s"] is not None and ar_prefill:
                 row["cloud_prefill_vs_ar"] = row["cloud_prefill_s"] / ar_prefill
     p = out.get("picospec")
-    if p and p["acceptance_rate"] is not None and p["verify_round_trip_s"] and p["draft_step_s"]:
+    if p and p["token_acceptance"] is not None and p["verify_round_trip_s"] and p["draft_step_s"]:
         gamma = p["draft_len_mean"] or (4 if args.draft_len == "auto" else args.draft_len)
-        b = bound(p["draft_step_s"], p["acceptance_rate"], gamma, p["verify_round_trip_s"])
+        b = bound(p["draft_step_s"], p["token_acceptance"], gamma, p["verify_round_trip_s"])
         p["bound_tokens_per_s"] = b
         p["bound_ratio"] = p["decode_tokens_per_s"] / b if p["decode_tokens_per_s"] else None
     if sweep:

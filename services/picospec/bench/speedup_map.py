@@ -116,6 +116,7 @@ def speedup_map(
             )
             rows[name] = {
                 "acceptance_rate": p.get("acceptance_rate"),
+                "token_acceptance": p.get("token_acceptance"),
                 "rtt_ms": PROFILES[name][0],
                 **{f"{m}_vs_ar": modes[m].get("speedup_vs_ar") for m in modes if m != "ar"},
                 "identical_to_ar": all(modes[m].get("identical_to_ar") is not False for m in modes),
@@ -137,7 +138,7 @@ def map_table(report: dict[str, Any], console: Any) -> None:
     emulated = report["config"]["device_profile"]
     title = "speedup map" + (f" (EMULATED: {emulated})" if emulated else " (real compute)")
     t = Table(title=title)
-    for col in ("draft", "profile", "accept", "picospec", "dssd", "vanilla", "break-even α"):
+    for col in ("draft", "profile", "α", "picospec", "dssd", "vanilla", "break-even α"):
         t.add_column(col, justify="right")
     for label, d in report["map"].items():
         for name, r in d["profiles"].items():
@@ -148,7 +149,7 @@ def map_table(report: dict[str, Any], console: Any) -> None:
             t.add_row(
                 label,
                 name,
-                "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}",
+                "-" if r.get("token_acceptance") is None else f"{r['token_acceptance']:.2f}",
                 x(r.get("picospec_vs_ar")),
                 x(r.get("dssd_vs_ar")),
                 x(r.get("vanilla_vs_ar")),
@@ -194,7 +195,7 @@ def map_plot(report: dict[str, Any], out_dir: Path) -> Path:
                     [PROFILES[n][0] for n in names], ys, ls, marker="o", label=f"{mode}, {label}"
                 )
         for n in names:
-            a, y = rows[n]["acceptance_rate"], rows[n].get("picospec_vs_ar")
+            a, y = rows[n].get("token_acceptance"), rows[n].get("picospec_vs_ar")
             if a is not None and y is not None:
                 ax2.scatter([a], [y], s=40, zorder=3)
                 ax2.annotate(f"{label} {n}", (a, y), fontsize=7, xytext=(3, 3),
@@ -211,14 +212,14 @@ def map_plot(report: dict[str, Any], out_dir: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.set_ylabel("speedup over cloud-only ar")
     ax1.set_xlabel("round-trip time (ms)")
-    ax2.set_xlabel("measured acceptance (picospec)")
+    ax2.set_xlabel("measured per-token acceptance α (picospec)")
     emulated = report["config"]["device_profile"]
     tag = f"EMULATED {emulated}" if emulated else "real compute"
     ax1.set_title(f"speedup vs RTT ({tag}); grey: paper, Llama")
     ax2.set_title("picospec speedup vs acceptance, with the rate model")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
-    path = out_dir / "speedup_map.png"
+    path = out_dir / f"speedup_map_{'emulated' if emulated else 'real'}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
