@@ -34,7 +34,7 @@ bench: setup
 
 # The speedup map: the paper's hardware emulated (device profile), every draft over lan, 4g and
 # poor, picospec/dssd/vanilla against ar, with the draft-length sweep (about 40 minutes).
-MAP_ARGS ?= --quick --profiles lan,4g,poor --device-profile paper-llama-1b-70b --map-drafts self,int8,smollm2-draft --draft-len-sweep 2,4,6,8,auto
+MAP_ARGS ?= --quick --profiles lan,4g,poor --device-profile paper-llama-1b-70b --map-drafts self,bf16,int8,smollm2-draft --draft-len-sweep 2,4,6,8,auto
 .PHONY: bench-map bench-overhead
 bench-map: setup
 	$(BIN)/picospec bench --map $(MAP_ARGS) --plot-dir docs --json > docs/bench-map-emulated.json
