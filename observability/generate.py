@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from picospec.stack.prometheus import local_targets, render_config, scrape_config
+from picospec.tools.stack.prometheus import local_targets, render_config, scrape_config
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the `boards` package next to this file, however it is loaded
@@ -54,10 +54,10 @@ SCRAPE_HEADER = """\
 
 
 def metrics_reference() -> str:
-    """``METRICS.md``: every metric of ``picospec.metrics`` with its type, labels and help."""
+    """``METRICS.md``: every metric of ``picospec.services.metrics``: type, labels and help."""
     from prometheus_client import Counter, Gauge, Histogram, Info
 
-    from picospec import metrics
+    from picospec.services import metrics
 
     suffix = {Counter: "_total", Info: "_info"}
     rows = []
@@ -74,8 +74,8 @@ def metrics_reference() -> str:
         rows.append(f"| `{name}` | {kind} | {labels} | {text} |")
     return (
         "# PicoSpec metrics\n\n"
-        "Generated from `services/picospec/metrics.py` by `observability/generate.py`; do not "
-        "edit by hand.\nEvery series also carries the target labels `namespace`, `role`, "
+        "Generated from `services/picospec/services/metrics.py` by `observability/generate.py`; "
+        "do not edit by hand.\nEvery series also carries the target labels `namespace`, `role`, "
         "`replica` and, at the edge, `site`\n(see README.md). Each process also exports "
         "prometheus-client's `process_*` and `python_*` metrics.\n\n"
         "| metric | type | labels | meaning |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"

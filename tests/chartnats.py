@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from picospec.stack.natsserver import find_nats_server, port_open
+from picospec.tools.stack.natsserver import find_nats_server, port_open
 
 
 def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from hypothesis import settings
 
-from picospec.models import LanguageModel
+from picospec.runtime.loading import load_model
+from picospec.runtime.model import LanguageModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -65,7 +66,7 @@ def draft() -> LanguageModel:
 
 @pytest.fixture(scope="session")
 def smollm2() -> LanguageModel:
-    return LanguageModel.load("smollm2", threads=2)
+    return load_model("smollm2", threads=2)
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +84,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def reference(tiny_dirs: tuple[Path, Path]) -> LanguageModel:
     """The saved tiny target loaded in-process: what greedy answers must equal."""
-    return LanguageModel.load(str(tiny_dirs[0]), device="cpu")
+    return load_model(str(tiny_dirs[0]), device="cpu")
 
 
 def pooled_chisquare_pvalue(observed: np.ndarray, expected: np.ndarray) -> float:

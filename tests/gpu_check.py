@@ -21,10 +21,10 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "ser
 import torch
 
 import tinymodels
-from picospec.config import Mode, SpecConfig
-from picospec.engine import generate
-from picospec.models import LanguageModel
-from picospec.sampling import SamplingParams
+from picospec.runtime.loading import load_model
+from picospec.speculation.engine import generate
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import Mode, SpecConfig
 
 dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
 out = {"device": dev, "torch": torch.__version__}
@@ -51,8 +51,8 @@ def first_diff(a, b):
 # Greedy identity per precision and cache layout: every speculative mode against ar, where the
 # first divergence falls, and how close to ties the target's choices are (median top-2 gap).
 for dtype, layout in (("float32", "slots"), ("bfloat16", "slots"), ("bfloat16", "copy")):
-    t = LanguageModel.load(str(tgt_dir), device=dev, dtype=dtype)
-    d = LanguageModel.load(str(drf_dir), device=dev, dtype=dtype)
+    t = load_model(str(tgt_dir), device=dev, dtype=dtype)
+    d = load_model(str(drf_dir), device=dev, dtype=dtype)
     t.kv_layout = d.kv_layout = layout
     prompts = [t.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     ar = run(t, None, prompts, Mode.AR, GREEDY, 64)
@@ -91,7 +91,7 @@ if dev == "cuda":
     p = root / "smol-shaped"
     m.save_pretrained(p)
     tok.save_pretrained(p)
-    t = LanguageModel.load(str(p), device=dev, dtype="bfloat16")
+    t = load_model(str(p), device=dev, dtype="bfloat16")
     prompts = [
         t.encode_chat([{"role": "user", "content": "Explain speculative decoding " * k}])
         for k in (1, 2, 3, 4)

@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 import aiohttp
 
 import tinymodels
-from picospec.config import Mode, SpecConfig
-from picospec.engine import generate
-from picospec.models import LanguageModel
-from picospec.sampling import SamplingParams
-from picospec.stack.up import Stack, StackConfig
+from picospec.runtime.model import LanguageModel
+from picospec.speculation.engine import generate
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import Mode, SpecConfig
+from picospec.tools.stack.up import Stack, StackConfig
 from test_services import ENV, chat, expected, metric, post, scrape
 
 __all__ = [

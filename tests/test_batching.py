@@ -20,14 +20,15 @@ import pytest
 import torch
 
 from conftest import pooled_chisquare_pvalue, tiny_model
-from picospec.config import Mode, SpecConfig
-from picospec.drafter.session import Committed, DrafterSession
-from picospec.models import KVCache, LanguageModel, quantize_int8
 from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict
-from picospec.sampler import sample
-from picospec.sampling import SamplingParams
-from picospec.scheduler import run_batched
-from picospec.verifier.session import BlockRefused, VerifierSession, verify_many
+from picospec.runtime.checkpoints import quantize_int8
+from picospec.runtime.model import KVCache, LanguageModel
+from picospec.runtime.scheduler import run_batched
+from picospec.speculation.drafter import Committed, DrafterSession
+from picospec.speculation.sampler import sample
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import Mode, SpecConfig
+from picospec.speculation.verifier import BlockRefused, VerifierSession, verify_many
 
 V = 16
 ATOL = 1e-4

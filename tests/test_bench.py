@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 import tinymodels
-from picospec.bench import MODES, PAPER_TABLE1, bound, break_even_acceptance, mtbench_questions
+from picospec.tools.bench import (
+    MODES,
+    PAPER_TABLE1,
+    bound,
+    break_even_acceptance,
+)
+from picospec.tools.prompts import mtbench_questions
 
 TINY_PROFILE = (
     "name: tiny-emulated\n"
@@ -77,7 +83,7 @@ def test_break_even_acceptance() -> None:
 
 
 def test_implied_acceptance_inverts_the_rate_model() -> None:
-    from picospec.bench.speedup_map import implied_acceptance, paper_implied_acceptance
+    from picospec.tools.bench.speedup_map import implied_acceptance, paper_implied_acceptance
 
     for alpha in (0.3, 0.75, 0.9, 1.0):
         rate = bound(0.03, alpha, 4, 0.25)
@@ -297,8 +303,8 @@ def test_bench_prefill_chunks_a_long_prompt_while_streams_go_on(tmp_path: Path) 
 def test_map_drafts_and_the_draft_precision_reach_the_drafter() -> None:
     """``--map-drafts bf16`` is the target's weights in bfloat16 as the draft: the drafter
     process gets PICOSPEC_DTYPE=bfloat16, the verifier keeps its own precision."""
-    from picospec.bench.speedup_map import _drafts
-    from picospec.stack.up import Stack, StackConfig
+    from picospec.tools.bench.speedup_map import _drafts
+    from picospec.tools.stack.up import Stack, StackConfig
 
     assert _drafts("self,bf16,int8,smollm2-draft", "smollm2") == [
         ("self", "smollm2", "none", None),

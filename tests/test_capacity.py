@@ -13,7 +13,7 @@ import asyncio
 from pathlib import Path
 
 from conftest import tiny_model
-from picospec.capacity import plot, run_grid
+from picospec.tools.capacity import plot, run_grid
 
 
 def test_capacity_grid_on_a_tiny_model(tmp_path: Path) -> None:

@@ -629,7 +629,7 @@ def test_chart_nats_configs_enforce_the_roles_on_a_real_nats_server(tmp_path: Pa
     import nats
 
     from picospec.protocol import subjects
-    from picospec.stack.natsserver import free_ports, port_open
+    from picospec.tools.stack.natsserver import free_ports, port_open
 
     hub_port, leaf_port, hub_mon, edge_port, edge_mon = free_ports(5)
     values = {
@@ -870,10 +870,10 @@ def test_edge_agent_remote_writes() -> None:
 
 
 def exported_metrics() -> set[str]:
-    """Sample names the services serve on /metrics: everything picospec.metrics registers."""
+    """Sample names the services serve on /metrics: all picospec.services.metrics registers."""
     from prometheus_client import REGISTRY
 
-    import picospec.metrics  # noqa: F401  (registers every metric)
+    import picospec.services.metrics  # noqa: F401  (registers every metric)
 
     suffixes = {
         "counter": ("_total", "_created"),

@@ -33,8 +33,8 @@ pytest.importorskip("helm_python")
 
 import chartnats  # noqa: E402
 from picospec.config import Settings  # noqa: E402
-from picospec.serving import nats_options  # noqa: E402
-from picospec.stack.natsserver import free_ports, make_pki  # noqa: E402
+from picospec.services.shell import nats_options  # noqa: E402
+from picospec.tools.stack.natsserver import free_ports, make_pki  # noqa: E402
 from test_chart import COMBOS, find, render  # noqa: E402
 
 SITES = ("a", "b")
@@ -321,7 +321,7 @@ def test_two_sites_with_tls_on_real_nats_servers_and_services(
     import nats
 
     from picospec.protocol import subjects
-    from picospec.stack.natsserver import find_nats_server
+    from picospec.tools.stack.natsserver import find_nats_server
     from test_services import chat
 
     r = Rendered(tmp_path)

@@ -27,7 +27,7 @@ import yaml
 pytest.importorskip("kubernetes")
 helm = pytest.importorskip("helm_python")
 
-from picospec import cluster  # noqa: E402
+from picospec.tools import cluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NS, RELEASE = "serving", "ps"

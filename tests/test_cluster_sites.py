@@ -18,7 +18,7 @@ pytest.importorskip("helm_python")
 
 import chartnats  # noqa: E402
 import test_cluster as tc  # noqa: E402
-from picospec.stack.natsserver import free_ports  # noqa: E402
+from picospec.tools.stack.natsserver import free_ports  # noqa: E402
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def sites_api(tmp_path: Path, monkeypatch):
     # the stand-in API server: site-labelled nodes and the per-site pods; the hub pod's
     # monitor port proxied to the real hub (whose monitor listens on hub_mon)
     monkeypatch.setattr(tc, "rendered", lambda _values: objs)
-    monkeypatch.setattr("picospec.cluster.HUB_MONITOR_PORT", hub_mon)
+    monkeypatch.setattr("picospec.tools.cluster.HUB_MONITOR_PORT", hub_mon)
     state = tc.FakeApi({})
     state.nodes = [
         tc.node("edge-a1", {"node-role.kubernetes.io/edge": "", "picospec.io/site": "a"}),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from picospec.protocol.codec import ValueCodec, sparse_from_probs
-from picospec.sampling import sparse_top_k
+from picospec.speculation.sampling import sparse_top_k
 
 
 def _cases() -> list[torch.Tensor]:

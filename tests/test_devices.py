@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_model
-from picospec.devices import (
+from picospec.runtime.devices import (
     Cost,
     DeviceProfileError,
     Pacer,
     builtin_profiles,
     load_profile,
 )
-from picospec.stack.procs import parse_cpus, split_cpus
+from picospec.tools.stack.procs import parse_cpus, split_cpus
 
 
 def test_builtin_profiles_are_the_papers_pairs() -> None:
@@ -88,10 +88,10 @@ def test_settings_refuse_an_unknown_profile() -> None:
 
 
 def test_pacer_pads_up_to_the_profile_and_never_below(monkeypatch: pytest.MonkeyPatch) -> None:
-    import picospec.devices
+    import picospec.runtime.devices
 
     waits: list[float] = []
-    monkeypatch.setattr(picospec.devices.time, "sleep", waits.append)
+    monkeypatch.setattr(picospec.runtime.devices.time, "sleep", waits.append)
     seen: list[tuple[str, float, float]] = []
     pacer = Pacer(Cost(device="x", step_s=0.05, per_token_s=0.01), "draft")
     pacer.on_pace = lambda kind, real, target: seen.append((kind, real, target))
@@ -142,7 +142,7 @@ def test_cpu_sets_split_the_machine_and_parse_lists() -> None:
 
 
 def test_stack_config_pins_sides_apart_and_passes_the_profile() -> None:
-    from picospec.stack.up import Stack, StackConfig
+    from picospec.tools.stack.up import Stack, StackConfig
 
     with pytest.raises(ValueError, match="disjoint"):
         StackConfig(topology="edge-cloud", edge_cpus=frozenset({0}), cloud_cpus=frozenset({0, 1}))

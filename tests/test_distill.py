@@ -3,7 +3,7 @@
 The pipeline runs through the real command line on the tiny Llama of ``tests/tinymodels.py``
 (its real tokenizer and chat template): the target answers synthesised prompts, its top-k is
 cached, a 1-layer draft with a reduced head trains a few steps, is saved and loaded back through
-``LanguageModel.load``. A second run, stopped after every step (``--max-time-s 0``) and resumed,
+``load_model``. A second run, stopped after every step (``--max-time-s 0``) and resumed,
 must end with the same draft. Then: the file holds only what the draft adds; the reduced head
 gives ``q = 0`` outside its tokens; greedy output with the draft equals ``ar``; sampled output
 with a reduced-head draft follows the target's exact distribution (chi-square, as in
@@ -24,18 +24,20 @@ from safetensors.torch import load_file
 
 from conftest import pooled_chisquare_pvalue, tiny_model
 from picospec.cli import main
-from picospec.config import Mode, SpecConfig
-from picospec.distill import data as D
-from picospec.distill.format import DRAFTS_DIR, META, TENSORS, draft_from_target, read_meta
-from picospec.distill.student import ReducedHead, build_student, parse_layers, spread_layers
-from picospec.engine import generate
-from picospec.models import LanguageModel
-from picospec.sampling import (
+from picospec.runtime.drafts import DRAFTS_DIR, META
+from picospec.runtime.drafts.format import TENSORS, draft_from_target, read_meta
+from picospec.runtime.drafts.student import ReducedHead, build_student, parse_layers, spread_layers
+from picospec.runtime.loading import load_model
+from picospec.runtime.model import LanguageModel
+from picospec.speculation.engine import generate
+from picospec.speculation.sampling import (
     SamplingParams,
     output_distribution,
     probs_from_logits,
     total_variation,
 )
+from picospec.speculation.spec import Mode, SpecConfig
+from picospec.tools.distill import data as D
 
 HEAD = 40  # of the tiny tokenizer's 75 tokens
 
@@ -151,7 +153,7 @@ def test_the_draft_file_holds_only_what_the_draft_adds(distilled: Path) -> None:
         [META, TENSORS, "report.json", "report.md"]
     )
     tensors = load_file(str(out / TENSORS))
-    target = LanguageModel.load(read_meta(out)["target"], device="cpu")
+    target = load_model(read_meta(out)["target"], device="cpu")
     layer0 = target.model.model.layers[0].state_dict()
     expected = {f"layers.0.{k}" for k in layer0} | {"norm.weight"}
     stored = {k.rsplit(".", 1)[0] for k in tensors if k != "head_ids"}
@@ -170,8 +172,8 @@ def test_the_draft_file_holds_only_what_the_draft_adds(distilled: Path) -> None:
 def test_load_rebuilds_the_trained_draft_and_the_reduced_head_has_q_zero_outside(
     distilled: Path,
 ) -> None:
-    draft = LanguageModel.load(str(distilled / "draft"), device="cpu")
-    target = LanguageModel.load(read_meta(distilled / "draft")["target"], device="cpu")
+    draft = load_model(str(distilled / "draft"), device="cpu")
+    target = load_model(read_meta(distilled / "draft")["target"], device="cpu")
     head = draft.model.lm_head
     assert isinstance(head, ReducedHead) and head.size == HEAD
     assert target.eos_ids <= set(head.ids.tolist())
@@ -196,7 +198,7 @@ def test_one_token_through_separate_rejection_sampling_is_exactly_the_target(
 ) -> None:
     """Exact, per position: accept with min(1, p/q), else draw from the residual: the output
     distribution equals p although the reduced head's q is 0 on most tokens."""
-    draft = LanguageModel.load(str(distilled / "draft"), device="cpu")
+    draft = load_model(str(distilled / "draft"), device="cpu")
     prompt = reference.encode_chat([{"role": "user", "content": "Tell me about tea."}])
     p_rows = reference.new_cache().extend(prompt)
     q_rows = draft.new_cache().extend(prompt)
@@ -214,7 +216,7 @@ def test_one_token_through_separate_rejection_sampling_is_exactly_the_target(
 def test_greedy_with_the_distilled_draft_is_token_identical_to_ar(
     distilled: Path, reference: LanguageModel, mode: Mode
 ) -> None:
-    draft = LanguageModel.load(str(distilled / "draft"), device="cpu")
+    draft = load_model(str(distilled / "draft"), device="cpu")
     params = SamplingParams(temperature=0.0)
     rollbacks = 0
     for text in ["Tell me about tea.", "Write a haiku about bees.", "What is 7 times 8?"]:
@@ -336,7 +338,7 @@ def test_the_command_lines_drafter_defaults_to_picospec_draft_model(
     import argparse
 
     from picospec import default_drafter
-    from picospec.bench.cli import register as bench_register
+    from picospec.tools.bench.cli import register as bench_register
 
     monkeypatch.delenv("PICOSPEC_DRAFT_MODEL", raising=False)
     assert default_drafter() == "smollm2"
@@ -353,8 +355,8 @@ def test_a_run_continues_a_finished_draft_on_new_prompts(
     """``--init DRAFT_DIR`` (a finished draft, e.g. the shipped one, whose data is gone): the
     draft starts from its weights (step-0 acceptance = its last, up to the int8 deltas) and
     head; ``--prompt-offset`` skips the prompts the earlier run answered; no earlier data."""
-    from picospec.distill.recipe import Options, Recipe
-    from picospec.distill.train import _chat_prompts
+    from picospec.tools.distill.recipe import Options, Recipe
+    from picospec.tools.distill.stages import _chat_prompts
 
     work = tmp_path / "more"
     extra = ("--init", str(distilled / "draft"), "--prompt-offset", "12", "--prompts", "6",

@@ -339,3 +339,29 @@ picospec cluster -n picospec scale-verifiers 3
 `picospec up --secure [--tls]`, `picospec generate`, `make chart-files manifests`, `make …`
 """
     assert command_errors(good) == []
+
+
+def test_settings_table_is_generated_from_settings() -> None:
+    """docs/configuration.md's settings table is `make docs`'s output: one row per field of
+    ``Settings``, each with a description and the roles that read it."""
+    import importlib.util
+
+    from picospec.config import Settings
+
+    spec = importlib.util.spec_from_file_location(
+        "picospec_docs_settings_table", ROOT / "docs" / "hack" / "settings_table.py"
+    )
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert gen.current(text) == gen.table(), "run `make docs`"
+    rows = [line for line in gen.current(text).splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == [n.upper() for n in Settings.model_fields]
+    for name, field in Settings.model_fields.items():
+        assert field.description and field.description.strip(), f"{name}: no description"
+        roles = gen.metadata(field).get("roles")
+        assert roles, f"{name}: no roles (json_schema_extra={{'roles': [...]}})"
+        assert set(roles) <= set(gen.ROLES), f"{name}: unknown roles {roles}"
+        assert "all" not in roles or roles == ["all"], f"{name}: 'all' and other roles"

@@ -28,14 +28,15 @@ import aiohttp
 import nats
 import pytest
 
-from picospec.config import SpecConfig
-from picospec.loadgen import rss_bytes, run_load, stream_one
-from picospec.models import LanguageModel
 from picospec.protocol import subjects
 from picospec.protocol.codec import Verdict, VerdictStatus, decode_as
-from picospec.protocol.control import CloseSession, OpenReply, OpenSession
-from picospec.sampling import SamplingParams
-from picospec.stack.up import Stack, http_status
+from picospec.runtime.loading import load_model
+from picospec.runtime.model import LanguageModel
+from picospec.services.control import CloseSession, OpenReply, OpenSession
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import SpecConfig
+from picospec.tools.loadgen import rss_bytes, run_load, stream_one
+from picospec.tools.stack.up import Stack, http_status
 from stackutil import (
     StreamResult,
     continuation,
@@ -58,7 +59,7 @@ def report(title: str, lines: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def draft_model(tiny_dirs: tuple[Path, Path]) -> LanguageModel:
-    return LanguageModel.load(str(tiny_dirs[1]), device="cpu")
+    return load_model(str(tiny_dirs[1]), device="cpu")
 
 
 def check_clean(res: StreamResult, ref_text: str) -> str:
@@ -768,8 +769,8 @@ class TestEdgeCloud:
 
 def test_reports_are_json_serialisable() -> None:
     """The load generator's report is plain JSON (the soak prints it)."""
-    from picospec.loadgen import RequestResult
-    from picospec.loadgen import report as load_report
+    from picospec.tools.loadgen import RequestResult
+    from picospec.tools.loadgen import report as load_report
 
     rep = load_report([RequestResult("p", 200, "abc", 3, 0.1, [0.01, 0.02])], 1.0, 1)
     assert json.loads(json.dumps(rep))["tokens_per_s"] == 3.0

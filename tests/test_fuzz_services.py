@@ -38,8 +38,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from picospec.config import Mode, SpecConfig
-from picospec.models import LanguageModel
 from picospec.protocol import subjects
 from picospec.protocol.codec import (
     CodecError,
@@ -53,9 +51,11 @@ from picospec.protocol.codec import (
     decode_as,
     encode,
 )
-from picospec.protocol.control import CloseSession, OpenReply, OpenSession
-from picospec.sampling import SamplingParams
-from picospec.stack.up import Stack, http_status
+from picospec.runtime.model import LanguageModel
+from picospec.services.control import CloseSession, OpenReply, OpenSession
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import Mode, SpecConfig
+from picospec.tools.stack.up import Stack, http_status
 from stackutil import (
     StreamResult,
     drafter_id,

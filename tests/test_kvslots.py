@@ -1,4 +1,5 @@
-"""Slot KV caches and the varlen forward (picospec.kvslots) against transformers' own forward.
+"""Slot KV caches and the varlen forward (picospec.runtime.kvslots) against transformers'
+own forward.
 
 The varlen forward is written over the model's Hugging Face modules; these checks hold it to
 the model's plain cache-free forward over each whole sequence, on every Llama-family type it
@@ -16,12 +17,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from picospec.config import Mode, SpecConfig
-from picospec.models import LanguageModel, ModelError
-from picospec.protocol.control import OpenSession
-from picospec.sampling import SamplingParams
-from picospec.verifier.service import capacity
-from picospec.verifier.session import VerifierSession
+from picospec.runtime.model import LanguageModel, ModelError
+from picospec.services.control import OpenSession
+from picospec.services.verifier.service import capacity
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import Mode, SpecConfig
+from picospec.speculation.verifier import VerifierSession
 
 V = 16
 ATOL = 1e-4
@@ -183,7 +184,7 @@ def test_a_prefill_twin_runs_long_forwards_in_its_precision_into_the_slots() -> 
     keys/values land in the float16 slot, equal to the twin's own rounded to float16), a
     decode step on the float16 weights; without a twin the float16 prefill differs more from
     the float32 model than the twin's does."""
-    from picospec.models import PREFILL_TOKENS
+    from picospec.runtime.model import PREFILL_TOKENS
 
     ref = _arch("llama")
     half = _arch("llama")

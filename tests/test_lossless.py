@@ -16,10 +16,10 @@ import torch
 from scipy.stats import chisquare
 
 from conftest import pooled_chisquare_pvalue, tiny_model
-from picospec.config import Mode, SpecConfig
-from picospec.engine import generate
-from picospec.models import LanguageModel, VocabularyMismatch
-from picospec.sampling import SamplingParams, probs_from_logits
+from picospec.runtime.model import LanguageModel, VocabularyMismatch
+from picospec.speculation.engine import generate
+from picospec.speculation.sampling import SamplingParams, probs_from_logits
+from picospec.speculation.spec import Mode, SpecConfig
 
 PROMPTS = [[1, 2, 3], [4], [0, 7, 7, 5, 1, 6, 2]]
 SPECS = [

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from picospec.models import LanguageModel, ModelError, pick_dtype, resolve
+from picospec.runtime.checkpoints import resolve
+from picospec.runtime.loading import load_model
+from picospec.runtime.model import LanguageModel, ModelError, pick_dtype
 
 
 def test_block_forward_matches_token_by_token(target: LanguageModel) -> None:
@@ -51,4 +53,4 @@ def test_embedded_default_is_found_in_the_installed_wheel() -> None:
 
 def test_unknown_hub_model_fails_clearly_offline() -> None:
     with pytest.raises(ModelError, match="nothing is downloaded"):
-        LanguageModel.load("picospec-test/does-not-exist", device="cpu")
+        load_model("picospec-test/does-not-exist", device="cpu")

@@ -34,9 +34,9 @@ import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram, Info
 
-from picospec import metrics
-from picospec.stack.natsserver import free_port
-from picospec.stack.prometheus import (
+from picospec.services import metrics
+from picospec.tools.stack.natsserver import free_port
+from picospec.tools.stack.prometheus import (
     RULE_FILES,
     RULES_DIR,
     Prometheus,
@@ -47,7 +47,7 @@ from picospec.stack.prometheus import (
     stack_targets,
     unit_test_rules,
 )
-from picospec.stack.up import Stack, StackConfig
+from picospec.tools.stack.up import Stack, StackConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 OBS = ROOT / "observability"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from picospec.protocol.codec import ValueCodec, sparse_from_probs
-from picospec.sampling import (
+from picospec.speculation.sampling import (
     Rng,
     SamplingParams,
     correction_distribution,

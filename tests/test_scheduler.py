@@ -21,17 +21,18 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from picospec import metrics
-from picospec.config import Mode, Settings, SpecConfig
-from picospec.drafter.session import DrafterSession
-from picospec.models import LanguageModel
+from picospec.config import Settings
 from picospec.protocol import subjects
 from picospec.protocol.codec import DraftBlock, Verdict
-from picospec.protocol.control import OpenSession
-from picospec.sampling import SamplingParams
-from picospec.scheduler import Batcher, Forward, Job, ModelThread, run_batched
-from picospec.verifier.service import Held, VerifierService
-from picospec.verifier.session import VerifierSession
+from picospec.runtime.model import LanguageModel
+from picospec.runtime.scheduler import Batcher, Forward, Job, ModelThread, run_batched
+from picospec.services import metrics
+from picospec.services.control import OpenSession
+from picospec.services.verifier.service import Held, VerifierService
+from picospec.speculation.drafter import DrafterSession
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import Mode, SpecConfig
+from picospec.speculation.verifier import VerifierSession
 
 V = 16
 ATOL = 1e-4

@@ -26,16 +26,17 @@ import nats
 import nats.errors
 import pytest
 
-from picospec.config import Mode, Settings, SpecConfig
-from picospec.drafter.api import Api, application
-from picospec.engine import generate
-from picospec.models import LanguageModel
+from picospec.config import Settings
 from picospec.protocol import subjects
 from picospec.protocol.codec import DraftBlock, Verdict, encode
-from picospec.sampling import SamplingParams
-from picospec.serving import connect_nats, nats_options
-from picospec.stack.natsserver import NatsServer, NatsUser, make_pki
-from picospec.stack.up import Stack, StackConfig
+from picospec.runtime.model import LanguageModel
+from picospec.services.drafter.api import Api, application
+from picospec.services.shell import connect_nats, nats_options
+from picospec.speculation.engine import generate
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import Mode, SpecConfig
+from picospec.tools.stack.natsserver import NatsServer, NatsUser, make_pki
+from picospec.tools.stack.up import Stack, StackConfig
 
 HAVE_OPENSSL = shutil.which("openssl") is not None
 API_KEY = secrets.token_urlsafe(24)
@@ -536,7 +537,7 @@ def test_verdict_subjects_carry_the_site() -> None:
 
 
 def test_picospec_up_secure_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    from picospec.stack.up import build_parser, config_from_args
+    from picospec.tools.stack.up import build_parser, config_from_args
 
     argv = ["--topology", "edge-cloud", "--secure", "--tls"]
     monkeypatch.delenv("PICOSPEC_API_KEY", raising=False)

@@ -20,12 +20,13 @@ import aiohttp
 import nats
 import pytest
 
-from picospec.config import Mode, SpecConfig
-from picospec.engine import generate
-from picospec.models import LanguageModel
 from picospec.protocol import subjects
-from picospec.sampling import SamplingParams
-from picospec.stack.up import Stack, StackConfig
+from picospec.runtime.loading import load_model
+from picospec.runtime.model import LanguageModel
+from picospec.speculation.engine import generate
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import Mode, SpecConfig
+from picospec.tools.stack.up import Stack, StackConfig
 
 ENV = {
     "PICOSPEC_VERIFY_TIMEOUT_S": "2",
@@ -130,7 +131,7 @@ async def stream_chat(api: str, content: str, max_tokens: int, **kw: Any) -> tup
 def test_edge_mode_is_the_draft_model_alone_and_says_so(
     stack: Stack, tiny_dirs: tuple[Path, Path]
 ) -> None:
-    draft = LanguageModel.load(str(tiny_dirs[1]), device="cpu")
+    draft = load_model(str(tiny_dirs[1]), device="cpu")
     status, body = chat(stack.api_url, "Edge only", mode="edge", max_tokens=30)
     assert status == 200
     assert body["choices"][0]["message"]["content"] == expected(draft, "Edge only", 30)
@@ -429,7 +430,7 @@ def test_cloud_unreachable_gives_a_clean_503(tiny_dirs: tuple[Path, Path]) -> No
 
         assert sorted(asyncio.run(two())) == [(429, "1"), (503, "5")]
         # opt-in degraded mode: the draft model alone, marked unverified everywhere
-        draft = LanguageModel.load(str(tiny_dirs[1]), device="cpu")
+        draft = load_model(str(tiny_dirs[1]), device="cpu")
         req = urllib.request.Request(
             f"{s.api_url}/chat/completions",
             headers={"Content-Type": "application/json"},
@@ -459,7 +460,7 @@ def test_the_draft_model_thread_yields_the_cpu_to_the_services_io(idle: bool) ->
     import os
 
     from picospec.config import Settings
-    from picospec.drafter.service import DrafterService
+    from picospec.services.drafter.service import DrafterService
 
     svc = DrafterService(Settings(draft_thread_idle=idle), nc=None, model=None)  # type: ignore[arg-type]
     try:

@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 
-from picospec.config import Mode, SpecConfig
-from picospec.drafter.session import Committed, DrafterSession, ProtocolError
-from picospec.models import LanguageModel
 from picospec.protocol.codec import SampleRequest, Verdict
-from picospec.sampler import sample
-from picospec.sampling import SamplingParams
-from picospec.verifier.session import BlockRefused, VerifierSession
+from picospec.runtime.model import LanguageModel
+from picospec.speculation.drafter import Committed, DrafterSession, ProtocolError
+from picospec.speculation.sampler import sample
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import Mode, SpecConfig
+from picospec.speculation.verifier import BlockRefused, VerifierSession
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = [1, 2, 3, 4]

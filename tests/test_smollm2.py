@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from picospec.config import Mode, SpecConfig
-from picospec.engine import generate
-from picospec.models import LanguageModel, check_vocabulary, quantize_int8
-from picospec.sampling import SamplingParams
+from picospec.runtime.checkpoints import quantize_int8
+from picospec.runtime.model import LanguageModel, check_vocabulary
+from picospec.speculation.engine import generate
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import Mode, SpecConfig
 
 pytestmark = pytest.mark.slow
 

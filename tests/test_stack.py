@@ -23,10 +23,10 @@ import pytest
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from picospec.stack import register
-from picospec.stack.natsserver import NatsServer, find_nats_server, free_port, port_open
-from picospec.stack.netem import LinkEmulator
-from picospec.stack.up import (
+from picospec.tools.stack import register
+from picospec.tools.stack.natsserver import NatsServer, find_nats_server, free_port, port_open
+from picospec.tools.stack.netem import LinkEmulator
+from picospec.tools.stack.up import (
     Stack,
     StackConfig,
     StackError,
@@ -198,12 +198,12 @@ def test_netem_cut_and_restore() -> None:
 
 def test_netem_command_line_signals() -> None:
     """``picospec netem`` in the foreground: forwards, SIGUSR1 cuts, SIGUSR2 restores,
-    SIGTERM exits 0 (run here as ``python -m picospec.stack.netem``)."""
+    SIGTERM exits 0 (run here as ``python -m picospec.tools.stack.netem``)."""
 
     async def main() -> None:
         echo = await _echo_server()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "picospec.stack.netem", "--listen", "0",
+            sys.executable, "-m", "picospec.tools.stack.netem", "--listen", "0",
             "--target", f"{HOST}:{_port(echo)}", "--rtt-ms", "20", "--bandwidth-mbit", "50",
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
@@ -376,7 +376,7 @@ def test_restart_keeps_a_reconnecting_client_working(tmp_path: Path) -> None:
 def test_children_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
     code = (
         "import sys, time\n"
-        "from picospec.stack.natsserver import NatsServer\n"
+        "from picospec.tools.stack.natsserver import NatsServer\n"
         f"s = NatsServer(0, name='orphan', run_dir={str(tmp_path)!r}).start()\n"
         "print(s.pid, s.port, flush=True)\n"
         "time.sleep(60)\n"
@@ -400,7 +400,7 @@ def test_children_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
 
 def test_up_help_lists_the_options() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "picospec.stack.up", "--help"],
+        [sys.executable, "-m", "picospec.tools.stack.up", "--help"],
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
     for opt in ("--topology", "--verifiers", "--drafter", "--verifier", "--quantize-draft",
@@ -542,7 +542,7 @@ def _procs_with_env(entry: str) -> list[int]:
 
 def _up_argv(cfg: StackConfig, run_dir: Path) -> list[str]:
     return [
-        sys.executable, "-m", "picospec.stack.up", "--run-dir", str(run_dir),
+        sys.executable, "-m", "picospec.tools.stack.up", "--run-dir", str(run_dir),
         "--nats-port", str(cfg.nats_port), "--monitor-port", str(cfg.monitor_port),
         "--port", str(cfg.api_port), "--verifier-port", str(cfg.port_of_verifier(1)),
         "--sampler-port", str(cfg.sampler_port), "--threads", "1",
@@ -594,7 +594,7 @@ def test_up_stops_cleanly_on_sigterm_during_startup(tmp_path: Path) -> None:
 
 
 def test_cold_and_warm_compares_the_first_demo_request_with_the_rest() -> None:
-    from picospec.stack.up import cold_and_warm
+    from picospec.tools.stack.up import cold_and_warm
 
     got = cold_and_warm(
         [

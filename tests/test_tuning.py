@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from picospec import tuning
-from picospec.tuning import (
+from picospec.speculation import tuning
+from picospec.speculation.tuning import (
     PREDICTION_HORIZON,
     CostLine,
     DraftLenController,

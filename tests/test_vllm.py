@@ -25,13 +25,15 @@ import torch
 pytest.importorskip("vllm", reason="the vLLM backend's tests run in vLLM's environment")
 
 from conftest import pooled_chisquare_pvalue  # noqa: E402
-from picospec.config import Mode, Settings, SpecConfig  # noqa: E402
-from picospec.models import LanguageModel  # noqa: E402
+from picospec.config import Settings  # noqa: E402
 from picospec.protocol.codec import DraftBlock, SampleRequest  # noqa: E402
-from picospec.sampler import sample  # noqa: E402
-from picospec.sampling import Rng, SamplingParams, probs_from_logits  # noqa: E402
-from picospec.stack.up import Stack, StackConfig  # noqa: E402
-from picospec.verifier.session import VerifierSession  # noqa: E402
+from picospec.runtime.loading import load_model
+from picospec.runtime.model import LanguageModel  # noqa: E402
+from picospec.speculation.sampler import sample  # noqa: E402
+from picospec.speculation.sampling import Rng, SamplingParams, probs_from_logits  # noqa: E402
+from picospec.speculation.spec import Mode, SpecConfig  # noqa: E402
+from picospec.speculation.verifier import VerifierSession  # noqa: E402
+from picospec.tools.stack.up import Stack, StackConfig  # noqa: E402
 from stackutil import gauge, metric, scrape, stream  # noqa: E402
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -48,7 +50,7 @@ PROMPTS = ["Describe a walk by the river.", "Why do cats purr?", "List three use
 
 @pytest.fixture(scope="module")
 def target() -> Any:
-    from picospec.engines.vllm_verifier import VllmRunner, VllmTarget
+    from picospec.runtime.vllm_engine import VllmRunner, VllmTarget
 
     settings = Settings(**CPU_VLLM)
     loop = asyncio.new_event_loop()
@@ -60,7 +62,7 @@ def target() -> Any:
 
 @pytest.fixture(scope="module")
 def embedded() -> LanguageModel:
-    return LanguageModel.load("smollm2", threads=1)
+    return load_model("smollm2", threads=1)
 
 
 def test_rows_are_the_targets_distributions(target: Any, embedded: LanguageModel) -> None:
@@ -74,7 +76,7 @@ def test_rows_are_the_targets_distributions(target: Any, embedded: LanguageModel
 
     async def rows() -> torch.Tensor:
         await runner.submit(vs.prefill(), key="r")
-        from picospec.scheduler import Forward
+        from picospec.runtime.scheduler import Forward
 
         def program() -> Any:
             return (yield Forward(vs.cache, block, keep=len(block)))
@@ -129,7 +131,7 @@ def test_sampled_output_through_vllm_rows_is_the_targets_distribution(target: An
 
     # the target's processed distribution at the position, from one vLLM row
     ref = VerifierSession(vt, b"x" * 16, base, params, spec, prefill=False)
-    from picospec.scheduler import Forward
+    from picospec.runtime.scheduler import Forward
 
     def row() -> Any:
         yield from ref.prefill()

@@ -40,20 +40,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_pair(args: argparse.Namespace, need_draft: bool) -> tuple[Any, Any]:
-    from picospec.models import LanguageModel, resolve
+    from picospec.runtime.checkpoints import resolve
+    from picospec.runtime.loading import load_model
 
     for name in (args.verifier, args.drafter) if need_draft else (args.verifier,):
         resolve(name)  # fail on a bad path before spending time loading the other model
-    target = LanguageModel.load(
-        args.verifier, device=args.device, dtype=args.dtype, threads=args.threads
-    )
+    target = load_model(args.verifier, device=args.device, dtype=args.dtype, threads=args.threads)
     if not need_draft:
         return target, None
     draft_dtype = getattr(args, "draft_dtype", "auto")
     same = draft_dtype in ("auto", args.dtype)
     if args.drafter == args.verifier and args.quantize_draft == "none" and same:
         return target, target  # one set of weights; each session still has its own KV caches
-    draft = LanguageModel.load(
+    draft = load_model(
         args.drafter,
         device=args.device,
         dtype=args.dtype if draft_dtype == "auto" else draft_dtype,
@@ -63,11 +62,11 @@ def _load_pair(args: argparse.Namespace, need_draft: bool) -> tuple[Any, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from picospec.config import Mode, SpecConfig
-    from picospec.engine import generate
     from picospec.protocol.codec import ValueCodec
-    from picospec.sampling import SamplingParams
-    from picospec.text import cut_at_stop
+    from picospec.runtime.text import cut_at_stop
+    from picospec.speculation.engine import generate
+    from picospec.speculation.sampling import SamplingParams
+    from picospec.speculation.spec import Mode, SpecConfig
 
     params = SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
@@ -107,14 +106,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_tvd(args: argparse.Namespace) -> int:
-    from picospec.analysis import tvd_table
+    from picospec.speculation.analysis import tvd_table
 
     print(tvd_table(args))
     return 0
 
 
 def cmd_draft_report(args: argparse.Namespace) -> int:
-    from picospec.analysis import draft_report
+    from picospec.speculation.analysis import draft_report
 
     print(draft_report(args))
     return 0
@@ -143,25 +142,25 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from picospec.serving import run, setup_logging
+    from picospec.services.shell import run, setup_logging
 
     settings = _settings(args)
     setup_logging(args.command, args.log_level if args.log_level != "WARNING" else "INFO")
     if args.command == "verifier":
-        from picospec.verifier.service import main as verifier_main
+        from picospec.services.verifier.service import main as verifier_main
 
         return verifier_main(settings)
     if args.command == "sampler":
-        from picospec.sampler.service import main as sampler_main
+        from picospec.services.sampler.service import main as sampler_main
 
         return sampler_main(settings)
-    from picospec.drafter.api import main as drafter_main
+    from picospec.services.drafter.api import main as drafter_main
 
     return run(lambda stop: drafter_main(settings, stop))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from picospec.config import Mode
+    from picospec.speculation.spec import Mode
 
     parser = argparse.ArgumentParser(prog="picospec", description=__doc__)
     parser.add_argument("--version", action="version", version=f"picospec {__version__}")
@@ -211,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_settings_args(sp)
         sp.set_defaults(func=cmd_service)
 
-    from picospec import bench, capacity, cluster, distill, stack
+    from picospec.tools import bench, capacity, cluster, distill, stack
 
     stack.register(sub)
     bench.register(sub)

@@ -6,10 +6,13 @@
 - :mod:`picospec.protocol.layout`, :mod:`~picospec.protocol.schemas`,
   :mod:`~picospec.protocol.binary`, :mod:`~picospec.protocol.sizes`: the code behind it, one job
   each (wire constants, pydantic models, encoder/decoder, the size table).
-- :mod:`picospec.protocol.control`: the JSON control messages (open/close session, errors).
 - :mod:`picospec.protocol.subjects`: every NATS subject, queue group and header, and the least
   NATS permissions of each role.
 
 Import from ``picospec.protocol.codec`` (or the module that defines a name); this package
 imports nothing itself, so ``import picospec.protocol.subjects`` stays cheap.
+
+Layer 0 of 5 (**protocol**, runtime, speculation, services, tools): it imports nothing else
+of PicoSpec. The services' JSON control messages, which carry a session's speculation
+settings, are :mod:`picospec.services.control`.
 """

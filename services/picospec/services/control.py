@@ -1,0 +1,63 @@
+"""Control messages (JSON, low rate): opening and closing sessions, error replies."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from picospec.protocol.codec import MAX_PREFIX_TOKENS
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import SpecConfig
+
+MAX_CONTROL_BYTES = 8 << 20
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class OpenSession(_Strict):
+    """Drafter -> any verifier: prefill ``prompt`` (the committed tokens) and hold the session."""
+
+    session: str = Field(pattern=r"^[0-9a-f]{32}$")
+    prompt: list[int] = Field(min_length=1, max_length=MAX_PREFIX_TOKENS)
+    params: SamplingParams
+    spec: SpecConfig
+    vocab_size: int = Field(ge=1)
+    reply_to: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=r"^picospec\.v1\.verdict\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$",
+        description="the drafter's verdict subject (subjects.verdicts)",
+    )
+    max_new_tokens: int = Field(ge=1, description="ar mode: tokens to stream")
+    eos_ids: list[int] = Field(default_factory=list, max_length=64)
+    epoch: int = Field(0, ge=0, lt=2**32, description="first epoch (re-opened sessions)")
+    first_token: bool = Field(
+        False,
+        description="speculative modes: commit the session's first token from the prefill "
+        "(the target's own choice at the first position) and return it in the reply",
+    )
+
+
+class OpenReply(_Strict):
+    verifier: str
+    session: str
+    first_token: int | None = Field(
+        None, ge=0, description="the target's token at the first position, when asked for"
+    )
+    prefill_s: float | None = Field(None, ge=0, description="how long this prefill took")
+    verify_step_s: float | None = Field(
+        None, ge=0, description="the replica's recent forward cost: one token (adaptive γ)"
+    )
+    verify_per_token_s: float | None = Field(
+        None, ge=0, description="... and each further token of a forward"
+    )
+
+
+class CloseSession(_Strict):
+    session: str = Field(pattern=r"^[0-9a-f]{32}$")
+
+
+class ErrorReply(_Strict):
+    error: str
+    reason: str

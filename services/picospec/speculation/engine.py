@@ -1,0 +1,144 @@
+"""One-process runner: drafter, verifier and sampler sessions wired back to back.
+
+It is what ``picospec generate`` uses without ``--url``: the same session state machines as the
+services, with every message passed through the binary codec (so byte counts are the real wire
+sizes) but no network. It holds no decoding logic of its own: it only moves messages.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict, decode_as, encode
+from picospec.runtime.model import LanguageModel, check_vocabulary
+from picospec.speculation.drafter import Committed, DrafterSession, DrafterStats
+from picospec.speculation.sampler import sample
+from picospec.speculation.sampling import SamplingParams
+from picospec.speculation.spec import Mode, SpecConfig
+from picospec.speculation.verifier import VerifierSession
+
+M = TypeVar("M", DraftBlock, Verdict, SampleRequest)
+
+
+@dataclass
+class Wire:
+    """Byte counters per link direction; every message is really encoded and decoded."""
+
+    up: int = 0  # edge -> cloud (draft blocks)
+    down: int = 0  # cloud -> edge (verdicts, ar tokens)
+    edge: int = 0  # edge-local (sampler requests and replies)
+
+    def carry(self, msg: M, direction: str) -> M:
+        buf = encode(msg)
+        setattr(self, direction, getattr(self, direction) + len(buf))
+        return decode_as(buf, type(msg))
+
+
+@dataclass
+class Result:
+    mode: Mode
+    prompt_tokens: int
+    tokens: list[int]
+    finish_reason: str
+    elapsed_s: float
+    wire: Wire
+    speculation: DrafterStats = field(default_factory=DrafterStats)
+    verifier_forwards: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.tokens)
+        return {
+            "mode": self.mode.value,
+            "prompt_tokens": self.prompt_tokens,
+            "tokens": n,
+            "finish_reason": self.finish_reason,
+            **self.speculation.report(),
+            "verifier_forwards": self.verifier_forwards,
+            "accepted_per_pos": self.speculation.accepted_per_pos,
+            "bytes_up": self.wire.up,
+            "bytes_down": self.wire.down,
+            "bytes_edge_local": self.wire.edge,
+            "elapsed_s": self.elapsed_s,
+            "tokens_per_s": n / self.elapsed_s if self.elapsed_s > 0 else None,
+        }
+
+
+def generate(
+    target: LanguageModel,
+    draft: LanguageModel | None,
+    prompt: list[int],
+    params: SamplingParams,
+    spec: SpecConfig,
+    max_new_tokens: int,
+    stop: Callable[[list[int]], bool] | None = None,
+) -> Result:
+    """Generate up to ``max_new_tokens`` after ``prompt``; ``stop(generated)`` may end it early."""
+    session = os.urandom(16)
+    eos = target.eos_ids
+    wire = Wire()
+    t0 = time.perf_counter()
+    if spec.mode is Mode.EDGE:  # the draft model decoding alone, through the same machinery
+        if draft is None:
+            raise ValueError("mode edge needs a draft model")
+        target = draft
+    verifier = VerifierSession(target, session, prompt, params, spec)
+    if not spec.mode.speculative:
+        tokens: list[int] = []
+        reason = "length"
+        while len(tokens) < max_new_tokens:
+            tokens.append(verifier.ar_step())
+            wire.down += 4  # one token id streamed to the edge
+            if tokens[-1] in eos:
+                reason = "stop"
+                break
+            if stop and stop(tokens):
+                reason = "stop"
+                break
+        return Result(
+            spec.mode,
+            len(prompt),
+            tokens,
+            reason,
+            time.perf_counter() - t0,
+            wire,
+            verifier_forwards=verifier.stats.forwards,
+        )
+    if draft is None:
+        raise ValueError(f"mode {spec.mode.value} needs a draft model")
+    check_vocabulary(draft, target)
+    drafter = DrafterSession(draft, session, prompt, params, spec, max_new_tokens, eos)
+    # the first token comes from the verifier's prefill (the open reply carries it)
+    first, _ = drafter.accept_first(verifier.first_token())
+    wire.down += 4
+    if stop and not first.done and stop(drafter.generated):
+        drafter.finish("stop")
+    to_cloud: deque[DraftBlock] = deque()
+    while not drafter.done:
+        to_cloud.extend(wire.carry(block, "up") for block in drafter.draft_ready())
+        if not to_cloud:
+            raise RuntimeError("drafter stalled with nothing in flight")  # a bug, never input
+        for verdict in verifier.submit(to_cloud.popleft()):
+            got = drafter.on_verdict(wire.carry(verdict, "down"))
+            if isinstance(got, SampleRequest):
+                reply = sample(wire.carry(got, "edge"))
+                wire.edge += len(encode(reply))
+                got = drafter.on_correction(reply.token)
+            if isinstance(got, Committed) and not got.done and stop and stop(drafter.generated):
+                drafter.finish("stop")
+            if drafter.done:
+                break
+    return Result(
+        spec.mode,
+        len(prompt),
+        drafter.generated,
+        drafter.finish_reason or "length",
+        time.perf_counter() - t0,
+        wire,
+        speculation=drafter.stats,
+        verifier_forwards=verifier.stats.forwards,
+    )

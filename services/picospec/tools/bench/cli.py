@@ -1,0 +1,380 @@
+"""``picospec bench``: its flags and the run it makes of them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from picospec import (
+    DRAFT_DTYPE_HELP,
+    DRAFT_DTYPES,
+    DRAFTER_HELP,
+    default_draft_dtype,
+    default_drafter,
+)
+from picospec.tools.bench.concurrency import CONCURRENCY_MODES, parse_levels, run_concurrency
+from picospec.tools.bench.report import (
+    _progress_factory,
+    concurrency_plot,
+    concurrency_table,
+    plots,
+    sweep_plot,
+    table,
+)
+from picospec.tools.bench.run import MODES, PROFILES, QUICK_PROMPTS, load_prompts, run_profile
+from picospec.tools.bench.speedup_map import (
+    MAP_MODES,
+    PAPER_TABLE1,
+    map_plot,
+    map_table,
+    model_curves,
+    paper_implied_acceptance,
+    speedup_map,
+)
+
+DEFAULT_PROFILES = "lan,wifi,5g,4g,poor"
+
+
+def _draft_len_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer, got {value!r}") from None
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError("draft length must be 1..64")
+    return n
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _sweep_arg(value: str) -> str:
+    for v in value.split(","):
+        _draft_len_arg(v.strip())
+    return ",".join(v.strip() for v in value.split(","))
+
+
+def _print_result(name: str, result: dict[str, Any], as_json: bool) -> int:
+    from rich.console import Console
+
+    if as_json:
+        print(json.dumps({name: result}, indent=1))
+    else:
+        Console().print_json(json.dumps(result))
+    return 0
+
+
+def _cpu_sets(args: argparse.Namespace, console: Any) -> dict[str, frozenset[int]] | None:
+    """The benchmark's own placement: --edge-cpus/--cloud-cpus, else the CPUs halved (None,
+    with the reason printed, where that cannot be)."""
+    from picospec.tools.stack.up import StackConfig
+
+    try:
+        cpus = StackConfig(
+            topology="edge-cloud",
+            pin_cpus=True,
+            edge_cpus=args.edge_cpus,
+            cloud_cpus=args.cloud_cpus,
+        ).cpu_sets()
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        return None
+    assert cpus is not None  # pinning was asked for: cpu_sets raises rather than give None
+    return cpus
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from picospec.runtime.devices import DeviceProfileError, load_profile
+
+    console = Console(stderr=True)
+    if args.overhead:
+        from picospec.tools.bench.overhead import measure
+
+        return _print_result("overhead", measure(args), args.json)
+    if args.prefill is not None:
+        from picospec.tools.bench.prefill import measure as prefill
+
+        cpus = _cpu_sets(args, console)
+        if cpus is None:
+            return 2
+        return _print_result("prefill", prefill(args, cpus["cloud"]), args.json)
+    prompts = load_prompts(args.prompts, args.quick)
+    if args.colocation is not None:
+        from picospec.tools.bench.colocation import measure as colocation
+
+        cpus = _cpu_sets(args, console)
+        if cpus is None:
+            return 2
+        result = colocation(args, prompts[:QUICK_PROMPTS], cpus, args.colocation)
+        return _print_result("colocation", result, args.json)
+    if args.modes is None:
+        default = CONCURRENCY_MODES if args.concurrency else MAP_MODES if args.map else MODES
+        args.modes = ",".join(default)
+    args.modes = [m.strip() for m in args.modes.split(",")]
+    bad = [m for m in args.modes if m not in MODES]
+    if args.profiles is None:
+        args.profiles = "loopback" if args.concurrency else DEFAULT_PROFILES
+    profiles = [p.strip() for p in args.profiles.split(",")]
+    bad += [p for p in profiles if p not in PROFILES]
+    if bad:
+        console.print(f"[red]unknown mode/profile: {', '.join(bad)}[/red]")
+        return 2
+    device = None
+    if args.device_profile:
+        try:
+            device = load_profile(args.device_profile)
+        except DeviceProfileError as e:
+            console.print(f"[red]{e}[/red]")
+            return 2
+    progress = _progress_factory(console)
+    report: dict[str, Any] = {
+        "profiles": {},
+        "notes": [],
+        "placement": {},
+        "profiles_requested": profiles,
+    }
+    try:
+        if args.map:
+            report["map"] = speedup_map(report, args, prompts, progress)
+        elif args.concurrency:
+            report["concurrency"] = {
+                name: run_concurrency(name, args, prompts, progress, report["placement"])
+                for name in profiles
+            }
+        else:
+            for name in profiles:
+                rows = run_profile(name, args, prompts, progress, placement=report["placement"])
+                sweep = rows.pop("_draft_len_sweep", None)
+                report["profiles"][name] = rows
+                if sweep:
+                    report.setdefault("draft_len_sweep", {})[name] = {
+                        g: r["tokens_per_s"] for g, r in sweep.items()
+                    }
+                    report.setdefault("draft_len_sweep_detail", {})[name] = sweep
+    finally:
+        progress.stop()
+    del report["profiles_requested"]
+    report["config"] = {
+        "drafter": args.drafter,
+        "verifier": args.verifier,
+        "quantize_draft": args.quantize_draft,
+        "draft_dtype": args.draft_dtype,
+        "verifier_backend": args.verifier_backend,
+        "draft_len": args.draft_len,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "prompts": len(prompts),
+        "repeat": args.repeat,
+        "concurrency": args.concurrency,
+        "vllm_baseline": args.vllm_baseline or None,
+        "prompt_source": args.prompts or "mt-bench",
+        "threads_per_service": args.threads or "one per CPU of its side",
+        "leaf_compression": args.leaf_compression or "s2_auto",
+        "device_profile": args.device_profile,
+        "device": device.summary() if device else None,
+        "emulated": device is not None,
+        "profiles": {
+            p: {"rtt_ms": PROFILES[p][0], "bandwidth_mbit": PROFILES[p][1]} for p in profiles
+        },
+    }
+    if device is not None:
+        report["notes"].append(
+            f"EMULATED: every draft step and verifier forward is padded to the device profile "
+            f"{device.name} (real tokens, real acceptance, real emulated network); see "
+            "'emulation' in each mode for forwards whose real compute overran the profile"
+        )
+    if args.concurrency:
+        report["notes"].append(
+            "every request has ignore_eos and min_tokens = max_tokens, so all are max_tokens "
+            "long; cloud model-s/token is the verifier model thread's forward time over the "
+            "tokens generated (prefills included)"
+        )
+    elif device is None and not args.map and "ar" in args.modes:
+        report["notes"].append(
+            "TTFT is the cloud's prefill (cloud_prefill_s) plus the rest: the link's round "
+            "trip and both sides' software (ttft_beyond_prefill_s). Both sides share this "
+            "machine: while a speculative mode's draft model prefills on the edge's CPUs, the "
+            "verifier's prefill on the cloud's runs slower than in ar (cloud_prefill_vs_ar "
+            "shows by how much; docs/benchmark.md measures the effect), a cost separate edge "
+            "and cloud machines do not pay"
+        )
+    self_draft = args.drafter == args.verifier and args.quantize_draft == "none"
+    if not args.map and self_draft and args.draft_dtype in ("auto", "float32"):
+        report["notes"].append(
+            "draft and verifier are the same checkpoint: every greedy draft is accepted, so the "
+            "speedup over ar is bounded by the draft-bound pipeline and is not representative "
+            "of a real small->large pair"
+        )
+    if args.map:
+        report["model_curves"] = model_curves(report, args)
+        report["paper_table1"] = PAPER_TABLE1
+        report["paper_implied_acceptance"] = paper_implied_acceptance(
+            list(report["config"]["profiles"])
+        )
+    if args.plot_dir:
+        if args.concurrency:
+            report["plots"] = [str(concurrency_plot(report, Path(args.plot_dir)))]
+        elif args.map:
+            report["plots"] = [str(map_plot(report, Path(args.plot_dir)))]
+            for label, d in report["map"].items():
+                if "draft_len_sweep" in d:
+                    report["plots"].append(str(sweep_plot(report, Path(args.plot_dir), label)))
+        else:
+            report["plots"] = [str(p) for p in plots(report, Path(args.plot_dir))]
+            if "draft_len_sweep" in report:
+                report["plots"].append(str(sweep_plot(report, Path(args.plot_dir))))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    elif args.concurrency:
+        concurrency_table(report, Console())
+    elif args.map:
+        map_table(report, Console())
+    else:
+        table(report, Console())
+    return 0
+
+
+def register(sub: Any) -> None:
+    from picospec.tools.stack.up import add_placement_arguments
+
+    b = sub.add_parser("bench", help="edge-cloud benchmark of every mode over emulated WANs")
+    b.add_argument("--quick", action="store_true", help=f"first {QUICK_PROMPTS} prompts only")
+    b.add_argument(
+        "--profiles",
+        default=None,
+        help=f"comma-separated: {', '.join(PROFILES)} (default: {DEFAULT_PROFILES}, "
+        "or loopback with --concurrency)",
+    )
+    b.add_argument(
+        "--modes",
+        default=None,
+        help=f"default: {','.join(MODES)} ({','.join(MAP_MODES)} with --map)",
+    )
+    b.add_argument(
+        "--prompts",
+        default=None,
+        help="text file, one prompt per line (default: the 80 MT-Bench questions)",
+    )
+    b.add_argument(
+        "--repeat",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="run the prompt list N times (every mode, still taking turns request by "
+        "request): N times the samples per figure, for figures within a run's noise",
+    )
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--top-p", type=float, default=1.0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument(
+        "--draft-len",
+        type=_draft_len_arg,
+        default="auto",
+        help="γ of every speculative request, or auto (adaptive, the default)",
+    )
+    b.add_argument(
+        "--draft-len-sweep",
+        type=_sweep_arg,
+        default=None,
+        metavar="LIST",
+        help="after the modes, run picospec at each of these draft lengths in the same "
+        "stack, e.g. 2,4,6,8,auto (reported as draft_len_sweep)",
+    )
+    b.add_argument(
+        "--drafter",
+        default=default_drafter(),
+        help=DRAFTER_HELP,
+    )
+    b.add_argument("--verifier", default="smollm2")
+    b.add_argument("--quantize-draft", choices=["none", "int8"], default="none")
+    b.add_argument(
+        "--draft-dtype", choices=DRAFT_DTYPES, default=default_draft_dtype(), help=DRAFT_DTYPE_HELP
+    )
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per service (default: one per CPU of its pinned side, else 1)",
+    )
+    b.add_argument(
+        "--leaf-compression",
+        default=None,
+        choices=["off", "s2_auto", "s2_fast"],
+        help="NATS leaf-link compression (default: nats' s2_auto); 'off' makes "
+        "vanilla pay for its full distributions on the wire",
+    )
+    add_placement_arguments(b)
+    b.add_argument(
+        "--map",
+        action="store_true",
+        help="the speedup map: every --map-drafts draft over every profile, against ar",
+    )
+    b.add_argument(
+        "--map-drafts",
+        default="self,int8",
+        help="drafts for --map: self (the verifier's checkpoint), int8 (its int8 "
+        "quantisation), bf16 (its weights in bfloat16: a near-target draft that disagrees "
+        "about one token in ten), or draft model names/paths",
+    )
+    b.add_argument(
+        "--overhead",
+        action="store_true",
+        help="measure the software cost of one verification round on loopback, without the "
+        "model's compute (picospec.tools.bench.overhead)",
+    )
+    b.add_argument(
+        "--colocation",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="measure how much the edge's draft prefill slows the verifier's prefill when "
+        "both sides share this machine: N prefills with the edge idle and N with it busy, "
+        "alternating (picospec.tools.bench.colocation)",
+    )
+    b.add_argument(
+        "--concurrency",
+        type=parse_levels,
+        default=None,
+        metavar="LIST",
+        help="throughput as users are added: at each of these levels (e.g. 1,4,16) that many "
+        "clients stream requests at once, per mode (default modes: "
+        f"{','.join(CONCURRENCY_MODES)}); picospec.tools.bench.concurrency",
+    )
+    b.add_argument(
+        "--vllm-baseline",
+        action="store_true",
+        help="with --concurrency: also vLLM's own OpenAI server on the verifier's weights, on "
+        "the cloud's CPUs, driven the same way (needs `make vllm-setup`)",
+    )
+    b.add_argument(
+        "--prefill",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="time an N-token prompt's prefill (transformers, the slot layout, the "
+        "scheduler's chunks) and how much later running streams' tokens come while it is "
+        "prefilled, in one process on the cloud's CPUs (picospec.tools.bench.prefill)",
+    )
+    b.add_argument(
+        "--prefill-streams",
+        type=_positive,
+        default=2,
+        metavar="N",
+        help="with --prefill: cloud-only streams decoding when the long prompt arrives",
+    )
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--plot-dir", default=None, help="write PNG plots here")
+    b.set_defaults(func=main)

@@ -1,0 +1,65 @@
+"""vLLM's own OpenAI server as a local process: the baseline ``picospec bench
+--vllm-baseline`` measures PicoSpec against (the engine users would run instead), serving the
+same weights (:func:`picospec.runtime.vllm_env.model_dir`) from vLLM's environment."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from picospec.runtime.vllm_env import VllmUnavailable, model_dir, vllm_python
+from picospec.tools.stack.procs import child_preexec, terminate_all
+
+
+@contextlib.contextmanager
+def serve(
+    model: str,
+    port: int,
+    cpus: frozenset[int] | None = None,
+    log_path: Path | None = None,
+    served_name: str = "picospec",
+    max_model_len: int = 2048,
+    ready_timeout: float = 300.0,
+) -> Iterator[str]:
+    """vLLM's own OpenAI server for ``model`` (a PicoSpec model name), float32, eager, on
+    ``cpus``; yields its ``/v1`` URL and stops it afterwards."""
+    python = vllm_python()
+    argv = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir(model),
+        "--served-model-name", served_name, "--dtype", "float32", "--enforce-eager",
+        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on a CPU
+    if cpus:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(cpus))
+    log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=child_preexec(cpus),
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise VllmUnavailable(f"vllm serve exited with code {proc.returncode} ({log_path})")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{url}/models", timeout=2):  # noqa: S310 - loopback
+                    break
+            if time.monotonic() > deadline:
+                raise VllmUnavailable(f"vllm serve not ready within {ready_timeout:.0f}s")
+            time.sleep(1.0)
+        yield url
+    finally:
+        terminate_all([proc], timeout=30)
+        log.close()
