@@ -80,7 +80,7 @@ def table() -> str:
 
 def current(text: str) -> str:
     """What stands between the markers of ``text`` (without the marker lines)."""
-    head, sep, rest = text.partition(BEGIN + "\n")
+    _, sep, rest = text.partition(BEGIN + "\n")
     body, sep2, _ = rest.partition(END)
     if not sep or not sep2:
         raise SystemExit(f"{DOC.relative_to(REPO)}: the settings table markers are missing")
@@ -89,9 +89,8 @@ def current(text: str) -> str:
 
 def render(text: str) -> str:
     """``text`` with the table between the markers regenerated."""
-    body = current(text)
-    start = text.index(BEGIN + "\n") + len(BEGIN) + 1
-    return text[:start] + table() + text[start + len(body) :]
+    old = BEGIN + "\n" + current(text) + END
+    return text.replace(old, BEGIN + "\n" + table() + END, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if new != text:
         DOC.write_text(new)
-    print(f"{DOC.relative_to(REPO)}: settings table of {len(table().splitlines()) - 2} rows")
+    print(f"{DOC.relative_to(REPO)}: settings table written")
     return 0
 
 
