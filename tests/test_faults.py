@@ -39,6 +39,7 @@ from picospec.tools.loadgen import rss_bytes, run_load, stream_one
 from picospec.tools.stack.up import Stack, http_status
 from stackutil import (
     StreamResult,
+    chat,
     continuation,
     expected,
     gauge,
@@ -108,6 +109,9 @@ def open_request(ref: LanguageModel, reply_to: str) -> tuple[str, bytes]:
 SINGLE_ENV = {
     "PICOSPEC_REQUEST_TIMEOUT_S": "10",
     "PICOSPEC_DRAIN_GRACE_S": "8",
+    "PICOSPEC_EMULATED_EDGES": "true",
+    "PICOSPEC_MAX_CONCURRENT_REQUESTS": "72",
+    "PICOSPEC_MAX_SESSIONS": "160",
 }
 
 
@@ -194,6 +198,79 @@ class TestSingleServer:
             lines,
         )
         s.start_service(victim)
+
+    def test_kill9_under_64_emulated_edges_every_stream_completes_identically(
+        self, single: Stack, reference: LanguageModel
+    ) -> None:
+        """64 emulated edge users (per-token acceptance 0.9, paced draft steps) stream at once
+        over two verifiers; SIGKILL the one holding more of them: every stream completes, with
+        no error, and its text is the target's greedy answer (what ar gave for its prompt)."""
+        s, n, users = single, 48, 64
+        prompts = [f"Fleet user {i} asks about the weather" for i in range(users)]
+        base = {"ignore_eos": True, "min_tokens": n}
+        edge = {"acceptance": 0.9, "step_s": 0.002, "seed": 1}
+
+        async def run() -> tuple[list[StreamResult], list[StreamResult], str, int]:
+            conn = aiohttp.TCPConnector(limit=users + 8)
+            async with aiohttp.ClientSession(connector=conn) as http:
+                # the cloud-only answers: what the emulated edges replay, and the reference
+                ar = [
+                    await stream(s.api_url, p, n, http=http, mode="ar", **base)
+                    for p in prompts
+                ]  # fmt: skip
+                results = [StreamResult(content=p) for p in prompts]
+                tasks = [
+                    asyncio.create_task(
+                        stream(s.api_url, r.content, n, http=http, into=r, timeout=300,
+                               mode="picospec", emulated_edge=edge, **base)
+                    )
+                    for r in results
+                ]  # fmt: skip
+                await progressed(results, 3, 120)
+                held = {
+                    v: await agauge(s, v, "picospec_active_sessions")
+                    for v in ("verifier-1", "verifier-2")
+                }
+                victim = max(held, key=held.get)
+                await asyncio.to_thread(s.kill, victim, signal.SIGKILL)
+                await asyncio.gather(*tasks)
+                return ar, results, victim, int(held[victim])
+
+        ar, results, victim, victim_sessions = asyncio.run(run())
+        assert all(r.ok for r in ar), [(r.status, r.body) for r in ar if not r.ok][:3]
+        bad = [(r.status, r.body, r.error, r.exception) for r in results if not r.ok]
+        assert not bad, bad[:3]
+        migrated = sum(1 for r in results if r.final["picospec"]["migrations"])
+        for r, a in zip(results, ar, strict=True):
+            assert r.text == a.text, "an emulated edge's answer must be ar's, token for token"
+            assert r.final["usage"]["completion_tokens"] == n
+        assert victim_sessions >= 1 and migrated >= 1
+        acceptance = [r.final["picospec"]["accepted_by_source"].get("emulated", 0) for r in results]
+        assert sum(acceptance) > 0
+        report(
+            f"kill -9 {victim} holding {victim_sessions} of {users} emulated edges: all "
+            f"{users} streams complete and equal ar's; {migrated} migrated",
+            [],
+        )
+        s.start_service(victim)
+
+    def test_emulated_edges_refuse_what_they_cannot_replay(self, single: Stack) -> None:
+        """An emulated edge replays ar's greedy answer: a prompt never sent in ar, a sampled
+        request or a mode that does not draft gets a clear 400, and nothing runs."""
+        edge = {"emulated_edge": {"acceptance": 0.9, "step_s": 0.0}}
+        api = single.api_url
+        status, body = chat(api, "never asked in ar", **edge)
+        assert status == 400 and "no recorded answer" in body["error"]["message"]
+        assert chat(api, "asked in ar", mode="ar", max_tokens=8)[0] == 200
+        for extra, words in (
+            ({"temperature": 0.7}, "temperature"),
+            ({"mode": "ar"}, "does not"),
+        ):
+            status, body = chat(api, "asked in ar", max_tokens=8, **edge, **extra)
+            assert status == 400 and words in body["error"]["message"], body
+        status, body = chat(api, "asked in ar", max_tokens=8, **edge)
+        assert status == 200, body
+        assert body["picospec"]["free_drafts"] > 0 and body["picospec"]["verified"]
 
     def test_sigterm_drains_takes_no_new_sessions_and_fails_nothing(
         self, single: Stack, reference: LanguageModel
@@ -702,6 +779,30 @@ class TestEdgeCloud:
                 f"{peak['running']:.0f}, waiting {peak['waiting']:.0f}; all 0 afterwards",
             ],
         )
+
+    def test_an_open_sent_again_while_it_is_prefilled_gets_the_same_reply(
+        self, edge: Stack, reference: LanguageModel
+    ) -> None:
+        """A drafter whose open timed out behind a busy replica's queue sends it again: the
+        replica answers the retry with the first open's reply instead of prefilling again."""
+
+        async def run() -> list[bytes]:
+            nc = await nats.connect(edge.nats_url)
+            sid, body = open_request(reference, "picospec.v1.verdict.faulttest.dup")
+            replies = await asyncio.gather(
+                *(nc.request(subjects.SESSIONS_OPEN, body, timeout=10) for _ in range(3))
+            )
+            await nc.publish(
+                subjects.close(OpenReply.model_validate_json(replies[0].data).verifier),
+                CloseSession(session=sid).model_dump_json().encode(),
+            )
+            await nc.close()
+            return [r.data for r in replies]
+
+        replies = asyncio.run(run())
+        # one prefill: its measured time (to the microsecond) is in every reply
+        assert len(set(replies)) == 1, replies
+        assert OpenReply.model_validate_json(replies[0]).prefill_s is not None
 
     def test_503_carries_retry_after(self, edge: Stack) -> None:
         s = edge

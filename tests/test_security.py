@@ -30,7 +30,7 @@ from picospec.config import Settings
 from picospec.protocol import subjects
 from picospec.protocol.codec import DraftBlock, Verdict, encode
 from picospec.runtime.model import LanguageModel
-from picospec.services.drafter.api import Api, application
+from picospec.services.drafter.api import TENANT, Api, application
 from picospec.services.shell import connect_nats, nats_options
 from picospec.speculation.engine import generate
 from picospec.speculation.sampling import SamplingParams
@@ -457,6 +457,33 @@ def test_api_keys_file_accepts_each_key(tmp_path: Path) -> None:
         Api(Settings(api_keys_file=str(tmp_path / "missing")))
     assert "sk-three" not in repr(Settings(api_key="sk-three", nats_user="u", nats_password="pw"))
     assert "pw" not in str(Settings(nats_user="u", nats_password="pw").model_dump())
+
+
+def test_each_api_key_is_a_tenant_of_its_own(tmp_path: Path) -> None:
+    """The suffix draft matches against recent answers of the same tenant only: a tenant is an
+    API key (its digest), so two keys never share answers; the open API is one tenant."""
+    from aiohttp import web
+
+    keys = tmp_path / "keys"
+    keys.write_text("sk-one\nsk-two\n")
+
+    async def whoami(request: web.Request) -> web.Response:
+        return web.json_response({"tenant": request.get(TENANT, "open")})
+
+    async def main(settings: Settings, tokens: list[str]) -> list[str]:
+        from aiohttp.test_utils import TestClient, TestServer
+
+        app = application(Api(settings), [web.get("/v1/whoami", whoami)])
+        async with TestClient(TestServer(app)) as client:
+            out = []
+            for key in tokens:
+                r = await client.get("/v1/whoami", headers={"Authorization": f"Bearer {key}"})
+                out.append((await r.json())["tenant"])
+            return out
+
+    one, two, again = run(main(Settings(api_keys_file=str(keys)), ["sk-one", "sk-two", "sk-one"]))
+    assert one == again and one != two and "sk-" not in one + two
+    assert run(main(Settings(), ["whatever"])) == ["open"]
 
 
 # --- client options: NKey seed, TLS with client certificates ------------------------------------

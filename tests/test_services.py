@@ -232,6 +232,57 @@ def test_ignore_eos_and_min_tokens_fix_the_answers_length(stack: Stack, mode: st
     assert status == 400 and err["error"]["param"] == "min_tokens"
 
 
+def test_continuous_usage_stats_say_how_many_tokens_each_chunk_carried(stack: Stack) -> None:
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far, so a
+    client can tell the tokens of each chunk (a verdict commits several at once)."""
+
+    async def run() -> list[dict[str, Any]]:
+        body = {
+            "model": "picospec",
+            "messages": [{"role": "user", "content": "Count the chunks"}],
+            "temperature": 0,
+            "max_tokens": 40,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
+        chunks = []
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{stack.api_url}/chat/completions", json=body) as r:
+                assert r.status == 200
+                async for raw in r.content:
+                    line = raw.decode().strip()
+                    if line.startswith("data: {"):
+                        chunks.append(json.loads(line[6:]))
+        return chunks
+
+    chunks = asyncio.run(run())
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert all("usage" in c for c in chunks) and counts == sorted(counts)
+    assert counts[-1] == 40 and any(b - a > 1 for a, b in zip(counts, counts[1:], strict=False))
+
+
+@pytest.mark.parametrize("draft", ["suffix", "model+suffix"])
+def test_the_suffix_draft_through_the_stack_is_the_target_greedy_answer(
+    stack: Stack, reference: LanguageModel, draft: str
+) -> None:
+    """``draft: suffix`` (no draft model: the verifier leads and takes the edge's suffix
+    proposals where they reach it) and ``model+suffix`` (both draft): the answer is the target's
+    alone, and proposals from suffix matches are verified and taken."""
+    taken = 0
+    for content in ["Repeat after me: la la la", "Count: one two one two one"]:
+        status, body = chat(stack.api_url, content, max_tokens=60, draft=draft)
+        assert status == 200, body
+        assert body["choices"][0]["message"]["content"] == expected(reference, content, 60)
+        stats = body["picospec"]
+        assert stats["mode"] == "picospec" and stats["verified"]
+        taken += stats["accepted_by_source"].get("suffix", 0)
+    assert taken > 0, "no suffix proposal was taken: the check would not bite"
+    status, err = chat(stack.api_url, "x", draft="suffix", mode="dssd")
+    assert status == 400 and err["error"]["param"] == "draft"
+    assert chat(stack.api_url, "x", draft="suffix", mode="ar", max_tokens=4)[0] == 200
+
+
 def test_openai_client_streams_a_chat_completion(stack: Stack, reference: LanguageModel) -> None:
     from openai import OpenAI
 
@@ -278,6 +329,9 @@ def test_api_errors_have_the_openai_shape_and_status(stack: Stack) -> None:
         (chat(api, "x", draft_len=65), 400),
         (chat(api, "x", draft_len=True), 400),
         (chat(api, "x", draft_len="fast"), 400),
+        # emulated edges are a benchmark's, off unless the drafter's setting allows them
+        (chat(api, "x", emulated_edge={"acceptance": 0.9, "step_s": 0.01}), 400),
+        (chat(api, "x", emulated_edge={"acceptance": 1.5, "step_s": 0.01}), 400),
     ]
     for (status, body), want in cases:
         assert status == want, body

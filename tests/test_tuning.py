@@ -10,13 +10,21 @@ import pytest
 
 from picospec.speculation import tuning
 from picospec.speculation.tuning import (
+    LOAD_HIGH,
+    LOAD_LOW,
     PREDICTION_HORIZON,
     CostLine,
     DraftLenController,
     Inputs,
+    LoadMeter,
+    Saturation,
     SiteEstimates,
+    ar_cost,
+    best_capacity_choice,
     best_choice,
+    capacity_cost,
     predicted_rate,
+    speculation_pays,
 )
 
 PAPER = dict(t_d=0.0317, rtt_s=0.06, verify_step_s=0.1456, verify_per_token_s=0.0052)
@@ -207,8 +215,120 @@ def test_cost_line_fits_the_verifiers_forwards() -> None:
     assert line.line() is None
     for n in (1, 5, 40, 5, 1, 9, 5):
         line.observe(n, 0.1456 + 0.0052 * (n - 1))
-    a, b = line.line()
+    a, b, c = line.line()
     assert a == pytest.approx(0.1456, rel=1e-6) and b == pytest.approx(0.0052, rel=1e-6)
+    assert c == 0.0  # one session per forward: nothing tells the per-session cost
     one = CostLine()
     one.observe(5, 0.2)  # one kind of forward only: no slope to fit
-    assert one.line() == (pytest.approx(0.2), 0.0)
+    assert one.line() == (pytest.approx(0.2), 0.0, 0.0)
+    # batched forwards: the per-session cost (attention, rows) apart from the per-token one
+    both = CostLine()
+    for n, m in ((1, 1), (4, 4), (16, 4), (64, 64), (64, 16), (8, 1), (32, 8)):
+        both.observe(n, 0.024 + 0.0013 * (n - 1) + 0.0011 * (m - 1), sessions=m)
+    assert both.line() == pytest.approx((0.024, 0.0013, 0.0011), rel=1e-6)
+
+
+# --- the cloud's load -------------------------------------------------------------------------
+
+
+def test_load_meter_is_the_busy_fraction_of_the_last_window() -> None:
+    m = LoadMeter(window_s=1.0)
+    assert m.load(5.0) == (0.0, 0)
+    m.observe(10.0, 0.3, 4)
+    m.observe(10.5, 0.2, 2)
+    assert m.load(10.5) == pytest.approx((0.5, 3))
+    # overlapping forwards (vLLM's concurrent requests) count once; a long one is clipped to
+    # the window
+    m.observe(10.6, 0.5, 1)
+    assert m.load(10.6)[0] == pytest.approx(0.3 + 0.5)
+    assert m.load(12.0) == (0.0, 0)  # everything left the window
+
+
+def simulate_capacity(inp: Inputs, gamma: int, batch: int, blocks: int = 200_000) -> float:
+    """A direct simulation of a session's blocks on a saturated verifier: the verifier's
+    seconds (its share of each forward) per committed token."""
+    rnd = random.Random(1)
+    fixed = inp.verify_step_s - inp.verify_per_token_s - inp.verify_per_session_s
+    cost = committed = 0.0
+    prefix = 0
+    for _ in range(blocks):
+        # its share of one forward of `batch` sessions: the fixed cost, its session, its tokens
+        cost += fixed / batch + inp.verify_per_session_s
+        cost += inp.verify_per_token_s * (gamma + prefix)
+        run = 0
+        while run < gamma and rnd.random() < inp.alpha:
+            run += 1
+        committed += run + (run < gamma)
+        prefix = int(run < gamma)  # the correction goes out with the next block
+    return cost / committed
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.9])
+@pytest.mark.parametrize("gamma,batch", [(1, 16), (4, 4), (8, 1)])
+def test_capacity_cost_is_a_saturated_verifiers_seconds_per_token(alpha, gamma, batch) -> None:
+    inp = Inputs(alpha=alpha, t_d=0.005, rtt_s=0.0, verify_step_s=0.024,
+                 verify_per_token_s=0.0012, verify_per_session_s=0.001)  # fmt: skip
+    assert capacity_cost(inp, gamma, batch) == pytest.approx(
+        simulate_capacity(inp, gamma, batch), rel=0.02
+    )
+
+
+def test_a_saturated_verifier_gets_longer_blocks_the_more_they_agree() -> None:
+    """Where a forward's fixed cost is shared by many sessions, what is left is the tokens
+    fed: rejected ones waste it, so poor drafts get short blocks; good drafts amortise the
+    fixed cost over long ones."""
+    cpu = dict(t_d=0.005, rtt_s=0.001, verify_step_s=0.024, verify_per_token_s=0.0012)
+    poor, good = Inputs(alpha=0.5, **cpu), Inputs(alpha=0.95, **cpu)
+    assert best_capacity_choice(poor, batch=32)[0] == 1
+    assert best_capacity_choice(good, batch=1)[0] > best_capacity_choice(good, batch=32)[0] > 1
+    assert best_capacity_choice(good, batch=1)[0] > best_capacity_choice(poor, batch=1)[0]
+
+
+def test_the_controller_drafts_for_the_replica_while_it_is_saturated() -> None:
+    c = DraftLenController(
+        prior=SiteEstimates(
+            t_d=0.005, rtt_s=0.001, verify_step_s=0.024, verify_per_token_s=0.0012, alpha=0.6
+        )  # fmt: skip
+    )
+    alone = c.choose()
+    assert c.policy == "latency"
+    c.observe_load(None, None)  # a verifier that does not say: nothing changes
+    assert c.policy == "latency" and c.choose() == alone
+    c.observe_load(LOAD_HIGH, 32)
+    inp = c.inputs(PREDICTION_HORIZON)
+    assert inp is not None
+    assert c.policy == "capacity" and c.choose() == best_capacity_choice(inp, 32)
+    assert c.choose()[0] < alone[0]  # a busy replica gets shorter blocks of a poor draft
+    c.observe_load((LOAD_HIGH + LOAD_LOW) / 2, 32)  # between the thresholds: it stays
+    assert c.policy == "capacity"
+    c.observe_load(LOAD_LOW - 0.01, 2)
+    assert c.policy == "latency" and c.choose() == alone
+
+
+def test_a_new_session_does_not_speculate_where_no_draft_length_pays() -> None:
+    """On a saturated CPU verifier (a forward's fixed cost small against each token's and each
+    session's), a draft accepted 0.6 per token costs more per token than cloud-only decoding
+    at any γ, one accepted 0.9 less: only the first stops speculating. A lone session always
+    speculates (the fixed cost is all its own)."""
+    cpu = dict(t_d=0.005, rtt_s=0.001, verify_step_s=0.024, verify_per_token_s=0.0013,
+               verify_per_session_s=0.0011)  # fmt: skip
+    poor, good = Inputs(alpha=0.6, **cpu), Inputs(alpha=0.9, **cpu)
+    assert not speculation_pays(poor, batch=31, sessions=64)
+    assert not speculation_pays(poor, batch=2, sessions=4)
+    assert speculation_pays(good, batch=18, sessions=64)
+    assert speculation_pays(good, batch=2, sessions=4)
+    assert speculation_pays(poor, batch=1, sessions=1)
+    # the cost of cloud-only decoding is the same model with one token per step
+    assert ar_cost(poor, 8) == pytest.approx(capacity_cost(Inputs(alpha=1.0, **cpu), 1, 8))
+
+
+def test_saturation_has_hysteresis_and_ignores_silent_verifiers() -> None:
+    sat = Saturation()
+    sat.observe(None, None)
+    assert not sat.saturated and sat.load is None
+    sat.observe(LOAD_HIGH, 4, 9)
+    assert sat.saturated and sat.load == (LOAD_HIGH, 4, 9)
+    sat.observe(LOAD_LOW, 4)  # at the low threshold: still saturated; sessions default to batch
+    assert sat.saturated and sat.load == (LOAD_LOW, 4, 4)
+    sat.observe(LOAD_LOW - 0.01, 4)
+    assert not sat.saturated

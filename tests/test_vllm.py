@@ -4,7 +4,10 @@ test``, without vLLM, this module is skipped).
 
 - In one process: the rows the backend builds from vLLM's prompt log-probabilities give the
   embedded runtime's distributions; and a statistical check that speculative sampling verified
-  on those rows outputs exactly the target's distribution.
+  on those rows outputs exactly the target's distribution. A greedy session asks vLLM for its
+  top-1 rows only, yet every row keeps the true argmax and the draft token's probability; rows
+  are read from the end of vLLM's prompt log-probabilities; each session's requests carry a
+  cache salt of their own, so sessions with the same content never re-run a round.
 - Through real services (NATS, a drafter with the int8 draft, two verifiers each running vLLM):
   greedy answers identical to vLLM's own greedy decoding (``ar`` on vLLM) with rollbacks;
   concurrent sessions in vLLM's batches; a verifier killed mid-answer, its sessions finishing
@@ -14,6 +17,7 @@ test``, without vLLM, this module is skipped).
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 from typing import Any
@@ -29,6 +33,8 @@ from picospec.config import Settings  # noqa: E402
 from picospec.protocol.codec import DraftBlock, SampleRequest  # noqa: E402
 from picospec.runtime.loading import load_model
 from picospec.runtime.model import LanguageModel  # noqa: E402
+from picospec.runtime.scheduler import Forward  # noqa: E402
+from picospec.runtime.vllm_engine import dense_row, prompt_rows  # noqa: E402
 from picospec.speculation.sampler import sample  # noqa: E402
 from picospec.speculation.sampling import Rng, SamplingParams, probs_from_logits  # noqa: E402
 from picospec.speculation.spec import Mode, SpecConfig  # noqa: E402
@@ -161,6 +167,160 @@ def test_sampled_output_through_vllm_rows_is_the_targets_distribution(target: An
     observed = np.array([tokens.count(t) for t in support], dtype=float)
     expected = np.array([float(p[t]) for t in support]) * n
     assert pooled_chisquare_pvalue(observed, expected) > 1e-4
+
+
+# --- the rows: what a round asks of vLLM, and what it makes of the answer --------------------
+
+
+def test_top1_rows_keep_the_argmax_and_the_draft_tokens_probability() -> None:
+    """A greedy row is vLLM's top 1 plus the draft token's own log-prob, the rest of the mass
+    spread evenly: its argmax is the true one, strictly above every spread id, and ``p(x)`` is
+    exact, from peaked rows to nearly uniform ones; and where the spread would tie the top
+    (a uniform row) it stays below it."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = 64
+    for trial in range(300):
+        temp = (0.05, 1.0, 30.0)[trial % 3]
+        true = torch.log_softmax(torch.randn(vocab, generator=gen, dtype=torch.float64) / temp, -1)
+        top = int(true.argmax())
+        x = int(torch.randint(vocab, (1,), generator=gen))
+        row = dense_row({top: float(true[top]), x: float(true[x])}, vocab, 1)
+        assert int(row.argmax()) == top
+        assert int((row >= row[top]).sum()) == 1
+        assert float(row[x]) == float(true[x].float())
+        spread = row[[i for i in range(vocab) if i not in (top, x)]]
+        assert torch.all(spread == spread[0])  # the rest, evenly
+    uniform = math.log(1 / 10)
+    row = dense_row({3: uniform, 7: uniform}, 10, 1)  # 0.8 left for 8 ids: 0.1 each, a tie
+    assert int(row.argmax()) == 3
+    assert all(row[i] < row[3] for i in range(10) if i not in (3, 7))
+
+
+def test_greedy_rows_with_banned_ids_keep_the_argmax_after_the_ban() -> None:
+    """With ids banned (``min_tokens``), a greedy row needs the top ``1 + len(ban_ids)``: the
+    argmax after the ban is among them and every spread id stays below them."""
+    gen = torch.Generator().manual_seed(1)
+    vocab = 64
+    for _ in range(200):
+        true = torch.log_softmax(torch.randn(vocab, generator=gen, dtype=torch.float64) * 3, -1)
+        order = true.argsort(descending=True).tolist()
+        params = SamplingParams(temperature=0.0, ban_ids=(order[0],), ban_before=10)
+        known = {i: float(true[i]) for i in order[:2]}
+        row = dense_row(known, vocab, 2)
+        assert int(probs_from_logits(row, params, 0).argmax()) == order[1]
+        assert int(probs_from_logits(true.float(), params, 0).argmax()) == order[1]
+
+
+def test_prompt_rows_are_read_from_the_end() -> None:
+    """The rows a round reads are the last of vLLM's prompt log-probabilities, whether they
+    come a row per prompt token (vLLM 0.32, the first ``None``), only the computed ones, or
+    flat; too few rows, or rows that do not hold their tokens, are errors that say so."""
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    prompt = [5, 6, 7, 8, 9]
+
+    def pos(token: int) -> dict[int, Logprob]:
+        return {token: Logprob(-2.0, rank=2), 100 + token: Logprob(-0.5, rank=1)}
+
+    full: list[Any] = [None, pos(6), pos(7), pos(8), pos(9)]
+    flat = FlatLogprobs()
+    for p in full:
+        flat.append(p)
+    want = [{8: -2.0, 108: -0.5}, {9: -2.0, 109: -0.5}]
+    for got in (full, full[-2:], flat, flat[-3:]):
+        assert prompt_rows(got, prompt, 2) == want
+    assert prompt_rows(full, prompt, 0) == []
+    with pytest.raises(RuntimeError, match="returned 2 prompt log-probability rows"):
+        prompt_rows(full[-2:], prompt, 3)
+    with pytest.raises(RuntimeError, match="returned 0"):
+        prompt_rows(None, prompt, 1)
+    with pytest.raises(RuntimeError, match="misaligned"):
+        prompt_rows(full[:-1], prompt, 2)  # the rows of a prompt one token shorter
+
+
+def test_rows_are_as_wide_as_the_sampling_needs(target: Any) -> None:
+    """A session's rows: the top 1 when greedy (and one more per banned id), ``top_k`` when
+    it bounds the support, else all ``vllm_max_logprobs``."""
+    vt, _, _ = target
+    spec, prompt = SpecConfig(), [1, 2, 3]
+
+    def top(**params: Any) -> int:
+        vs = VerifierSession(vt, b"w" * 16, prompt, SamplingParams(**params), spec, prefill=False)
+        return vs.cache.top
+
+    assert top(temperature=0.0) == 1
+    assert top(temperature=0.0, ban_ids=(2, 3), ban_before=9) == 3
+    assert top(temperature=0.7, top_k=5) == 5
+    assert top(temperature=0.7, top_k=5000) == vt.rows_k
+    assert top(temperature=0.7, top_p=0.9) == vt.rows_k
+
+
+def test_greedy_rounds_ask_for_top1_rows_and_alike_sessions_never_rerun(
+    target: Any, embedded: LanguageModel
+) -> None:
+    """Two greedy sessions with the same content, one after the other: every request asks vLLM
+    for top-1 rows, flat, under its session's cache salt; the second session's rounds hit only
+    its own blocks (never the first's), so no round is re-run, and its rows are the first's. A
+    third session made to share the first's salt does hit the first's blocks: the guard re-runs
+    those rounds without the cache, and the rows are still the same."""
+    vt, runner, loop = target
+    prompt = embedded.encode_chat([{"role": "user", "content": PROMPTS[2]}])
+    text = (
+        " Copper carries electricity in wires and cables, it is used in plumbing pipes"
+        " and roofs, and it is alloyed into the bronze and brass of coins and bells. It"
+        " conducts heat well, so it lines the bottoms of good pans and kettles."
+    )
+    cont = embedded.encode(text)[:40]
+    assert len(cont) == 40  # 8 rounds: past at least one KV block's end (32 tokens on a CPU)
+    greedy = SamplingParams(temperature=0.0)
+    seen: list[tuple[Any, ...]] = []
+    generate = vt.engine.generate
+
+    def spy(prompt_: Any, params: Any, rid: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append((prompt_.get("cache_salt"), params.logprobs, params.prompt_logprobs,
+                     params.flat_logprobs))  # fmt: skip
+        return generate(prompt_, params, rid, *args, **kwargs)
+
+    def session(name: bytes, salt: str | None = None) -> tuple[VerifierSession, list[Any]]:
+        vs = VerifierSession(vt, name * 16, prompt, greedy, SpecConfig(), prefill=False)
+        if salt is not None:
+            vs.cache.salt = salt
+
+        def program() -> Any:
+            yield from vs.prefill()
+            rows = []
+            for i in range(0, 40, 5):
+                rows.append((yield Forward(vs.cache, cont[i : i + 5], keep=5)))
+            return rows
+
+        async def run() -> list[Any]:
+            return await runner.submit(program(), key=name)
+
+        return vs, loop.run_until_complete(run())
+
+    vt.engine.generate = spy
+    try:
+        reruns = vt.reruns
+        a, rows_a = session(b"a")
+        b, rows_b = session(b"b")
+        assert vt.reruns == reruns, "a session re-ran a round: it hit another session's blocks"
+        assert {s for s, *_ in seen} == {a.cache.salt, b.cache.salt}
+        assert a.cache.salt != b.cache.salt
+        assert all(lp == 1 and plp in (None, 1) and flat for _, lp, plp, flat in seen)
+        _, rows_c = session(b"c", salt=a.cache.salt)
+        assert vt.reruns > reruns, "the shared salt should have hit the first session's blocks"
+    finally:
+        del vt.engine.generate  # the engine's own method again
+    want = embedded.new_cache().extend(prompt + cont)[len(prompt) :]
+    # the prompt rows hold the next fed token's own log-prob (a round's last row, the position
+    # after it, holds the argmax only)
+    fed = [j for j in range(len(cont) - 1) if j % 5 != 4]
+    nxt = torch.tensor([cont[j + 1] for j in fed])[:, None]
+    for rows in (rows_a, rows_b, rows_c):
+        got = torch.cat(rows)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        p_got = torch.softmax(got[fed], -1).gather(1, nxt)
+        assert torch.allclose(p_got, torch.softmax(want[fed], -1).gather(1, nxt), atol=2e-3)
 
 
 # --- through the services -------------------------------------------------------------------

@@ -128,6 +128,30 @@ def edge_site() -> dict:
         "short",
         Q(f"max by (site, mode) (picospec_draft_length_tokens{s})", "{{site}} {{mode}}"),
     )
+    b.timeseries(
+        "Draft-length policy and the cloud's load",
+        "Share of adaptive rounds drafted for a saturated verifier's throughput (capacity) "
+        "rather than the session's own speed (latency), and the verifier busy fraction the "
+        "latest choice reacted to.",
+        "percentunit",
+        Q(
+            srate("picospec_draft_policy_rounds_total", s, "site, policy")
+            + "\n/ on(site) group_left "
+            + srate("picospec_draft_policy_rounds_total", s, "site"),
+            "{{site}} {{policy}} rounds",
+        ),
+        Q(f"max by (site) (picospec_draft_policy_load_ratio{s})", "{{site}} verifier busy"),
+    )
+    b.timeseries(
+        "Accepted tokens by draft source",
+        "Accepted draft tokens per second by what drafted them: the draft model, a suffix "
+        "match, or an emulated edge (benchmarks).",
+        "short",
+        Q(
+            srate("picospec_accepted_tokens_by_source_total", s, "site, source"),
+            "{{site}} {{source}}",
+        ),
+    )
     b.row("WAN and cloud round trips")
     b.timeseries(
         "WAN bytes per generated token",

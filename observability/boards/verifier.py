@@ -71,6 +71,13 @@ def verifier() -> dict:
     )
     b.row("Verification")
     b.timeseries(
+        "Busy fraction",
+        "Share of the last second each replica's engine spent running forwards: the load its "
+        "verdicts report, which drafters' draft-length policy follows (capacity above 0.9).",
+        "percentunit",
+        Q(f"max by (replica) (picospec_verify_busy_ratio{s})", "{{replica}}"),
+    )
+    b.timeseries(
         "Verify forward time",
         "Compute time of one batch: target forward and acceptance test.",
         "s",

@@ -5,8 +5,21 @@ import os
 __version__ = "0.1.0"
 
 DRAFTER_HELP = (
-    "draft model (hub id, dir, .gguf, smollm2-draft); default $PICOSPEC_DRAFT_MODEL or smollm2"
+    "what drafts: a draft model (hub id, dir, .gguf, smollm2-draft), suffix (suffix matches "
+    "alone, no draft model) or MODEL+suffix (both); default $PICOSPEC_DRAFT_MODEL or smollm2"
 )
+SUFFIX = "suffix"
+
+
+def split_drafter(drafter: str, target: str) -> tuple[str, str]:
+    """``--drafter`` as the drafter's settings ``(model, draft)``: ``suffix`` drafts with no
+    model (the drafter loads the target's checkpoint only for its tokenizer),
+    ``MODEL+suffix`` with both, anything else is a draft model."""
+    if drafter == SUFFIX:
+        return target, SUFFIX
+    if drafter.endswith("+" + SUFFIX):
+        return drafter[: -len(SUFFIX) - 1], "model+" + SUFFIX
+    return drafter, "model"
 
 
 DRAFT_DTYPES = ("auto", "float32", "bfloat16", "float16")

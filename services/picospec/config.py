@@ -17,6 +17,7 @@ from picospec.protocol.codec import MAX_DRAFT_TOKENS, ValueCodec
 from picospec.speculation.spec import DEFAULT_DRAFT_LEN, Mode, SpecConfig
 
 NATS_DOCS = "docs/security.md#nats-authentication-and-tls"
+Draft = Literal["model", "suffix", "model+suffix"]
 
 
 def meta(*roles: str, backend: str | None = None, docs: str | None = None) -> dict[str, Any]:
@@ -250,7 +251,32 @@ class Settings(BaseSettings):
         description="on a CPU: the KV cache's GiB (`VLLM_CPU_KVCACHE_SPACE`)",
         json_schema_extra=meta("verifier", backend="vllm"),
     )
-    # speculation defaults (requests may override draft_len and mode)
+    # speculation defaults (requests may override draft_len, mode and draft)
+    draft: Draft = Field(
+        "model",
+        description="what drafts: the draft model (`model`); suffix matches in the prompt, "
+        "the answer so far and the site's recent answers, with no draft model at all "
+        "(`suffix`: the verifier decodes on its own and verifies the proposed tokens where they "
+        "reach it; picospec mode only); or both (`model+suffix`: a match of at least "
+        "`SUFFIX_MIN_MATCH` tokens drafts, the model elsewhere)",
+        json_schema_extra=meta("drafter", docs="docs/benchmark.md#when-each-draft-pays-off"),
+    )
+    suffix_min_match: int = Field(
+        3,
+        ge=1,
+        le=32,
+        description="the shortest match of the text's last tokens that the suffix draft "
+        "proposes from",
+        json_schema_extra=meta("drafter"),
+    )
+    suffix_cache_answers: int = Field(
+        64,
+        ge=0,
+        description="recent answers per tenant (API key) the suffix draft also matches "
+        "against, at this drafter only and never across API keys (0: off; the open API is one "
+        "tenant)",
+        json_schema_extra=meta("drafter", docs="docs/security.md"),
+    )
     mode: Mode = Field(
         Mode.PICOSPEC,
         description="the default decoding mode (a request may choose another)",
@@ -388,6 +414,15 @@ class Settings(BaseSettings):
         "(`picospec.v1.verdict.<site>.*`, `_INBOX.<site>.*`)",
         json_schema_extra=meta("all"),
     )
+    emulated_edges: bool = Field(
+        False,
+        description="benchmarks only: accept requests that stand for an emulated edge device "
+        "(the API's `emulated_edge` field: the target's greedy answer, recorded from an `ar` "
+        "request for the same prompt, replayed with a set per-token acceptance and device "
+        "time, no draft model compute), as `picospec bench --fleet 1,4` sends; their figures are "
+        "EMULATED",
+        json_schema_extra=meta("drafter", docs="docs/capacity.md#edge-users-per-replica---fleet"),
+    )
     fallback: str = Field(
         "none",
         pattern="^(none|edge)$",
@@ -438,13 +473,21 @@ class Settings(BaseSettings):
         """This client's request/reply inbox prefix: the setting, or ``_INBOX.<site>``."""
         return self.nats_inbox_prefix or subjects.inbox_prefix(self.site)
 
-    def spec(self, mode: Mode | None = None, draft_len: int | str | None = None) -> SpecConfig:
-        """A session's speculation settings; ``draft_len`` (a request's) overrides the
-        setting, and ``"auto"`` makes them adaptive, starting from γ = 4."""
+    def spec(
+        self,
+        mode: Mode | None = None,
+        draft_len: int | str | None = None,
+        draft: Draft | None = None,
+    ) -> SpecConfig:
+        """A session's speculation settings; ``draft_len`` and ``draft`` (a request's) override
+        the settings; ``"auto"`` makes them adaptive, starting from γ = 4; the suffix draft
+        alone makes a picospec session cloud-led."""
         chosen = draft_len or self.draft_len
         auto = chosen == "auto"
+        mode = mode or self.mode
         return SpecConfig(
-            mode=mode or self.mode,
+            mode=mode,
+            cloud_led=(draft or self.draft) == "suffix" and mode is Mode.PICOSPEC,
             draft_len=DEFAULT_DRAFT_LEN if auto else int(chosen),
             lookahead=self.lookahead,
             top_k=self.compress_k,

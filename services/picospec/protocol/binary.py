@@ -27,9 +27,12 @@ from picospec.protocol.layout import (
     _SPARSE_HEADER,
     _TYPE_NAMES,
     _VALUE_DTYPE,
+    _VERDICT_FLAG_LOAD,
     _VERDICT_FLAG_SPARSE,
     _VERDICT_HEADER,
+    _VERDICT_LOAD,
     _WIRE_TO_CODEC,
+    LOAD_STEPS,
     MAX_DRAFT_TOKENS,
     MAX_MESSAGE_BYTES,
     MAX_PREFIX_TOKENS,
@@ -122,9 +125,12 @@ def _encode_parts(msg: Message) -> list[bytes]:
                 msg.accepted,
                 msg.vocab_size,
                 _NO_TOKEN if msg.token is None else msg.token,
-                _VERDICT_FLAG_SPARSE if msg.sparse is not None else 0,
+                (_VERDICT_FLAG_SPARSE if msg.sparse is not None else 0)
+                | (_VERDICT_FLAG_LOAD if msg.busy is not None else 0),
             )
         ]
+        if msg.busy is not None:
+            parts.append(_VERDICT_LOAD.pack(round(msg.busy * LOAD_STEPS), msg.batch, msg.sessions))
         if msg.sparse is not None:
             parts.extend(_encode_sparse(msg.sparse))
         return parts
@@ -280,10 +286,14 @@ def _decode_verdict(mv: memoryview, max_vocab: int) -> Verdict:
         _VERDICT_HEADER
     )
     _check_vocab(vocab_size, max_vocab, r.what)
-    if flags & ~_VERDICT_FLAG_SPARSE:
+    if flags & ~(_VERDICT_FLAG_SPARSE | _VERDICT_FLAG_LOAD):
         raise CodecError(f"verdict: unknown flag bits 0x{flags:02x}")
     if accepted > MAX_DRAFT_TOKENS:
         raise CodecError(f"verdict: accepted {accepted} > MAX_DRAFT_TOKENS")
+    busy = batch = sessions = None
+    if flags & _VERDICT_FLAG_LOAD:
+        code, batch, sessions = r.unpack(_VERDICT_LOAD)
+        busy = code / LOAD_STEPS
     sparse = None
     if flags & _VERDICT_FLAG_SPARSE:
         sp_vocab, k, codec, tail_mass, body = _read_sparse_header(r, max_vocab)
@@ -302,6 +312,9 @@ def _decode_verdict(mv: memoryview, max_vocab: int) -> Verdict:
         token=None if token == _NO_TOKEN else token,
         sparse=sparse,
         vocab_size=vocab_size,
+        busy=busy,
+        batch=batch,
+        sessions=sessions,
     )
 
 

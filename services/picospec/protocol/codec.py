@@ -72,11 +72,15 @@ offset  bytes   field
 27      1       accepted u8 (0..64)
 28      4       vocab_size u32 (V, 1..MAX_VOCAB)
 32      4       token i32: a token id in [0, V), or -1 for None (always i32, whatever V)
-36      1       flags u8: bit 0 = sparse present; bits 1-7 must be 0
-37      ..      SparseDist block (only when flags bit 0 is set); its vocab_size must equal V
+36      1       flags u8: bit 0 = sparse present; bit 1 = load present; bits 2-7 must be 0
+37      1       busy u8: the verifier's busy fraction x 255 (0..255; only with flags bit 1)
+38      1       batch u8: its sessions per forward, capped at 255 (only with flags bit 1)
+39      2       sessions u16: the sessions it holds, capped at 65535 (only with flags bit 1)
+..      ..      SparseDist block (only when flags bit 0 is set); its vocab_size must equal V
 ======  ======  =========================================================================
 
-Total: ``37 [+ 13 + K * (w + b)]``.
+Total: ``37 [+ 4] [+ 13 + K * (w + b)]``. The load (bit 1) was added within version 1: a
+verdict without it decodes as before; a decoder older than it refuses the unknown bit.
 
 SparseDist block (embedded in Verdict and SampleRequest), 13-byte header
 -----------------------------------------------------------------------

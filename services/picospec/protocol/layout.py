@@ -84,6 +84,9 @@ _SAMPLE_REPLY = struct.Struct("<BBI")  # 6 bytes
 
 _DRAFT_FLAG_DENSE_Q = 0x01
 _VERDICT_FLAG_SPARSE = 0x01
+_VERDICT_FLAG_LOAD = 0x02
+_VERDICT_LOAD = struct.Struct("<BBH")  # busy u8 (/255), batch u8, sessions u16
+LOAD_STEPS = 255  # the verifier's busy fraction travels in steps of 1/255
 _NO_TOKEN = -1
 
 # u8 log code: code c in 1..255 -> 2 ** (-(255 - c) / 16); code 0 -> 0.

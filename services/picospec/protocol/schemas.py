@@ -25,6 +25,8 @@ from picospec.protocol.layout import (
     _U64_MAX,
     _VALUE_DTYPE,
     _VERDICT_HEADER,
+    _VERDICT_LOAD,
+    LOAD_STEPS,
     MAX_DRAFT_TOKENS,
     MAX_MESSAGE_BYTES,
     MAX_PREFIX_TOKENS,
@@ -297,11 +299,22 @@ class Verdict(_Model):
     token: TokenId | None = None
     sparse: SparseDist | None = None
     vocab_size: VocabSize
+    # the verifier's load when it decided: the busy fraction of its engine over the last
+    # second (in steps of 1/255, as on the wire), the sessions per forward (capped at 255) and
+    # the sessions it holds (capped at 65535)
+    busy: float | None = Field(None, ge=0.0, le=1.0)
+    batch: int | None = Field(None, ge=0, le=255)
+    sessions: int | None = Field(None, ge=0, le=65535)
 
     @field_validator("session", mode="before")
     @classmethod
     def _v_session(cls, v: Any) -> Any:
         return bytes(v) if isinstance(v, bytearray | memoryview) else v
+
+    @field_validator("busy")
+    @classmethod
+    def _v_busy(cls, v: float | None) -> float | None:
+        return None if v is None else round(v * LOAD_STEPS) / LOAD_STEPS
 
     @model_validator(mode="after")
     def _v_consistency(self) -> Verdict:
@@ -312,11 +325,15 @@ class Verdict(_Model):
                 f"Verdict: sparse.vocab_size {self.sparse.vocab_size} != "
                 f"vocab_size {self.vocab_size}"
             )
+        if len({self.busy is None, self.batch is None, self.sessions is None}) > 1:
+            raise ValueError("Verdict: busy, batch and sessions go together")
         _check_size(self.wire_size(), "Verdict")
         return self
 
     def wire_size(self) -> int:
         size = _VERDICT_HEADER.size
+        if self.busy is not None:
+            size += _VERDICT_LOAD.size
         if self.sparse is not None:
             size += self.sparse.wire_size()
         return size

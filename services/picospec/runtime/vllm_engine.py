@@ -9,26 +9,38 @@ the positions being sampled, not a block's; reaching into the model runner break
 and pipeline parallelism across processes. What keeps every guarantee is the public API:
 
 * A round is one request whose prompt is the session's verified tokens plus the block's
-  (``TokensPrompt``), with ``prompt_logprobs=K`` for the block's positions and one generated
-  token whose ``logprobs=K`` give the position after the block. ``max_tokens=1``; nothing is
-  detokenised.
+  (``TokensPrompt``), with ``prompt_logprobs=k`` for the block's positions and one generated
+  token whose ``logprobs=k`` give the position after the block. ``max_tokens=1``; nothing is
+  detokenised; the log-probabilities come back flat (``flat_logprobs``: a few lists, not an
+  object per entry). ``k`` is what the session's sampling needs (:meth:`VllmTarget.rows_top`):
+  1 when greedy (the argmax; the draft token's own log-prob comes anyway), ``top_k`` when the
+  support is bounded, else ``vllm_max_logprobs``.
 * **Prefix caching** keeps the cost of a round to its new tokens: the session's earlier tokens
-  are in vLLM's content-addressed KV cache (in whole blocks), and
-  ``skip_reading_prefix_cache=False`` lets a request with prompt log-probabilities read it (vLLM
-  skips the cache for such requests by default, because cached positions get no log-probs).
-  The rows a round reads always lie past what was cached (the block's tokens are new); where
-  vLLM reports more cached tokens than that, the round is re-run without the cache.
+  are in vLLM's content-addressed KV cache (in whole blocks: on a CPU 32 tokens, the least its
+  attention kernels take), and ``skip_reading_prefix_cache=False`` lets a request with prompt
+  log-probabilities read it (vLLM skips the cache for such requests by default, because cached
+  positions get no log-probs). Each session's requests carry a ``cache_salt`` of its own, so
+  they hit only its own earlier blocks: the rows a round reads then always lie past what was
+  cached (its own earlier rounds differ from this one from the block on). Without the salt a
+  session would hit the blocks of another session with the same content (greedy answers to
+  the same prompt) and every such round would have to be re-run without the cache; that re-run
+  stays as a guard, counted in :attr:`VllmTarget.reruns`.
 * **A rollback is free**: the session is its list of verified tokens (:class:`TokenCache`); a
   rejection truncates it, and the next round's prompt shares the cached prefix up to there.
   Failover by re-prefill, drain and the session rules are the verifier's, unchanged.
-* **The rows.** vLLM returns, per position, the top ``K`` log-probabilities plus the prompt
+* **The rows.** vLLM returns, per position, the top ``k`` log-probabilities plus the prompt
   token's own. :func:`dense_row` turns them into a full-vocabulary row of log-probabilities (the
   verifier's maths takes logits; log-probabilities differ from them by a constant per row) with
-  the remaining mass spread evenly over the other ids. So: greedy verification is exact (the
-  argmax is among the top ``K``); the draft token's ``p(x)`` is exact (its own log-prob is
-  returned); a request whose sampling support fits in ``K`` (``top_k <= K``) is exact at any
-  temperature; otherwise the mass outside ``K`` is approximated evenly, and it travels as the
-  compressed ``p_j``'s tail mass, summed per response (``tail_mass``) as compression's is.
+  the remaining mass spread evenly over the other ids, each below the ``k``-th largest (as every
+  id outside the top ``k`` truly is), so the top ``k`` stay the top ``k``. So: greedy
+  verification is exact (the argmax is the top 1, or among the top ``1 + len(ban_ids)`` when ids
+  are banned); a draft token's ``p(x)`` is exact (a prompt row holds its token's own log-prob;
+  the row after the block holds the top ``k`` and vLLM's throwaway greedy token only); a request
+  whose sampling support fits in ``k`` (``top_k <= vllm_max_logprobs``) is exact at any
+  temperature; otherwise the mass outside the top ``vllm_max_logprobs`` is approximated evenly,
+  and it travels as the compressed ``p_j``'s tail mass, summed per response (``tail_mass``) as
+  compression's is. The rows are read from the end of vLLM's prompt log-probabilities (vLLM
+  0.32 returns a row per prompt token, the cached ones unset), each checked to hold its token.
 * **``ar`` is vLLM's own decoding**: one streaming request with the request's sampling and
   seed, stopped at the session's EOS ids, so the benchmark's cloud-only row is the engine users
   run.
@@ -45,6 +57,7 @@ import itertools
 import logging
 import math
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Hashable
 from typing import Any
@@ -56,16 +69,28 @@ from picospec.runtime.scheduler import Emit, Forward, ForwardStats, Job, Program
 log = logging.getLogger(__name__)
 _ids = itertools.count()
 
+CPU_BLOCK_SIZE = 32
+"""KV-cache block on a CPU when ``vllm_block_size`` is unset: the least vLLM's CPU attention
+takes (multiples of 32; its own default is 128), as a round recomputes the last, partly filled
+block (prefix-cache hits land on whole blocks)."""
+
 
 class TokenCache:
     """A session's verified tokens: all the vLLM backend keeps of a session (vLLM's prefix
-    cache holds the keys and values, addressed by content)."""
+    cache holds the keys and values, addressed by content and by the session's ``salt``)."""
 
     layout = "vllm"
 
     def __init__(self, model: VllmTarget) -> None:
         self._model = model
         self.tokens: list[int] = []
+        self.salt = f"picospec-{secrets.token_hex(8)}"  # vLLM's cache_salt: this session only
+        self.top = model.rows_k  # each row's top entries vLLM returns (use_sampling narrows it)
+
+    def use_sampling(self, params: Any) -> None:
+        """Ask vLLM for no more of each row than ``params`` need (:meth:`VllmTarget.rows_top`);
+        the verifier session calls it with its sampling."""
+        self.top = self._model.rows_top(params)
 
     @property
     def length(self) -> int:
@@ -86,22 +111,62 @@ class TokenCache:
     used_bytes = nbytes
 
 
-def dense_row(known: dict[int, float], vocab: int) -> torch.Tensor:
-    """A full-vocabulary row of log-probabilities from the ones vLLM returned (``known``): the
-    rest of the mass spread evenly over the other ids (``-inf`` when nothing is left)."""
+def dense_row(known: dict[int, float], vocab: int, top: int = 1) -> torch.Tensor:
+    """A full-vocabulary row of log-probabilities from the ones vLLM returned (``known``: the
+    row's ``top`` most likely ids, and the prompt token's own): the rest of the mass spread
+    evenly over the other ids (``-inf`` when nothing is left).
+
+    Every other id lies outside the top ``top``, so its probability is at most the ``top``-th
+    largest; so is their mean, the spread value. It is kept strictly below that entry (float
+    rounding or an exact tie could otherwise lift it to it), so the top ``top`` ids stay the
+    most likely, in order: the argmax, and with ``top = 1 + len(ban_ids)`` the argmax after a
+    ban, are exact."""
     ids = torch.tensor(list(known), dtype=torch.long)
     lps = torch.tensor(list(known.values()), dtype=torch.float64)
     rest = max(0.0, 1.0 - float(lps.exp().sum()))
     others = vocab - len(known)
-    fill = math.log(rest / others) if rest > 1e-12 and others > 0 else float("-inf")
-    row = torch.full((vocab,), fill, dtype=torch.float32)
+    row = torch.full((vocab,), float("-inf"), dtype=torch.float32)
+    if rest > 1e-12 and others > 0:
+        fill = torch.tensor(math.log(rest / others), dtype=torch.float32)
+        kth = torch.topk(lps.float(), min(max(top, 1), len(known))).values[-1]
+        row.fill_(float(torch.minimum(fill, torch.nextafter(kth, torch.tensor(-math.inf)))))
     row[ids] = lps.float()
     return row
 
 
-def _known(position: Any) -> dict[int, float]:
-    """``{token id: log-prob}`` of one position of a vLLM output."""
-    return {int(t): float(lp.logprob) for t, lp in position.items()}
+def _known(seq: Any, i: int) -> dict[int, float]:
+    """``{token id: log-prob}`` of entry ``i`` of vLLM's log-probabilities: the flat form
+    (``flat_logprobs``, read from its lists) or a list of ``{id: Logprob}``."""
+    if hasattr(seq, "start_indices"):  # vllm.logprobs.FlatLogprobs
+        a, b = seq.start_indices[i], seq.end_indices[i]
+        return dict(zip(seq.token_ids[a:b], seq.logprobs[a:b], strict=True))
+    return {int(t): float(lp.logprob) for t, lp in (seq[i] or {}).items()}
+
+
+def prompt_rows(logprobs: Any, prompt: list[int], n: int) -> list[dict[int, float]]:
+    """The last ``n`` rows of a request's prompt log-probabilities, read from the end: row
+    ``i`` of ``prompt`` is the distribution of ``prompt[i]``, whether vLLM returned a row per
+    prompt token (0.32: the first ``None``, the cached ones unset) or only the computed ones.
+    Each row must hold its own token (vLLM always returns it): otherwise they are misaligned."""
+    if n <= 0:
+        return []
+    have = 0 if logprobs is None else len(logprobs)
+    if not n <= have <= len(prompt):
+        raise RuntimeError(
+            f"vLLM returned {have} prompt log-probability rows for a {len(prompt)}-token "
+            f"prompt; the round reads its last {n}"
+        )
+    rows = []
+    for i in range(have - n, have):
+        known = _known(logprobs, i)
+        token = prompt[len(prompt) - have + i]
+        if token not in known:
+            raise RuntimeError(
+                f"vLLM's prompt log-probabilities are misaligned: the row of position "
+                f"{len(prompt) - have + i} lacks its token {token}"
+            )
+        rows.append(known)
+    return rows
 
 
 class VllmTarget:
@@ -118,16 +183,21 @@ class VllmTarget:
         self.max_context = int(cfg.max_model_len)
         self.pacer = None
         self.rows_k = int(settings.vllm_max_logprobs)
+        self.reruns = 0  # rounds re-run without the prefix cache (none expected: the salt)
 
     @classmethod
     async def start(cls, settings: Any) -> VllmTarget:
         """Start vLLM's engine on ``settings.model`` (its engine core in a process of its own;
-        the event loop stays free meanwhile)."""
+        the event loop stays free meanwhile). On a CPU: 32-token KV blocks unless
+        ``vllm_block_size`` says otherwise, and the engine's processes start with tcmalloc and
+        Intel OpenMP preloaded, as vLLM's CPU guide asks (:func:`~picospec.runtime.vllm_env.
+        cpu_preload`; a warning where one is missing)."""
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from picospec.runtime.vllm_env import model_dir
+        from picospec.runtime.vllm_env import model_dir, preloaded
 
         path = model_dir(settings.model)
         if settings.vllm_cpu_kv_cache_gib:
@@ -145,10 +215,17 @@ class VllmTarget:
             "enforce_eager": settings.vllm_enforce_eager,
             "seed": 0,
         }
-        if settings.vllm_block_size:
-            kwargs["block_size"] = settings.vllm_block_size
+        cpu = current_platform.is_cpu()
+        block = settings.vllm_block_size or (CPU_BLOCK_SIZE if cpu else None)
+        if block:
+            kwargs["block_size"] = block
         args = AsyncEngineArgs(**kwargs)
-        engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+
+        def start_engine() -> Any:
+            with preloaded(enabled=cpu):  # the engine core and workers it spawns inherit it
+                return AsyncLLM.from_engine_args(args)
+
+        engine = await asyncio.to_thread(start_engine)
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, path)
         log.info("vLLM serves %s (%s)", settings.model, path)
         return cls(settings, engine, tokenizer, settings.model)
@@ -160,6 +237,19 @@ class VllmTarget:
     # --- what a verifier session asks of its model ------------------------------------------
     def new_cache(self, capacity: int | None = None) -> TokenCache:
         return TokenCache(self)
+
+    def rows_top(self, params: Any) -> int:
+        """How many of each row's most likely ids a session sampling with ``params`` needs
+        from vLLM (the draft token's own log-prob comes besides): the argmax when greedy (and
+        as many more as ids may be banned, :func:`~picospec.speculation.sampling.
+        probs_from_logits`), the ``top_k`` (plus banned) when that bounds the support, else
+        all ``vllm_max_logprobs``."""
+        banned = len(params.ban_ids)
+        if params.greedy:
+            return min(self.rows_k, 1 + banned)
+        if params.top_k:
+            return min(self.rows_k, params.top_k + banned)
+        return self.rows_k
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -193,40 +283,64 @@ class VllmTarget:
         assert isinstance(cache, TokenCache)
         prompt = cache.tokens + list(req.tokens)
         first = len(prompt) - req.keep  # the first position whose next distribution is read
-        out = await self._rows_request(prompt, req.keep, read_cache=True)
-        if out.num_cached_tokens and out.num_cached_tokens > first:
-            out = await self._rows_request(prompt, req.keep, read_cache=False)
-        rows = []
-        for pos in range(first, len(prompt) - 1):  # prompt_logprobs[i]: token i's distribution
-            rows.append(dense_row(_known(out.prompt_logprobs[pos + 1]), self.vocab_size))
-        rows.append(dense_row(_known(out.outputs[0].logprobs[0]), self.vocab_size))
+        out = await self._rows_request(prompt, req.keep, cache.top, cache.salt, read_cache=True)
+        if (out.num_cached_tokens or 0) > first:
+            # the salt keeps other sessions' blocks out, so only a session that re-sends what
+            # it sent before gets here: re-run without the cache, and never read a cached row
+            self.reruns += 1
+            log.warning(
+                "vLLM had %d of a round's %d tokens cached, past its first row (%d): re-run "
+                "without the prefix cache",
+                out.num_cached_tokens,
+                len(prompt),
+                first,
+            )
+            out = await self._rows_request(
+                prompt, req.keep, cache.top, cache.salt, read_cache=False
+            )
+            if (out.num_cached_tokens or 0) > first:
+                raise RuntimeError(
+                    f"vLLM reports {out.num_cached_tokens} cached tokens for a request that "
+                    f"skips its prefix cache; the round needs the rows from position {first}"
+                )
+        read = prompt_rows(out.prompt_logprobs, prompt, req.keep - 1)
+        read.append(_known(out.outputs[0].logprobs, 0))  # the position after the tokens
         cache.tokens.extend(req.tokens)
-        return torch.stack(rows)
+        return torch.stack([dense_row(known, self.vocab_size, cache.top) for known in read])
 
-    async def _rows_request(self, prompt: list[int], keep: int, read_cache: bool) -> Any:
+    async def _rows_request(
+        self, prompt: list[int], keep: int, top: int, salt: str, read_cache: bool
+    ) -> Any:
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(
             max_tokens=1,
             temperature=0.0,
-            logprobs=self.rows_k,
-            prompt_logprobs=self.rows_k if keep > 1 else None,
+            logprobs=top,
+            prompt_logprobs=top if keep > 1 else None,
             skip_reading_prefix_cache=not read_cache,
             detokenize=False,
+            flat_logprobs=True,
         )
         out = None
         async for item in self.engine.generate(
-            TokensPrompt(prompt_token_ids=prompt), params, f"rows-{next(_ids)}"
+            TokensPrompt(prompt_token_ids=prompt, cache_salt=salt), params, f"rows-{next(_ids)}"
         ):
             out = item
         assert out is not None
         return out
 
     async def stream(
-        self, prompt: list[int], sampling: Any, max_tokens: int, eos: Collection[int]
+        self,
+        prompt: list[int],
+        sampling: Any,
+        max_tokens: int,
+        eos: Collection[int],
+        salt: str | None = None,
     ) -> AsyncIterator[int]:
         """vLLM's own decoding of ``prompt`` with the request's sampling (``ar``): its tokens,
-        as they come, up to ``max_tokens`` or one of ``eos`` (included)."""
+        as they come, up to ``max_tokens`` or one of ``eos`` (included). ``salt``: the
+        session's cache salt, so the prompt its prefill cached is read back."""
         from vllm import SamplingParams, TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -245,10 +359,11 @@ class VllmTarget:
             output_kind=RequestOutputKind.DELTA,
         )
         rid = f"ar-{next(_ids)}"
+        tokens = TokensPrompt(prompt_token_ids=prompt)
+        if salt is not None:
+            tokens["cache_salt"] = salt
         try:
-            async for out in self.engine.generate(
-                TokensPrompt(prompt_token_ids=prompt), params, rid
-            ):
+            async for out in self.engine.generate(tokens, params, rid):
                 for token in out.outputs[0].token_ids:
                     yield int(token)
         finally:
@@ -293,12 +408,13 @@ class VllmRunner:
         eos: Collection[int],
         key: Hashable,
         on_emit: Callable[[int], None],
+        salt: str | None = None,
     ) -> Job[int]:
         """vLLM's own decoding as a job: each token to ``on_emit``; the count as its result."""
 
         async def ar() -> Any:
             n = 0
-            async for token in self.target.stream(prompt, sampling, max_tokens, eos):
+            async for token in self.target.stream(prompt, sampling, max_tokens, eos, salt):
                 on_emit(token)
                 n += 1
                 if token in eos:

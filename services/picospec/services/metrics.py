@@ -186,6 +186,30 @@ DRAFT_LEN = Gauge(
     "Draft block length γ (draft tokens per block) in use by the latest request of this mode",
     ["mode"],
 )
+DRAFT_POLICY_ROUNDS = Counter(
+    "picospec_draft_policy_rounds",
+    "Verification rounds of adaptive sessions (draft_len auto) by the policy their draft "
+    "length followed: latency (the session's own speed) or capacity (a saturated verifier's "
+    "throughput)",
+    ["policy"],
+)
+SPECULATION_OFF = Counter(
+    "picospec_speculation_off_sessions",
+    "Adaptive picospec sessions opened without speculation: the verifier was saturated and no "
+    "draft length would have cost it less per token than cloud-only decoding, so the verifier "
+    "decoded alone",
+)
+DRAFT_POLICY_LOAD = Gauge(
+    "picospec_draft_policy_load_ratio",
+    "The verifier busy fraction (0-1) that the latest draft-length choice of this drafter "
+    "reacted to, as the verdict reported it",
+)
+ACCEPTED_BY_SOURCE = Counter(
+    "picospec_accepted_tokens_by_source",
+    "Accepted draft tokens by what drafted them: model (the draft model), suffix (a match in "
+    "the prompt or output), emulated (an emulated edge device of a benchmark)",
+    ["source"],
+)
 GENERATED = Counter(
     "picospec_generation_tokens",
     "Generated tokens delivered to clients (committed, i.e. verified unless degraded)",
@@ -232,6 +256,11 @@ REQUESTS_WAITING = Gauge(
 QUEUE_DEPTH = Gauge(
     "picospec_verify_queue_depth",
     "Draft blocks waiting in this verifier's queue for the model worker",
+)
+VERIFY_BUSY = Gauge(
+    "picospec_verify_busy_ratio",
+    "The fraction of the last second this verifier's engine spent running forwards (0-1), as "
+    "its latest verdict told its drafter: the load the draft-length policy reacts to",
 )
 BATCH_SIZE = Histogram(
     "picospec_verify_batch_size",
@@ -355,6 +384,10 @@ def init_series(role: str) -> None:
             LINK_MESSAGES.labels(direction)
         for reason in ("lost", "draining", "unknown_session"):
             MIGRATIONS.labels(reason)
+        for policy in ("latency", "capacity"):
+            DRAFT_POLICY_ROUNDS.labels(policy)
+        for source in ("model", "suffix"):
+            ACCEPTED_BY_SOURCE.labels(source)
     elif role == "verifier":
         for reason in ("idle", "memory_cap"):
             EVICTIONS.labels(reason)

@@ -17,6 +17,11 @@ Cycle of the pipelined mode (``picospec``):
    correction token as ``prefix``. Verdicts of stale epochs are ignored.
 
 The synchronous modes are the same machine with one block in flight and a bonus token.
+
+A session may also have a model-free :class:`~picospec.speculation.proposers.Proposer`: where
+it proposes the next tokens, :meth:`DrafterSession.free_draft` drafts them with a point-mass
+``q`` and no forward (the draft model catches up on them at its next forward); where it has
+none, the draft model steps (:meth:`DrafterSession.draft`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict, VerdictStatus
 from picospec.runtime.model import LanguageModel
 from picospec.runtime.scheduler import Forward, Program, run
+from picospec.speculation.proposers import Proposer, point_mass
 from picospec.speculation.sampling import (
     STREAM_DRAFT,
     STREAM_SAMPLER,
@@ -48,11 +54,13 @@ class ProtocolError(RuntimeError):
 
 @dataclass
 class _Spec:
-    """Speculative tokens of one block: drafted ids, their draft dists and q(x)."""
+    """Speculative tokens of one block: drafted ids, their draft dists (None: a point mass, a
+    proposer's token) and which source drafted each."""
 
     block: DraftBlock | None  # None while still being drafted
     tokens: list[int] = field(default_factory=list)
-    dists: list[torch.Tensor] = field(default_factory=list)
+    dists: list[torch.Tensor | None] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -64,9 +72,11 @@ class DrafterStats:
     rollbacks: int = 0  # rejections (each starts a new epoch)
     wasted: int = 0  # drafted tokens thrown away (rejected, or drafted after a rejection)
     draft_forwards: int = 0
+    free_drafts: int = 0  # draft tokens a proposer gave, without a forward
     blocks: int = 0
     tail_mass: float = 0.0  # sum over sampled rejections of the compressed p_j's tail mass
     accepted_per_pos: list[int] = field(default_factory=list)
+    accepted_by_source: dict[str, int] = field(default_factory=dict)  # "model", a proposer's
 
     def report(self) -> dict[str, Any]:
         """The speculation figures every report (CLI, API, benchmark) shows, one definition:
@@ -80,6 +90,8 @@ class DrafterStats:
             "rollbacks": self.rollbacks,
             "wasted_tokens": self.wasted,
             "tail_mass": self.tail_mass,
+            "free_drafts": self.free_drafts,
+            "accepted_by_source": dict(self.accepted_by_source),
         }
 
 
@@ -101,6 +113,7 @@ class DrafterSession:
         spec: SpecConfig,
         max_new_tokens: int,
         eos_ids: frozenset[int] = frozenset(),
+        proposer: Proposer | None = None,
     ) -> None:
         if spec.mode is Mode.AR:
             raise ValueError("the ar mode has no drafter session")
@@ -130,6 +143,8 @@ class DrafterSession:
         self._unsent: list[int] = []  # committed tokens the verifier has not seen yet
         self._awaiting_sample: int | None = None  # accepted count of a rejection being sampled
         self._rng = Rng(params.seed)
+        self.proposer = proposer
+        self._proposed: deque[int] = deque()  # the proposer's run, not drafted yet
 
     # --- views ----------------------------------------------------------------------------
     @property
@@ -161,8 +176,31 @@ class DrafterSession:
 
     # --- drafting -------------------------------------------------------------------------
     def draft_step(self) -> DraftBlock | None:
-        """Draft one token; return a block to send when one is complete."""
-        return run(self.draft())
+        """Draft one token (the proposer's, else the model's); return a block to send when one
+        is complete."""
+        drafted, block = self.free_draft()
+        return block if drafted else run(self.draft())
+
+    def free_draft(self) -> tuple[bool, DraftBlock | None]:
+        """Draft the next token without a forward, if the proposer has one for it:
+        ``(True, block to send or None)``; ``(False, None)`` when the draft model must step
+        (:meth:`draft`)."""
+        if self.proposer is None:
+            return False, None
+        if not self.can_draft():
+            raise ProtocolError("free_draft() called while drafting is not allowed")
+        if not self._proposed:
+            tokens = self.committed + [t for s in self._specs for t in s.tokens]
+            limit = self.draft_len * self.lookahead
+            self._proposed.extend(self.proposer.propose(tokens, self.n_prompt, limit))
+            if not self._proposed:
+                return False, None
+        token = self._proposed.popleft()
+        if not 0 <= token < self.model.vocab_size:
+            raise ProtocolError(f"proposed token {token} is outside the vocabulary")
+        self._pending.append(token)  # the draft model reads it at its next forward
+        self.stats.free_drafts += 1
+        return True, self._add(token, None, self.proposer.name)
 
     def draft(self) -> Program[DraftBlock | None]:
         """:meth:`draft_step` as a program (:mod:`picospec.runtime.scheduler`), so the drafter's
@@ -178,11 +216,17 @@ class DrafterSession:
         q = probs_from_logits(logits, self.params, pos)
         token = pick(q, self.params, self._rng, STREAM_DRAFT, pos)
         self._pending = [token]
+        self._proposed.clear()  # the model drafted past the proposer's run
+        return self._add(token, q, "model")
+
+    def _add(self, token: int, q: torch.Tensor | None, source: str) -> DraftBlock | None:
+        """Append a drafted token to the block being drafted; seal it when it is complete."""
         if not self._specs or self._specs[-1].block is not None:
             self._specs.append(_Spec(block=None))
         cur = self._specs[-1]
         cur.tokens.append(token)
         cur.dists.append(q)
+        cur.sources.append(source)
         full = len(cur.tokens) >= self.draft_len
         budget_spent = len(self.generated) + self._n_spec() >= self.max_new_tokens
         if full or budget_spent or token in self.eos_ids:
@@ -212,7 +256,9 @@ class DrafterSession:
 
     def _block(self, cur: _Spec, pos: int) -> DraftBlock:
         """Make ``cur``'s block at ``pos``, carrying the unsent committed tokens as prefix."""
-        dense = torch.stack(cur.dists).numpy() if self.spec.mode.dense_q else None
+        dense = None
+        if self.spec.mode.dense_q:
+            dense = torch.stack([self._dist(cur, i) for i in range(len(cur.tokens))]).numpy()
         block = DraftBlock(
             session=self.session,
             epoch=self.epoch,
@@ -220,7 +266,10 @@ class DrafterSession:
             pos=pos,
             prefix=tuple(self._unsent),
             tokens=tuple(cur.tokens),
-            q=tuple(max(float(d[t]), 1e-30) for d, t in zip(cur.dists, cur.tokens, strict=True)),
+            q=tuple(
+                1.0 if d is None else max(float(d[t]), 1e-30)
+                for d, t in zip(cur.dists, cur.tokens, strict=True)
+            ),
             dense_q=dense,
             vocab_size=self.model.vocab_size,
         )
@@ -228,6 +277,11 @@ class DrafterSession:
         self._unsent = []
         cur.block = block
         return block
+
+    def _dist(self, spec: _Spec, i: int) -> torch.Tensor:
+        """The draft distribution of ``spec``'s token ``i`` (a proposer's: a point mass)."""
+        d = spec.dists[i]
+        return point_mass(spec.tokens[i], self.model.vocab_size) if d is None else d
 
     # --- the first token --------------------------------------------------------------------
     def accept_first(self, token: int) -> tuple[Committed, list[DraftBlock]]:
@@ -252,6 +306,7 @@ class DrafterSession:
         if head is not None and head.tokens[0] == token:
             head.tokens.pop(0)
             head.dists.pop(0)
+            head.sources.pop(0)
             if not head.tokens:
                 self._specs.popleft()
             self.committed.append(token)
@@ -305,6 +360,8 @@ class DrafterSession:
             self.stats.accepted_per_pos.extend([0] * (n - len(self.stats.accepted_per_pos)))
         for i in range(n):
             self.stats.accepted_per_pos[i] += 1
+            src = head.sources[i]
+            self.stats.accepted_by_source[src] = self.stats.accepted_by_source.get(src, 0) + 1
         if n == len(head.tokens):
             self._specs.popleft()
             before = len(self.committed)
@@ -316,7 +373,7 @@ class DrafterSession:
             raise ProtocolError("a rejection carries neither a correction nor p_j")
         self.stats.tail_mass += verdict.sparse.tail_mass
         self._awaiting_sample = n
-        q_j = head.dists[n].numpy().astype(np.float32)
+        q_j = self._dist(head, n).numpy().astype(np.float32)
         seed = self._rng.seed_for(STREAM_SAMPLER, len(self.committed) + n)
         return SampleRequest(sparse=verdict.sparse, q=q_j, seed=seed)
 
@@ -349,6 +406,7 @@ class DrafterSession:
             self._unsent = list(extra)
             self.stats.wasted += self._n_spec()
             self._specs.clear()
+            self._proposed.clear()
             keep = min(self._cache.length, len(self.committed) - 1)
             self._cache.crop(keep)
             self._pending = self.committed[keep:]
@@ -372,6 +430,7 @@ class DrafterSession:
         speculation and start a new epoch (verdicts of the old replica become stale)."""
         self.stats.wasted += self._n_spec()
         self._specs.clear()
+        self._proposed.clear()
         self._unsent = []
         self._awaiting_sample = None
         self.epoch += 1

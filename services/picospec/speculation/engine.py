@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 
 from picospec.protocol.codec import DraftBlock, SampleRequest, Verdict, decode_as, encode
 from picospec.runtime.model import LanguageModel, check_vocabulary
+from picospec.runtime.scheduler import run as run_program
 from picospec.speculation.drafter import Committed, DrafterSession, DrafterStats
+from picospec.speculation.proposers import Hints, Proposer
 from picospec.speculation.sampler import sample
 from picospec.speculation.sampling import SamplingParams
 from picospec.speculation.spec import Mode, SpecConfig
@@ -76,8 +78,11 @@ def generate(
     spec: SpecConfig,
     max_new_tokens: int,
     stop: Callable[[list[int]], bool] | None = None,
+    proposer: Proposer | None = None,
 ) -> Result:
-    """Generate up to ``max_new_tokens`` after ``prompt``; ``stop(generated)`` may end it early."""
+    """Generate up to ``max_new_tokens`` after ``prompt``; ``stop(generated)`` may end it early.
+    ``proposer``: a model-free draft ahead of ``draft``'s (:mod:`picospec.speculation.proposers`).
+    """
     session = os.urandom(16)
     eos = target.eos_ids
     wire = Wire()
@@ -87,6 +92,10 @@ def generate(
             raise ValueError("mode edge needs a draft model")
         target = draft
     verifier = VerifierSession(target, session, prompt, params, spec)
+    if spec.cloud_led:
+        if proposer is None:
+            raise ValueError("a cloud-led session drafts with a proposer")
+        return _cloud_led(verifier, proposer, prompt, spec, max_new_tokens, stop, wire, t0)
     if not spec.mode.speculative:
         tokens: list[int] = []
         reason = "length"
@@ -111,7 +120,7 @@ def generate(
     if draft is None:
         raise ValueError(f"mode {spec.mode.value} needs a draft model")
     check_vocabulary(draft, target)
-    drafter = DrafterSession(draft, session, prompt, params, spec, max_new_tokens, eos)
+    drafter = DrafterSession(draft, session, prompt, params, spec, max_new_tokens, eos, proposer)
     # the first token comes from the verifier's prefill (the open reply carries it)
     first, _ = drafter.accept_first(verifier.first_token())
     wire.down += 4
@@ -142,3 +151,52 @@ def generate(
         speculation=drafter.stats,
         verifier_forwards=verifier.stats.forwards,
     )
+
+
+def _cloud_led(
+    verifier: VerifierSession,
+    proposer: Proposer,
+    prompt: list[int],
+    spec: SpecConfig,
+    max_new_tokens: int,
+    stop: Callable[[list[int]], bool] | None,
+    wire: Wire,
+    t0: float,
+) -> Result:
+    """A cloud-led session (a draft with no model): the verifier decodes as in ``ar``; after
+    every token the edge's :class:`Hints` may send a block of proposed tokens, which the
+    verifier verifies at its next step."""
+    stats = DrafterStats()
+    hints = Hints(proposer, stats)
+    tokens: list[int] = []
+    vocab = verifier.model.vocab_size
+
+    def on_token(emitted: tuple[int, bool]) -> None:
+        token, hinted = emitted
+        wire.down += 4
+        tokens.append(token)
+        if stop and stop(tokens):
+            raise _Stopped
+        run = hints.on_token(prompt + tokens, len(prompt), hinted)
+        if run:
+            block = DraftBlock(
+                session=verifier.session, epoch=0, seq=0, pos=len(prompt) + len(tokens),
+                prefix=(), tokens=tuple(run), q=(1.0,) * len(run), vocab_size=vocab,
+            )  # fmt: skip
+            verifier.hint = wire.carry(block, "up")
+
+    reason = "length"
+    try:
+        run_program(verifier.led_stream(max_new_tokens, verifier.model.eos_ids), on_token)
+    except _Stopped:
+        reason = "stop"
+    if tokens and tokens[-1] in verifier.model.eos_ids:
+        reason = "stop"
+    return Result(
+        spec.mode, len(prompt), tokens, reason, time.perf_counter() - t0, wire,
+        speculation=stats, verifier_forwards=verifier.stats.forwards,
+    )  # fmt: skip
+
+
+class _Stopped(Exception):
+    """``stop`` ended a cloud-led session."""

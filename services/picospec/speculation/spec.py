@@ -50,6 +50,12 @@ class SpecConfig(BaseModel):
     )
     top_k: int = Field(256, ge=1, description="entries of p_j sent at a sampled rejection (K)")
     value_codec: ValueCodec = ValueCodec.F32
+    cloud_led: bool = Field(
+        False,
+        description="picospec with a draft that needs no model (suffix matches): the verifier "
+        "decodes on its own as in ar and verifies the edge's proposed tokens (hints) where "
+        "they reach it in time, so the session never waits for a draft",
+    )
     adaptive: bool = Field(
         False,
         description="draft_len 'auto': the drafter picks γ and the look-ahead per session "

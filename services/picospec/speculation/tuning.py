@@ -42,6 +42,22 @@ the last pooling everything beyond), each shrunk towards the pooled estimate by
 ``hazard_prior`` tested tokens and kept across sessions (a half-life of about 23 rounds:
 most rounds test only the first positions), scaled to the pooled level, which follows the
 prompt within a few rounds.
+**The cloud's load.** Alone, a session wants the ``(γ, k)`` above. On a saturated verifier its
+speculation costs other users time: every draft token the verifier feeds takes its compute,
+accepted or not. Every verdict tells the drafter the verifier's busy fraction over the last
+second, its sessions per forward ``B`` and its sessions (:class:`LoadMeter`). Once the
+replica is busy ``LOAD_HIGH`` of the time the controller drafts for the replica instead
+(:func:`capacity_cost`): with a forward of ``n`` tokens of ``m`` sessions costing
+``a + b·(n-1) + c·(m-1)`` (:class:`CostLine`), a session's share is ``(a - b - c)/B + c + b·n``
+for the ``n`` tokens it feeds, and a block of ``γ`` feeds ``γ`` draft tokens plus, after a
+rejection, the correction, and commits the accepted run plus the correction; the ``γ`` that
+costs the verifier least per committed token is the one that lets the replica deliver most.
+It drafts for its own speed again once the load falls below ``LOAD_LOW`` (hysteresis: the
+choice itself moves the load). On a saturated replica shorter blocks waste less of it; where
+the fixed cost of a forward dominates, longer blocks amortise it. Where no ``γ`` costs less
+than cloud-only decoding (each of the replica's sessions feeding one token per step,
+:func:`ar_cost`), a new session does not speculate at all (:func:`speculation_pays`).
+
 A session takes the model's choice as soon as it has every input (the starting ``(γ, k)`` is
 a default, not a choice, so it gets no advantage); after that the choice changes only when the
 predicted gain is at least ``hysteresis`` (5%), so a steady link gives a steady length; a
@@ -53,6 +69,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 MAX_GAMMA = 12
 # the drafter's own time per block beyond its draft steps: sealing, encoding and publishing it
@@ -70,6 +88,8 @@ MAX_LOOKAHEAD = 6
 PREDICTION_HORIZON = 128
 DEFAULT_GAMMA = 4
 HAZARD_POSITIONS = 8  # per-position acceptance estimates: 0..6 since a rejection, and 7+
+LOAD_HIGH = 0.9  # a verifier busy this much of the time is saturated: draft for its capacity
+LOAD_LOW = 0.7  # below this again: draft for the session's own speed
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,7 @@ class Inputs:
     # acceptance of the epoch's token j given all before it accepted (the last entry holds for
     # every later j); empty: ``alpha`` at every position (geometric)
     hazard: tuple[float, ...] = ()
+    verify_per_session_s: float = 0.0  # each further session of a batched forward
 
     def accept_at(self, j: int) -> float:
         h = self.hazard[min(j, len(self.hazard) - 1)] if self.hazard else self.alpha
@@ -153,6 +174,73 @@ def best_choice(
     return g, k, rate
 
 
+def _shared(inp: Inputs, batch: int) -> float:
+    """A session's share of what a forward costs whatever it feeds: the one-token step less
+    its token and its session, divided among ``batch`` sessions, plus its own session."""
+    fixed = max(0.0, inp.verify_step_s - inp.verify_per_token_s - inp.verify_per_session_s)
+    return fixed / max(1, batch) + inp.verify_per_session_s
+
+
+def capacity_cost(inp: Inputs, gamma: int, batch: int) -> float:
+    """The verifier's seconds per committed token when every session drafts blocks of
+    ``gamma`` and ``batch`` sessions share each forward (the module docstring's model; as if
+    every block began after a rejection, where the acceptance depends on the run)."""
+    through, committed = 1.0, 0.0
+    for i in range(gamma):
+        through *= inp.accept_at(i)
+        committed += through  # E[accepted run]
+    committed += 1 - through  # the correction, after a rejection
+    fed = gamma + (1 - through)  # the block, and the correction before the next one
+    return (_shared(inp, batch) + inp.verify_per_token_s * fed) / committed
+
+
+def best_capacity_choice(
+    inp: Inputs, batch: int, max_gamma: int = MAX_GAMMA, max_lookahead: int = MAX_LOOKAHEAD
+) -> tuple[int, int]:
+    """The ``(γ, k)`` that lets a saturated verifier deliver most: the ``γ`` of least
+    :func:`capacity_cost` (of near-equals within 2%, the shortest: it wastes least when the
+    acceptance drops), with the look-ahead that is fastest for the session at that ``γ``."""
+    costs = {g: capacity_cost(inp, g, batch) for g in range(1, max_gamma + 1)}
+    low = min(costs.values())
+    gamma = min(g for g, c in costs.items() if c <= 1.02 * low)
+    ks = range(1, max_lookahead + 1) if inp.pipelined else (1,)
+    k = max(ks, key=lambda k: (predicted_rate(inp, gamma, k), -k))
+    return gamma, k
+
+
+def ar_cost(inp: Inputs, batch: int) -> float:
+    """The verifier's seconds per token of cloud-only decoding (one token fed per token) with
+    ``batch`` sessions sharing each forward: what :func:`capacity_cost` is weighed against."""
+    return _shared(inp, batch) + inp.verify_per_token_s
+
+
+def speculation_pays(inp: Inputs, batch: int, sessions: int, max_gamma: int = MAX_GAMMA) -> bool:
+    """Whether some draft length costs a saturated verifier less per token than cloud-only
+    decoding would: speculating sessions share forwards ``batch`` at a time (what the verifier
+    reports), cloud-only ones all ``sessions`` of the replica at every step. Where none pays,
+    a new session does not speculate (it runs cloud-led, as ``ar``)."""
+    best = min(capacity_cost(inp, g, batch) for g in range(1, max_gamma + 1))
+    return best < ar_cost(inp, max(batch, sessions))
+
+
+@dataclass
+class Saturation:
+    """Whether the verifier is saturated, from the load its verdicts report, with hysteresis:
+    saturated from ``LOAD_HIGH`` busy, and again not below ``LOAD_LOW``."""
+
+    saturated: bool = False
+    load: tuple[float, int, int] | None = None  # (busy, batch, sessions), as last told
+
+    def observe(self, busy: float | None, batch: int | None, sessions: int | None = None) -> None:
+        if busy is None or batch is None:
+            return  # a verifier that does not say
+        self.load = (busy, batch, sessions if sessions is not None else batch)
+        if busy >= LOAD_HIGH:
+            self.saturated = True
+        elif busy < LOAD_LOW:
+            self.saturated = False
+
+
 @dataclass
 class _Windowed:
     """A running mean that follows change: exponentially weighted, seeded by a prior."""
@@ -175,6 +263,7 @@ class SiteEstimates:
     alpha: float = 0.7
     # per position since a rejection: (accepted, tested) decayed counts, HAZARD_POSITIONS long
     hazard_counts: tuple[tuple[float, float], ...] = ()
+    verify_per_session_s: float = 0.0
 
 
 @dataclass
@@ -199,7 +288,7 @@ class DraftLenController:
         self._t_d = _Windowed(p.t_d) if p.t_d is not None else None
         self._rtt: deque[float] = deque(maxlen=8)  # the minimum filters queueing out
         self._rtt_prior = p.rtt_s
-        self._verify = (p.verify_step_s, p.verify_per_token_s)
+        self._verify = (p.verify_step_s, p.verify_per_token_s, p.verify_per_session_s)
         # decayed counts of accepted and rejected (tested) tokens, seeded by the prior
         self._accepted = p.alpha * self.prior_tokens
         self._rejected = (1 - p.alpha) * self.prior_tokens
@@ -210,6 +299,7 @@ class DraftLenController:
         self._run = 0  # tokens accepted since the last rejection (the epoch's next position)
         self._informed = False  # whether the model has chosen yet (the start is a default)
         self.history: dict[int, int] = {}  # γ -> rounds drafted with it
+        self.saturation = Saturation()  # the verifier's load, as its verdicts tell it
 
     # --- observations ------------------------------------------------------------------
     def observe_step(self, seconds: float) -> None:
@@ -224,10 +314,24 @@ class DraftLenController:
         if not self._rtt and network_rtt_s >= 0:
             self._rtt_prior = network_rtt_s
 
-    def observe_verify_cost(self, step_s: float | None, per_token_s: float | None) -> None:
+    def observe_verify_cost(
+        self, step_s: float | None, per_token_s: float | None, per_session_s: float | None = None
+    ) -> None:
         """The verifier's own forward cost line (from the open reply)."""
         if step_s:
-            self._verify = (step_s, per_token_s or 0.0)
+            self._verify = (step_s, per_token_s or 0.0, per_session_s or 0.0)
+
+    def observe_load(
+        self, busy: float | None, batch: int | None, sessions: int | None = None
+    ) -> None:
+        """The verifier's load, as a verdict told it (None: the verifier did not say)."""
+        self.saturation.observe(busy, batch, sessions)
+
+    @property
+    def policy(self) -> str:
+        """``capacity`` while the verifier is saturated (draft for its throughput), else
+        ``latency`` (draft for the session's own speed)."""
+        return "capacity" if self.saturation.saturated else "latency"
 
     def observe_round(
         self, accepted: int, rejected: bool, round_trip_s: float | None, n_fed: int
@@ -245,7 +349,7 @@ class DraftLenController:
                 self._pos_acc[min(j, last)] += 1
         self._run = 0 if rejected else self._run + accepted
         self.history[self.gamma] = self.history.get(self.gamma, 0) + 1
-        step, per_token = self._verify
+        step, per_token, _ = self._verify
         if round_trip_s is not None and step is not None:
             # what is left after the verifier's compute is the network (plus any queueing;
             # the minimum over recent blocks filters the queueing out)
@@ -278,7 +382,7 @@ class DraftLenController:
     def inputs(self, tokens_left: int = 256) -> Inputs | None:
         """The model's inputs, or None while something is still unknown."""
         rtt = min(self._rtt) if self._rtt else self._rtt_prior
-        step, per_token = self._verify
+        step, per_token, per_session = self._verify
         if self._t_d is None or rtt is None or step is None:
             return None
         return Inputs(
@@ -286,6 +390,7 @@ class DraftLenController:
             rtt_s=rtt,
             verify_step_s=step,
             verify_per_token_s=per_token,
+            verify_per_session_s=per_session,
             alpha=self.alpha,
             pipelined=self.pipelined,
             tokens_left=tokens_left,
@@ -299,8 +404,9 @@ class DraftLenController:
         if inp is None:
             return replace(self.prior, alpha=self.alpha, hazard_counts=counts)
         return SiteEstimates(
-            inp.t_d, inp.rtt_s, inp.verify_step_s, inp.verify_per_token_s, inp.alpha, counts
-        )
+            inp.t_d, inp.rtt_s, inp.verify_step_s, inp.verify_per_token_s, inp.alpha, counts,
+            inp.verify_per_session_s,
+        )  # fmt: skip
 
     # --- the choice ----------------------------------------------------------------------
     def choose(self, tokens_left: int = 256) -> tuple[int, int]:
@@ -308,6 +414,13 @@ class DraftLenController:
         then unchanged unless the model predicts a gain of at least ``hysteresis`` over it."""
         inp = self.inputs(min(tokens_left, PREDICTION_HORIZON))
         if inp is None:
+            return self.gamma, self.lookahead
+        max_k = self.max_lookahead if self.pipelined else 1
+        load = self.saturation.load
+        if self.saturation.saturated and load is not None:
+            # no hysteresis on γ here: the load it reacts to has its own
+            self.gamma, self.lookahead = best_capacity_choice(inp, load[1], self.max_gamma, max_k)
+            self._informed = True
             return self.gamma, self.lookahead
         g, k, rate = best_choice(inp, self.max_gamma, self.max_lookahead if self.pipelined else 1)
         current = predicted_rate(inp, self.gamma, self.lookahead if self.pipelined else 1)
@@ -319,26 +432,72 @@ class DraftLenController:
 
 @dataclass
 class CostLine:
-    """The verifier's forward cost ``a + b·(n-1)`` for ``n`` tokens, fitted by exponentially
-    weighted least squares over recent work (so it follows load and emulation alike)."""
+    """The verifier's forward cost ``a + b·(n-1) + c·(m-1)`` for ``n`` tokens of ``m``
+    sessions, fitted by exponentially weighted least squares over recent work (so it follows
+    load and emulation alike). ``a`` is one session's one-token step, ``b`` each further token,
+    ``c`` each further session (its attention, its rows): what a batch of single-token steps
+    pays per session that a block of the same tokens does not. Where the work seen does not
+    tell ``b`` and ``c`` apart (one kind of forward only), the missing slope is 0."""
 
     decay: float = 0.97
-    _s: list[float] = field(default_factory=lambda: [0.0] * 5)  # Σw, Σwx, Σwy, Σwxx, Σwxy
+    _w: float = 0.0
+    _xy: np.ndarray = field(default_factory=lambda: np.zeros(3))  # Σw·x·y, x = (1, n-1, m-1)
+    _xx: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))  # Σw·x·xᵀ
 
-    def observe(self, n_tokens: int, seconds: float) -> None:
-        x = float(max(0, n_tokens - 1))
-        s = self._s
-        for i in range(5):
-            s[i] *= self.decay
-        for i, v in enumerate((1.0, x, seconds, x * x, x * seconds)):
-            s[i] += v
+    def observe(self, n_tokens: int, seconds: float, sessions: int = 1) -> None:
+        x = np.array([1.0, max(0, n_tokens - 1), max(0, sessions - 1)])
+        self._w = self._w * self.decay + 1.0
+        self._xx = self._xx * self.decay + np.outer(x, x)
+        self._xy = self._xy * self.decay + x * seconds
 
-    def line(self) -> tuple[float, float] | None:
-        """``(a, b)``, or None before any work was seen."""
-        w, sx, sy, sxx, sxy = self._s
-        if w <= 0:
+    def line(self) -> tuple[float, float, float] | None:
+        """``(a, b, c)``, or None before any work was seen."""
+        if self._w <= 0:
             return None
-        den = w * sxx - sx * sx
-        b = max(0.0, (w * sxy - sx * sy) / den) if den > 1e-9 * max(1.0, w * sxx) else 0.0
-        a = max(1e-6, (sy - b * sx) / w)
-        return a, b
+        free = [0] + [i for i in (1, 2) if self._xx[i, i] > 1e-9 * self._w]
+        while True:  # least squares over the slopes the data tells, none negative
+            sub = self._xx[np.ix_(free, free)]
+            if np.linalg.cond(sub) > 1e9:
+                free.pop()  # the last slope is not told apart from the others
+                continue
+            coef = np.linalg.solve(sub, self._xy[free])
+            bad = [f for f, v in zip(free[1:], coef[1:], strict=True) if v < 0]
+            if not bad:
+                break
+            free.remove(bad[0])
+        out = [0.0, 0.0, 0.0]
+        for f, v in zip(free, coef, strict=True):
+            out[f] = float(v)
+        return max(1e-6, out[0]), out[1], out[2]
+
+
+@dataclass
+class LoadMeter:
+    """The verifier's load over the last ``window_s`` seconds: the fraction of the time its
+    engine was running forwards (overlapping forwards counted once), and the sessions per
+    forward. What every verdict tells its drafter (``Verdict.busy``, ``Verdict.batch``)."""
+
+    window_s: float = 1.0
+    _forwards: deque[tuple[float, float, int]] = field(default_factory=deque)  # end, s, sessions
+
+    def observe(self, end: float, seconds: float, sessions: int) -> None:
+        self._forwards.append((end, seconds, sessions))
+        self._prune(end)
+
+    def _prune(self, now: float) -> None:
+        while self._forwards and self._forwards[0][0] < now - self.window_s:
+            self._forwards.popleft()
+
+    def load(self, now: float) -> tuple[float, int]:
+        """``(busy fraction, sessions per forward)`` over the window ending at ``now``."""
+        self._prune(now)
+        start = now - self.window_s
+        spans = sorted((max(start, end - s), end) for end, s, _ in self._forwards)
+        busy, covered = 0.0, start
+        for begin, end in spans:
+            if end > covered:
+                busy += end - max(begin, covered)
+                covered = end
+        n = len(self._forwards)
+        batch = round(sum(f[2] for f in self._forwards) / n) if n else 0
+        return min(1.0, busy / self.window_s), batch

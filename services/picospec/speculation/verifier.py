@@ -79,11 +79,14 @@ class VerifierSession:
         self.spec = spec
         self.epoch = epoch  # a re-opened session continues the drafter's epoch count
         self.cache = model.new_cache(capacity)
+        if hasattr(self.cache, "use_sampling"):  # vLLM's: rows as wide as the sampling needs
+            self.cache.use_sampling(params)
         self.stats = VerifierStats()
         self._prompt = list(prompt)
         self._rng = Rng(params.seed)
         self._waiting: dict[int, DraftBlock] = {}
         self._ar_pending: int | None = None
+        self.hint: DraftBlock | None = None  # cloud-led: the edge's latest proposed tokens
         self.next_logits = torch.empty(0)
         if prefill:
             run(self.prefill())
@@ -280,6 +283,61 @@ class VerifierSession:
             if token in eos:
                 return i + 1
         return max_tokens
+
+    # --- cloud-led: ar with the edge's hints ----------------------------------------------
+    def led_stream(self, max_tokens: int, eos: Collection[int]) -> Program[int]:
+        """Cloud-led decoding, for a session whose edge drafts without a model (suffix
+        matches): the target decodes on its own as in ``ar``; wherever the edge's latest hint
+        (:attr:`hint`, a block of proposed tokens) covers the next positions, one forward
+        verifies them all. Every token is picked exactly as ``ar`` picks it (the argmax, or the
+        draw keyed by seed and position) and a hinted token is taken only where it is that
+        token. With a point-mass draft that is rejection sampling (accept ``x`` with ``p(x)``,
+        else a draw from ``p`` without ``x``), and the output is ``ar``'s token for token,
+        greedy or sampled. Emits ``(token, hinted)``; returns how many it emitted."""
+        start = self.cache.length + (1 if self._ar_pending is not None else 0)
+        out: list[int] = []
+        while len(out) < max_tokens:
+            nxt = start + len(out)
+            tokens = self._hinted(nxt, out, start, max_tokens - len(out))
+            if not tokens or self._ar_pending is None:
+                token = yield from self.ar_next()
+                out.append(token)
+                yield Emit((token, False))
+                if token in eos:
+                    break
+                continue
+            fed = self.cache.length
+            logits = yield Forward(
+                self.cache, [self._ar_pending, *tokens], keep=len(tokens) + 1, on_device=True
+            )
+            assert logits is not None
+            self.stats.forwards += 1
+            self.stats.verified_tokens += len(tokens)
+            for i in range(len(tokens) + 1):
+                probs = probs_from_logits(logits[i], self.params, nxt + i)
+                token = pick(probs, self.params, self._rng, STREAM_DRAW, nxt + i)
+                hinted = i < len(tokens) and token == tokens[i]
+                out.append(token)
+                yield Emit((token, hinted))
+                if not hinted or token in eos or len(out) >= max_tokens:
+                    break
+            self.cache.crop(fed + 1 + i)  # the pending token and the hinted ones taken
+            self._ar_pending = token
+            self.next_logits = logits[i]
+            if token in eos:
+                break
+        return len(out)
+
+    def _hinted(self, nxt: int, out: list[int], start: int, room: int) -> list[int]:
+        """The hint's tokens for positions ``nxt`` on, where its tokens before ``nxt`` (if it
+        began earlier) are the ones already decoded there; else none."""
+        h = self.hint
+        if h is None or h.epoch != self.epoch or not h.pos <= nxt < h.pos + len(h.tokens):
+            return []
+        if h.pos < start or list(h.tokens[: nxt - h.pos]) != out[h.pos - start :]:
+            return []
+        room = min(room, self.model.max_context - nxt - 1)
+        return list(h.tokens[nxt - h.pos :][: max(0, room)])
 
 
 def warm_up(model: LanguageModel) -> list[tuple[int, float]]:

@@ -9,10 +9,14 @@ seconds (asyncio + aiohttp) and returns a report::
      "concurrency": 32}
 
 TTFT is from sending the request to the first content chunk; ITL is the gap between consecutive
-content chunks of one stream. Errors are counted by HTTP status (``"429"``), by an error event
-inside a stream (``"stream:cloud_unreachable"``), a stream that ended without ``[DONE]``
-(``"incomplete"``), a client exception (``"ClientConnectorError"``), or an answer the caller's
-``check`` refused (``"mismatch"``).
+content chunks of one stream, per token: a chunk that carries ``k`` tokens (told by vLLM's
+``continuous_usage_stats``, which the drafter and vLLM's server both honour) after a gap ``g``
+counts ``k`` inter-token latencies of ``g / k``, as the drafter's own
+``picospec_inter_token_latency_seconds`` does (a chunk's tokens arrive together; a stream that
+commits several tokens per verdict is not credited with zero gaps). Errors are counted by HTTP
+status (``"429"``), by an error event inside a stream (``"stream:cloud_unreachable"``), a stream
+that ended without ``[DONE]`` (``"incomplete"``), a client exception (``"ClientConnectorError"``),
+or an answer the caller's ``check`` refused (``"mismatch"``).
 
 Command line::
 
@@ -90,6 +94,7 @@ class RequestResult:
     error: str | None = None  # the error label, None when the request succeeded
     retry_after: str | None = None
     elapsed_s: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)  # the final chunk's ``picospec`` object
 
 
 async def stream_one(
@@ -114,13 +119,15 @@ async def stream_one(
         "max_tokens": max_tokens,
         "temperature": temperature,
         "stream": True,
-        "stream_options": {"include_usage": True},  # OpenAI's: usage in the last chunk
+        # OpenAI's usage in the last chunk; vLLM's usage so far in every chunk
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         **(extra or {}),
     }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     res = RequestResult(prompt=prompt)
     t0 = time.perf_counter()
     last: float | None = None
+    counted = 0  # completion tokens of the chunks seen so far (continuous usage)
     parts: list[str] = []
     done = False
     try:
@@ -150,19 +157,25 @@ async def stream_one(
                     continue
                 choices = obj.get("choices") or [{}]
                 delta = (choices[0].get("delta") or {}).get("content") or choices[0].get("text")
+                usage = obj.get("usage") or {}
                 if delta:
                     now = time.perf_counter()
+                    seen = int(usage.get("completion_tokens", counted + 1))
+                    k = max(1, seen - counted)
+                    counted = max(counted, seen)
                     if last is None:
                         res.ttft_s = now - t0
                     else:
-                        res.itl_s.append(now - last)
+                        res.itl_s.extend([(now - last) / k] * k)
                     last = now
                     parts.append(delta)
                     if abort_after_chunks is not None and len(parts) >= abort_after_chunks:
                         res.error = "aborted"
                         return res  # leaving the block closes the connection
-                if obj.get("usage"):
-                    res.tokens = int(obj["usage"].get("completion_tokens", 0))
+                if usage:
+                    res.tokens = int(usage.get("completion_tokens", 0))
+                if obj.get("picospec"):
+                    res.stats = obj["picospec"]
         if res.error is None and not done:
             res.error = "incomplete"
     except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as e:

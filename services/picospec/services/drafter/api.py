@@ -3,7 +3,8 @@
 ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``; streaming with
 server-sent events ending in ``data: [DONE]``; errors in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``. Extensions: ``top_k``, ``min_p``,
-``ignore_eos`` and ``min_tokens`` (vLLM's), ``mode``, ``draft_len`` in requests; a ``picospec``
+``ignore_eos``, ``min_tokens`` and ``stream_options.continuous_usage_stats`` (vLLM's),
+``mode``, ``draft_len`` in requests (and ``emulated_edge``, benchmarks only); a ``picospec``
 object (acceptance, rounds, bytes…) in responses.
 """
 
@@ -16,103 +17,26 @@ import hmac
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from picospec.config import Settings
-from picospec.protocol.codec import MAX_DRAFT_TOKENS
 from picospec.runtime.loading import model_from_settings
 from picospec.runtime.model import LanguageModel, ModelError
 from picospec.runtime.text import TextStream
 from picospec.services import metrics
+from picospec.services.drafter.requests import ChatRequest, CompletionRequest, Request
 from picospec.services.drafter.service import BadRequest, DrafterService, Generation, Unavailable
 from picospec.services.shell import event
 from picospec.speculation.drafter import warm_up
+from picospec.speculation.proposers import EmulatedEdge, Proposer, SuffixDraft
 from picospec.speculation.sampling import SamplingParams
 from picospec.speculation.spec import Mode
 
 MAX_BODY_BYTES = 4 << 20
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
-    name: str | None = None
-
-
-class _Request(BaseModel):
-    """Fields common to both endpoints. Unknown fields are refused (400), not ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = Field(1, ge=1, le=1)
-    user: str | None = None
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    # PicoSpec extensions
-    mode: Mode | None = None
-    draft_len: int | Literal["auto"] | None = Field(
-        None, description="γ of this request, or 'auto' (the default setting)"
-    )
-    fallback: Literal["none", "edge"] | None = None
-    # vLLM's and SGLang's extensions, which benchmark clients send to fix output lengths
-    ignore_eos: bool = Field(False, description="do not stop at end-of-sequence tokens")
-    min_tokens: int = Field(
-        0, ge=0, description="end-of-sequence tokens cannot be chosen before this many tokens"
-    )
-
-    @field_validator("draft_len", mode="before")
-    @classmethod
-    def _draft_len(cls, v: object) -> object:
-        """JSON true is not a length: checked before pydantic would read it as 1."""
-        ok = v is None or v == "auto" or (type(v) is int and 1 <= v <= MAX_DRAFT_TOKENS)
-        if not ok:
-            raise ValueError(f"draft_len must be 'auto' or an integer in 1..{MAX_DRAFT_TOKENS}")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> list[str] | None:
-        stops = [v] if isinstance(v, str) else v
-        if stops is not None and (len(stops) > 4 or any(len(s) > 256 for s in stops)):
-            raise ValueError("at most 4 stop strings of at most 256 characters")
-        return stops
-
-    def sampling(self) -> SamplingParams:
-        seed = self.seed if self.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7])
-        return SamplingParams(
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            seed=seed,
-        )
-
-
-class ChatRequest(_Request):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class CompletionRequest(_Request):
-    prompt: str
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
 
 
 class ApiError(Exception):
@@ -155,6 +79,7 @@ def _invalid(message: str, param: str | None = None) -> ApiError:
 
 # paths that never need the API key: probes and Prometheus scrapes
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+TENANT = web.RequestKey("tenant", str)  # whose recent answers a suffix draft may match
 
 
 def _digest(key: str) -> bytes:
@@ -180,6 +105,7 @@ def api_key_middleware(keys: list[str], mode: str) -> Any:
         for d in digests:
             ok |= hmac.compare_digest(given, d)
         if ok and scheme.lower() == "bearer":
+            request[TENANT] = given.hex()[:32]
             return await handler(request)
         metrics.REQUESTS.labels(mode, "401").inc()
         event("request_unauthorized", logging.WARNING, path=request.path, remote=request.remote)
@@ -283,7 +209,7 @@ class Api:
         return await self._handle(request, CompletionRequest, chat=False)
 
     # --- request handling ---------------------------------------------------------------
-    async def _parse(self, request: web.Request, cls: type[_Request]) -> _Request:
+    async def _parse(self, request: web.Request, cls: type[Request]) -> Request:
         if request.content_length and request.content_length > MAX_BODY_BYTES:
             raise ApiError(
                 413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error"
@@ -319,7 +245,7 @@ class Api:
         return req
 
     @staticmethod
-    def _prompt(model: LanguageModel, req: _Request) -> list[int]:
+    def _prompt(model: LanguageModel, req: Request) -> list[int]:
         try:
             if isinstance(req, ChatRequest):
                 msgs = [{"role": m.role, "content": m.content} for m in req.messages]
@@ -336,7 +262,7 @@ class Api:
         return ids
 
     async def _handle(
-        self, request: web.Request, cls: type[_Request], chat: bool
+        self, request: web.Request, cls: type[Request], chat: bool
     ) -> web.StreamResponse:
         t0 = time.perf_counter()
         mode = self.settings.mode
@@ -378,13 +304,15 @@ class Api:
                     }
                 )
             fallback = (req.fallback or self.settings.fallback) == "edge"
+            spec = self.settings.spec(mode, req.draft_len, req.draft)
+            tenant = request.get(TENANT, "open")
+            proposer: Proposer | None = None
+            if req.emulated_edge is not None:
+                proposer = self._emulated_edge(svc, req, prompt, params, spec.mode, model)
+            else:
+                proposer = self._suffix(svc, req.draft or self.settings.draft, mode, tenant)
             gen = svc.generation(
-                prompt,
-                params,
-                self.settings.spec(mode, req.draft_len),
-                max_tokens,
-                fallback,
-                req.ignore_eos,
+                prompt, params, spec, max_tokens, fallback, req.ignore_eos, proposer, tenant
             )
             metrics.PROMPT_TOKENS.labels(mode.value).inc(len(prompt))
             async with self._admission():
@@ -395,8 +323,56 @@ class Api:
             metrics.REQUESTS.labels(mode.value, str(e.status)).inc()
             return e.response()
 
+    def _suffix(
+        self, svc: DrafterService, draft: str, mode: Mode, tenant: str
+    ) -> SuffixDraft | None:
+        """The suffix draft of a request that uses one (``draft``: ``suffix`` alone, which
+        only picospec mode can run, or ``model+suffix``), matching also against the tenant's
+        recent answers at this site."""
+        if draft == "model" or not mode.speculative:
+            return None
+        if draft == "suffix" and mode is not Mode.PICOSPEC:
+            raise _invalid(
+                f"the suffix draft alone (no draft model) runs in mode picospec, not "
+                f"{mode.value}: use draft 'model+suffix'",
+                "draft",
+            )
+        history = svc.suffix_cache.answers(tenant)
+        return SuffixDraft(min_match=self.settings.suffix_min_match, history=history)
+
+    @staticmethod
+    def _emulated_edge(
+        svc: DrafterService,
+        req: Request,
+        prompt: list[int],
+        params: SamplingParams,
+        mode: Mode,
+        model: LanguageModel,
+    ) -> EmulatedEdge:
+        """The draft of a request that stands for an emulated edge device (400 where this
+        drafter does not take them, or cannot)."""
+        e = req.emulated_edge
+        assert e is not None
+        if svc.recorder is None:
+            raise _invalid(
+                "emulated_edge needs a drafter started with PICOSPEC_EMULATED_EDGES=true",
+                "emulated_edge",
+            )
+        if not mode.speculative:
+            raise _invalid(f"emulated_edge drafts, and mode {mode.value} does not", "mode")
+        if not params.greedy:
+            raise _invalid("emulated_edge replays the greedy answer: temperature must be 0")
+        continuation = svc.recorder.get(prompt)
+        if continuation is None:
+            raise _invalid(
+                "emulated_edge: no recorded answer for this prompt; send it once with "
+                "mode 'ar', temperature 0 first",
+                "emulated_edge",
+            )
+        return EmulatedEdge(continuation, e.acceptance, e.step_s, model.vocab_size, e.seed)
+
     async def _run(
-        self, gen: Generation, req: _Request, t0: float, model: LanguageModel
+        self, gen: Generation, req: Request, t0: float, model: LanguageModel
     ) -> AsyncIterator[str]:
         """Yield text deltas; maps cloud failures to API errors."""
         text = TextStream(model.decode, req.stop or [])  # type: ignore[arg-type]
@@ -456,7 +432,7 @@ class Api:
         }
 
     async def _complete(
-        self, req: _Request, gen: Generation, chat: bool, t0: float, model: LanguageModel
+        self, req: Request, gen: Generation, chat: bool, t0: float, model: LanguageModel
     ) -> web.Response:
         parts = [d async for d in self._run(gen, req, t0, model)]
         text = "".join(parts)
@@ -490,7 +466,7 @@ class Api:
     async def _stream(
         self,
         request: web.Request,
-        req: _Request,
+        req: Request,
         gen: Generation,
         chat: bool,
         t0: float,
@@ -504,7 +480,7 @@ class Api:
     async def _stream_events(
         self,
         request: web.Request,
-        req: _Request,
+        req: Request,
         gen: Generation,
         chat: bool,
         deltas: AsyncIterator[str],
@@ -538,7 +514,13 @@ class Api:
                 "choices": [choice],
             }
 
+        # vLLM's stream_options.continuous_usage_stats: the usage so far in every chunk (a
+        # client can then tell how many tokens each chunk carried)
+        every = bool((req.stream_options or {}).get("continuous_usage_stats"))
+
         async def send(obj: dict[str, Any] | str) -> None:
+            if every and isinstance(obj, dict) and "usage" not in obj and "error" not in obj:
+                obj["usage"] = self._usage(gen)
             data = obj if isinstance(obj, str) else json.dumps(obj)
             await resp.write(f"data: {data}\n\n".encode())
 

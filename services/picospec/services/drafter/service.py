@@ -9,21 +9,19 @@ for corrections, and yields committed tokens. When its verifier is lost (no verd
 ``verify_timeout_s``), drains (``DRAINING``) or forgot the session (``UNKNOWN_SESSION``), it
 re-opens the session elsewhere with the committed tokens (re-prefill) and carries on; if the
 cloud stays unreachable for ``request_timeout_s`` it fails with :class:`Unavailable`, having
-yielded only committed (verified) tokens.
+yielded only committed (verified) tokens. Its link to the cloud (opens, blocks, verdict waits,
+the sampler) is :class:`picospec.services.drafter.link.CloudLink`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import TypeVar
 
-import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -33,87 +31,33 @@ from picospec.protocol.codec import (
     MAX_DRAFT_TOKENS,
     CodecError,
     DraftBlock,
-    SampleReply,
     SampleRequest,
     Verdict,
     VerdictStatus,
     decode_as,
-    encode,
 )
 from picospec.runtime.model import LanguageModel
 from picospec.runtime.scheduler import ModelThread, Program
 from picospec.services import metrics
-from picospec.services.control import CloseSession, ErrorReply, OpenReply, OpenSession
-from picospec.services.shell import event, headers, idle_cpu_priority
-from picospec.speculation.drafter import Committed, DrafterSession, DrafterStats, ProtocolError
+from picospec.services.control import OpenReply
+from picospec.services.drafter.link import BadRequest, CloudLink, Unavailable
+from picospec.services.drafter.stats import Stats
+from picospec.services.shell import event, idle_cpu_priority
+from picospec.speculation.drafter import Committed, DrafterSession, ProtocolError
+from picospec.speculation.proposers import ContinuationRecorder, Hints, Proposer, SuffixCache
 from picospec.speculation.sampling import SamplingParams
 from picospec.speculation.spec import Mode, SpecConfig
-from picospec.speculation.tuning import MAX_GAMMA, DraftLenController, SiteEstimates
+from picospec.speculation.tuning import (
+    MAX_GAMMA,
+    DraftLenController,
+    Saturation,
+    SiteEstimates,
+    speculation_pays,
+)
 from picospec.speculation.verifier import VerifierSession
 
 ROLE = "drafter"
 T = TypeVar("T")
-LOST_AFTER_PINGS = 3  # a live verifier silent for this many verify timeouts: message lost
-
-
-class Unavailable(RuntimeError):
-    """The cloud (verifiers or samplers) could not be reached in time: HTTP 503."""
-
-
-class BadRequest(ValueError):
-    """The verifier refused the request itself (e.g. prompt too long): HTTP 400."""
-
-
-@dataclass
-class Stats:
-    """What the API reports in its ``picospec`` object."""
-
-    mode: str
-    prompt_tokens: int = 0
-    tokens: int = 0
-    speculation: DrafterStats = field(default_factory=DrafterStats)  # the session's own
-    migrations: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    first_token_s: float | None = None
-    first_commit_tokens: int = 0  # tokens that arrived with the first (a whole verdict's worth)
-    cloud_prefill_s: float | None = None  # the first open's prefill on the verifier (in TTFT)
-    elapsed_s: float = 0.0
-    verifier: str = ""
-    verified: bool = True  # False when (part of) the answer came from the draft model alone
-    tuner: DraftLenController | None = None  # adaptive speculation (draft_len "auto")
-
-    def as_dict(self) -> dict[str, object]:
-        tuning: dict[str, object] = {}
-        if self.tuner is not None:
-            tuning = {
-                "draft_len": self.tuner.gamma,
-                "lookahead": self.tuner.lookahead,
-                "draft_len_rounds": {str(g): n for g, n in sorted(self.tuner.history.items())},
-            }
-        return {
-            "mode": self.mode,
-            **self.speculation.report(),
-            **tuning,
-            "migrations": self.migrations,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "ttft_s": self.first_token_s,
-            "cloud_prefill_s": self.cloud_prefill_s,
-            "elapsed_s": self.elapsed_s,
-            "tokens_per_s": self.tokens / self.elapsed_s if self.elapsed_s > 0 else None,
-            "decode_tokens_per_s": self.decode_tokens_per_s(),
-            "verifier": self.verifier,
-            "verified": self.verified and self.mode != Mode.EDGE.value,
-        }
-
-    def decode_tokens_per_s(self) -> float | None:
-        """The steady-state rate: tokens after the first commit over the time after it."""
-        if self.first_token_s is None:
-            return None
-        span, rest = self.elapsed_s - self.first_token_s, self.tokens - self.first_commit_tokens
-        return rest / span if rest > 0 and span > 0 else None
 
 
 class DrafterService:
@@ -132,6 +76,12 @@ class DrafterService:
             on_batch=metrics.DRAFT_BATCH_SIZE.observe,
         )
         self.site = SiteEstimates()  # what adaptive speculation has learnt of this site
+        self.saturation = Saturation()  # the verifiers' load, as their verdicts tell it
+        # emulated edges (a capacity benchmark's): the target's greedy continuations, recorded
+        # from this drafter's cloud-only sessions, which emulated edges replay
+        self.recorder = ContinuationRecorder() if settings.emulated_edges else None
+        # the site's recent answers per tenant, which suffix drafts also match against
+        self.suffix_cache = SuffixCache(settings.suffix_cache_answers)
 
     async def start(self) -> None:
         await self.nc.subscribe(self.verdict_subject, cb=self.on_verdict)
@@ -147,6 +97,7 @@ class DrafterService:
         if queue is None:
             metrics.REJECTED.labels(ROLE, "unknown_session").inc()
             return
+        self.saturation.observe(verdict.busy, verdict.batch, verdict.sessions)
         metrics.LINK_BYTES.labels("downlink").inc(len(msg.data))
         metrics.LINK_MESSAGES.labels("downlink").inc()
         queue.put_nowait((verdict, len(msg.data)))
@@ -159,11 +110,15 @@ class DrafterService:
         max_tokens: int,
         fallback_edge: bool = False,
         ignore_eos: bool = False,
+        proposer: Proposer | None = None,
+        tenant: str | None = None,
     ) -> Generation:
-        return Generation(self, prompt, params, spec, max_tokens, fallback_edge, ignore_eos)
+        return Generation(
+            self, prompt, params, spec, max_tokens, fallback_edge, ignore_eos, proposer, tenant
+        )
 
 
-class Generation:
+class Generation(CloudLink):
     """One request's session, driven to completion. Iterate :meth:`tokens` for committed ids."""
 
     def __init__(
@@ -175,8 +130,13 @@ class Generation:
         max_tokens: int,
         fallback_edge: bool = False,
         ignore_eos: bool = False,
+        proposer: Proposer | None = None,
+        tenant: str | None = None,
     ) -> None:
         self.svc = svc
+        # a model-free draft: ahead of the draft model, or (cloud-led) the only one
+        self.proposer = proposer
+        self.tenant = tenant  # whose answers the site's suffix cache keeps this one with
         # the ids that end the answer (none with ignore_eos: it runs to max_tokens)
         self.eos_ids = frozenset() if ignore_eos else svc.model.eos_ids
         self.fallback_edge = fallback_edge
@@ -197,173 +157,11 @@ class Generation:
         self._open_rtt: float | None = None  # the last open's request/reply time
         # adaptive speculation (draft_len "auto"): this session's controller
         self.tuner: DraftLenController | None = None
+        self._edge_free_at = 0.0  # when an emulated edge device finishes its current step
 
     def stop(self) -> None:
         """Stop after the current step (a stop string matched, or the client went away)."""
         self._stop_requested = True
-
-    # --- cloud plumbing ----------------------------------------------------------------
-    async def _open_sent(self) -> None:
-        """Wait until the open request just queued has left for the NATS server (a PING/PONG
-        with the local node), before the draft model's prefill takes the edge's CPU: else the
-        prefill delays the open, and the first token with it."""
-        await asyncio.sleep(0)  # the open task builds its request and queues it
-        with contextlib.suppress(Exception):  # a slow or lost connection: the open copes
-            await self.svc.nc.flush(timeout=1)
-
-    async def _open(self, committed: list[int], epoch: int, first_token: bool = False) -> OpenReply:
-        """Open (or re-open) the session on any verifier, retrying until the deadline; with
-        ``first_token`` the reply carries the target's first token from the prefill."""
-        s = self.svc.settings
-        req = OpenSession(
-            session=self.sid.hex(),
-            prompt=committed,
-            params=self.params,
-            spec=self.spec,
-            vocab_size=self.svc.model.vocab_size,
-            reply_to=self.svc.verdict_subject,
-            max_new_tokens=max(1, self.max_tokens - len(self.generated)),
-            eos_ids=sorted(self.eos_ids),
-            epoch=epoch,
-            first_token=first_token,
-        )
-        body = req.model_dump_json().encode()
-        deadline = time.monotonic() + s.request_timeout_s
-        last = "no verifier answered"
-        while time.monotonic() < deadline:
-            timeout = max(0.1, min(s.nats_timeout_s, deadline - time.monotonic()))
-            sent = time.monotonic()
-            try:
-                msg = await self.svc.nc.request(
-                    subjects.SESSIONS_OPEN,
-                    body,
-                    timeout=timeout,
-                    headers=headers(subjects.CT_JSON),
-                )
-            except (
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-                nats.errors.ConnectionClosedError,
-                nats.errors.ConnectionReconnectingError,
-            ) as e:
-                last = f"{type(e).__name__}"
-                await asyncio.sleep(0.2)
-                continue
-            self._count_up(len(body))
-            if msg.headers and msg.headers.get(subjects.H_ERROR):
-                err = ErrorReply.model_validate_json(msg.data)
-                if err.reason in ("bad_prompt", "bad_open"):
-                    raise BadRequest(err.error)
-                last = err.error
-                await asyncio.sleep(0.2)  # draining, full, mismatched replica: try another
-                continue
-            reply = OpenReply.model_validate_json(msg.data)
-            self.verifier = self.stats.verifier = reply.verifier
-            self._open_rtt = time.monotonic() - sent
-            if self.stats.cloud_prefill_s is None:
-                self.stats.cloud_prefill_s = reply.prefill_s
-            return reply
-        raise Unavailable(
-            f"no verifier could take the session within {s.request_timeout_s:.0f}s ({last})"
-        )
-
-    async def _close(self) -> None:
-        if self.verifier is None:
-            return
-        body = CloseSession(session=self.sid.hex()).model_dump_json().encode()
-        try:
-            await self.svc.nc.publish(
-                subjects.close(self.verifier), body, headers=headers(subjects.CT_JSON)
-            )
-        except Exception:  # noqa: BLE001 - closing is best effort; the idle timeout frees it
-            pass
-
-    def _count_up(self, n: int) -> None:
-        self.stats.bytes_up += n
-        metrics.LINK_BYTES.labels("uplink").inc(n)
-        metrics.LINK_MESSAGES.labels("uplink").inc()
-
-    async def _next_verdict(self) -> Verdict | None:
-        """The next verdict, or None when the verifier is gone.
-
-        Waiting longer than ``verify_timeout_s`` pings the verifier: a busy replica answers (on
-        its event loop, while its model thread works) and we keep waiting, up to
-        ``request_timeout_s``; a dead one gets no responders at once and the session moves.
-        """
-        s = self.svc.settings
-        deadline = time.monotonic() + s.request_timeout_s
-        reconnects = self.svc.nc.stats["reconnects"]
-        for quiet in range(1, 1 << 30):
-            try:
-                v = self._took(
-                    await asyncio.wait_for(self._queue.get(), timeout=s.verify_timeout_s)
-                )
-            except TimeoutError:
-                # NATS is at-most-once: after a reconnect, or when a live replica stays silent
-                # for several pings, a block or verdict was probably lost; re-open the session
-                # (re-prefill from the committed tokens) rather than wait for nothing
-                lost = self.svc.nc.stats["reconnects"] != reconnects or quiet >= LOST_AFTER_PINGS
-                if lost or time.monotonic() > deadline or not await self._verifier_alive():
-                    return None
-                continue
-            return v
-
-    def _took(self, item: tuple[Verdict, int]) -> Verdict:
-        """A verdict taken from this session's queue, its bytes counted."""
-        verdict, size = item
-        self.stats.bytes_down += size
-        return verdict
-
-    async def _verifier_alive(self) -> bool:
-        if self.verifier is None:
-            return False
-        try:
-            await self.svc.nc.request(
-                subjects.ping(self.verifier),
-                b"",
-                timeout=min(2.0, self.svc.settings.nats_timeout_s),
-            )
-            return True
-        except Exception:  # noqa: BLE001 - no responders, timeout, reconnecting: presume lost
-            return False
-
-    async def _migrate(self, reason: str, committed: list[int], epoch: int) -> None:
-        metrics.MIGRATIONS.labels(reason).inc()
-        self.stats.migrations += 1
-        event(
-            "session_migrating", session=self.sid.hex()[:8], reason=reason, verifier=self.verifier
-        )
-        await self._close()
-        self.verifier = None
-        await self._open(committed, epoch)
-
-    async def _sample(self, req: SampleRequest) -> int:
-        body = encode(req)
-        deadline = time.monotonic() + self.svc.settings.request_timeout_s
-        while True:
-            t0 = time.perf_counter()
-            try:
-                msg = await self.svc.nc.request(
-                    subjects.SAMPLE,
-                    body,
-                    headers=headers(),
-                    timeout=min(
-                        self.svc.settings.nats_timeout_s, self.svc.settings.request_timeout_s
-                    ),
-                )
-            except (
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-                nats.errors.ConnectionReconnectingError,
-            ) as e:
-                if time.monotonic() > deadline:
-                    raise Unavailable(f"no sampler answered ({type(e).__name__})") from e
-                await asyncio.sleep(0.2)
-                continue
-            metrics.SAMPLER_LATENCY.observe(time.perf_counter() - t0)
-            if msg.headers and msg.headers.get(subjects.H_ERROR):
-                raise Unavailable(f"sampler refused the request: {msg.data[:200]!r}")
-            return decode_as(msg.data, SampleReply).token
 
     # --- the loop ---------------------------------------------------------------------------
     async def tokens(self) -> AsyncIterator[list[int]]:
@@ -374,9 +172,17 @@ class Generation:
                     yield chunk
                 return
             try:
-                if self.spec.mode is Mode.AR:
+                if self._speculation_off():
+                    self.spec = self.spec.model_copy(update={"cloud_led": True})
+                    self.proposer = None
+                    self.stats.draft_policy = "off"
+                    metrics.SPECULATION_OFF.inc()
+                if self.spec.mode is Mode.AR or self.spec.cloud_led:
                     await self._open(self.prompt, 0)
-                    inner = self._ar()
+                    hints = None
+                    if self.spec.cloud_led and self.proposer is not None:
+                        hints = Hints(self.proposer, self.stats.speculation)
+                    inner = self._ar(hints)
                 else:
                     inner = self._speculate()  # opens the session while it drafts
                 async for chunk in inner:
@@ -398,8 +204,25 @@ class Generation:
         finally:
             self.svc.inbox.pop(self.sid, None)
             await self._close()
+            if self.tenant is not None and self.stats.verified:
+                self.svc.suffix_cache.add(self.tenant, self.generated)
             self.stats.tokens = len(self.generated)
             self.stats.elapsed_s = time.perf_counter() - self.stats.started
+
+    def _speculation_off(self) -> bool:
+        """Whether this session should not speculate at all: an adaptive picospec session
+        while the verifiers' verdicts say they are saturated and no draft length, at the
+        acceptance this site's sessions saw, costs them less per token than cloud-only
+        decoding (:func:`~picospec.speculation.tuning.speculation_pays`). It then runs
+        cloud-led without drafts, as ``ar`` does; sessions opened once the load falls below
+        the threshold speculate again."""
+        spec, sat = self.spec, self.svc.saturation
+        if spec.mode is not Mode.PICOSPEC or not spec.adaptive or spec.cloud_led:
+            return False
+        if not sat.saturated or sat.load is None:
+            return False
+        inp = DraftLenController(prior=self.svc.site).inputs()
+        return inp is not None and not speculation_pays(inp, sat.load[1], sat.load[2])
 
     async def _edge(self) -> AsyncIterator[list[int]]:
         """The draft model alone continues from the committed tokens (unverified)."""
@@ -430,17 +253,20 @@ class Generation:
         self._steps += 1
         return out
 
-    async def _publish_block(self, block: DraftBlock, data: bytes | None = None) -> None:
-        fed = len(block.prefix) + len(block.tokens)
-        self._sent_at[block.seq] = (time.perf_counter(), fed, len(block.tokens))
-        data = encode(block) if data is None else data
-        await self.svc.nc.publish(
-            subjects.verify(self.verifier or "-"),
-            data,
-            reply=self.svc.verdict_subject,
-            headers=headers(),
-        )
-        self._count_up(len(data))
+    async def _free_step(self, session: DrafterSession) -> tuple[bool, DraftBlock | None]:
+        """Draft the next token with the proposer, if it has one (:meth:`DrafterSession.
+        free_draft`), taking the emulated device time it costs, if any."""
+        drafted, block = session.free_draft()
+        if drafted and session.proposer is not None:
+            seconds = session.proposer.step_s
+            if seconds > 0:
+                now = time.perf_counter()
+                self._edge_free_at = max(self._edge_free_at, now) + seconds
+                await asyncio.sleep(self._edge_free_at - now)
+                metrics.DRAFT_STEP.labels(self.spec.mode.value).observe(seconds)
+            if self.tuner is not None:  # a free token lowers the draft's mean step: auto
+                self.tuner.observe_step(seconds)  # drafts longer where matches are many
+        return drafted, block
 
     def _max_draft_len(self) -> int:
         """The longest block the link carries: blocks with full draft distributions (vanilla)
@@ -464,7 +290,9 @@ class Generation:
         if tuner is None:
             return
         if reply is not None:
-            tuner.observe_verify_cost(reply.verify_step_s, reply.verify_per_token_s)
+            tuner.observe_verify_cost(
+                reply.verify_step_s, reply.verify_per_token_s, reply.verify_per_session_s
+            )
             if self._open_rtt is not None and reply.prefill_s is not None:
                 tuner.observe_open(self._open_rtt - reply.prefill_s)
         left = self.max_tokens - len(session.generated)
@@ -478,9 +306,12 @@ class Generation:
         self.generated.extend(new)
         return new
 
-    async def _ar(self) -> AsyncIterator[list[int]]:
+    async def _ar(self, hints: Hints | None = None) -> AsyncIterator[list[int]]:
         """Cloud-only baseline: the verifier streams tokens. Each (re)open starts a new epoch
-        whose tokens are numbered from 0, so late tokens of a lost replica are ignored."""
+        whose tokens are numbered from 0, so late tokens of a lost replica are ignored. With
+        ``hints`` (a cloud-led session) the edge also sends, after each token, the tokens its
+        model-free draft proposes next, which the verifier verifies where they reach it in
+        time."""
         eos = self.eos_ids
         epoch, base = 0, 0
         last_progress = time.monotonic()
@@ -494,6 +325,8 @@ class Generation:
                 epoch, base = epoch + 1, len(self.generated)
                 reason = "lost" if v is None else v.status.name.lower()
                 await self._migrate(reason, self.prompt + self.generated, epoch)
+                if hints is not None:
+                    hints.restart()
                 continue
             if v.token is None or v.epoch != epoch or v.seq != len(self.generated) - base:
                 continue
@@ -501,8 +334,30 @@ class Generation:
             yield self._emitted([v.token])
             if v.token in eos:
                 self.finish_reason = "stop"
-                return
-        self.finish_reason = "stop" if self._stop_requested else "length"
+                break
+            if hints is not None:
+                await self._hint(hints, bool(v.accepted), epoch)
+        else:
+            self.finish_reason = "stop" if self._stop_requested else "length"
+        if self.svc.recorder is not None and self.params.greedy and not self._stop_requested:
+            self.svc.recorder.record(self.prompt, self.generated)
+
+    async def _hint(self, hints: Hints, hinted: bool, epoch: int) -> None:
+        """After a cloud-led session's token: send the next hint, if the draft has one."""
+        tokens = self.prompt + self.generated
+        mode = self.spec.mode.value
+        if hinted:  # a hint's token the verifier took: an accepted draft token
+            metrics.ACCEPTED_TOKENS.labels(mode).inc()
+            metrics.ACCEPTED_BY_SOURCE.labels(hints.proposer.name).inc()
+        run = hints.on_token(tokens, len(self.prompt), hinted)
+        if run:
+            metrics.DRAFTS.labels(mode).inc()
+            metrics.DRAFT_TOKENS.labels(mode).inc(len(run))
+            block = DraftBlock(
+                session=self.sid, epoch=epoch, seq=0, pos=len(tokens), prefix=(),
+                tokens=tuple(run), q=(1.0,) * len(run), vocab_size=self.svc.model.vocab_size,
+            )  # fmt: skip
+            await self._publish_block(block, track=False)
 
     async def _speculate(self) -> AsyncIterator[list[int]]:
         """Draft, publish, apply verdicts. The session opens on a verifier while the first
@@ -526,6 +381,7 @@ class Generation:
                 self.spec,
                 self.max_tokens,
                 self.eos_ids,
+                self.proposer,
             )
             self.stats.speculation = session.stats
             if self.spec.adaptive:
@@ -560,6 +416,13 @@ class Generation:
                 if not self._queue.empty():
                     verdict = self._took(self._queue.get_nowait())
                 elif session.can_draft():
+                    drafted, block = await self._free_step(session)
+                    if drafted:
+                        if block is not None and opening is None:
+                            await self._publish_block(block)
+                        elif block is not None:
+                            held.append(block)
+                        continue
                     step = asyncio.ensure_future(self._model_step(session.draft()))
                     if opening is not None and not streamed_first:
                         # the first token may arrive while the draft model is busy (its first
@@ -596,7 +459,8 @@ class Generation:
                     )
                     continue
                 st = session.stats
-                before = st.drafted, st.accepted, st.rollbacks, st.wasted
+                before = (st.drafted, st.accepted, st.rollbacks, st.wasted,
+                          dict(st.accepted_by_source))  # fmt: skip
                 try:
                     got = session.on_verdict(verdict)
                 except ProtocolError as e:
@@ -612,6 +476,10 @@ class Generation:
                     if self.tuner is not None:
                         rejected = verdict.accepted < sent[2]
                         self.tuner.observe_round(verdict.accepted, rejected, round_trip, sent[1])
+                        self.tuner.observe_load(verdict.busy, verdict.batch, verdict.sessions)
+                        metrics.DRAFT_POLICY_ROUNDS.labels(self.tuner.policy).inc()
+                        if verdict.busy is not None:
+                            metrics.DRAFT_POLICY_LOAD.set(verdict.busy)
                         self._tune(session)
                 if isinstance(got, SampleRequest):
                     metrics.TAIL_MASS.inc(got.sparse.tail_mass)
@@ -627,9 +495,14 @@ class Generation:
             if self.tuner is not None:
                 self.svc.site = self.tuner.estimates()  # the next sessions start from here
 
-    def _count_round(self, session: DrafterSession, before: tuple[int, int, int, int]) -> None:
+    def _count_round(
+        self, session: DrafterSession, before: tuple[int, int, int, int, dict[str, int]]
+    ) -> None:
         mode, s = self.spec.mode.value, session.stats
         drafted, accepted = s.drafted - before[0], s.accepted - before[1]
+        for source, n in s.accepted_by_source.items():
+            if n > before[4].get(source, 0):
+                metrics.ACCEPTED_BY_SOURCE.labels(source).inc(n - before[4].get(source, 0))
         metrics.DRAFTS.labels(mode).inc()
         metrics.DRAFT_TOKENS.labels(mode).inc(drafted)
         metrics.ACCEPTED_TOKENS.labels(mode).inc(accepted)

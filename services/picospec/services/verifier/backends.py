@@ -4,7 +4,8 @@
 schedules every session's prefills, ``ar`` steps and blocks); :class:`VllmBackend` runs it in
 vLLM's engine (:mod:`picospec.runtime.vllm_engine`). :func:`make_backend` picks the one
 ``verifier_backend`` names; the service (:mod:`picospec.services.verifier.service`) sees only
-the face: ``load``, ``warm_up``, ``submit``, ``start_ar``, ``cancel``, ``waiting``, ``stop``.
+the face: ``load``, ``warm_up``, ``submit``, ``start_ar``, ``start_led``, ``cancel``,
+``waiting``, ``stop``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ class EmbeddedBackend:
         self, vs: VerifierSession, n: int, eos: set[int], key: Hashable, on_emit: Any
     ) -> Job[int]:
         return self.thread.submit(vs.ar_stream(n, eos), key=key, on_emit=on_emit)
+
+    def start_led(
+        self, vs: VerifierSession, n: int, eos: set[int], key: Hashable, on_emit: Any
+    ) -> Job[int]:
+        """A cloud-led session's stream (:meth:`VerifierSession.led_stream`)."""
+        return self.thread.submit(vs.led_stream(n, eos), key=key, on_emit=on_emit)
 
     def cancel(self, key: Hashable) -> None:
         self.thread.cancel(key)
@@ -125,7 +132,16 @@ class VllmBackend:
         self, vs: Any, n: int, eos: set[int], key: Hashable, on_emit: Callable[[int], None]
     ) -> Job[int]:
         assert self.runner is not None
-        return self.runner.stream_ar(list(vs.cache.tokens), vs.params, n, eos, key, on_emit)
+        tokens, salt = list(vs.cache.tokens), vs.cache.salt  # the prefill's blocks, read back
+        return self.runner.stream_ar(tokens, vs.params, n, eos, key, on_emit, salt)
+
+    def start_led(
+        self, vs: Any, n: int, eos: set[int], key: Hashable, on_emit: Callable[[Any], None]
+    ) -> Job[int]:
+        """A cloud-led session's stream: its steps are rounds, as blocks are (vLLM's own
+        decoding cannot take the edge's hints)."""
+        assert self.runner is not None
+        return self.runner.submit(vs.led_stream(n, eos), key=key, on_emit=on_emit)
 
     def cancel(self, key: Hashable) -> None:
         if self.runner is not None:

@@ -47,7 +47,7 @@ from picospec.services.control import CloseSession, ErrorReply, OpenReply, OpenS
 from picospec.services.shell import connect_nats, event, headers, health_routes, serve_http
 from picospec.services.verifier.backends import make_backend
 from picospec.speculation.spec import Mode
-from picospec.speculation.tuning import CostLine
+from picospec.speculation.tuning import CostLine, LoadMeter
 from picospec.speculation.verifier import BlockRefused, VerifierSession
 
 ROLE = "verifier"
@@ -87,10 +87,24 @@ class VerifierService:
         self.draining = False
         self._open_sub = None
         self.cost = CostLine()  # recent forward cost, told to drafters at open (adaptive γ)
+        self.meter = LoadMeter()  # recent busy fraction and batch, told in every verdict
+        # opens being prefilled: (epoch, their reply) by session. A drafter whose open timed
+        # out while it waited behind a busy replica's queue sends it again; the retry gets the
+        # first one's reply instead of a second prefill (which would queue behind the first)
+        self._opens: dict[bytes, tuple[int, asyncio.Future[bytes]]] = {}
+        self._open_tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- NATS handlers ---------------------------------------------------------------
     async def on_open(self, msg: Msg) -> None:
+        """The open subject's callback. nats-py awaits a subscription's callbacks one at a
+        time, so each open is handled in a task of its own: the prefills of sessions that open
+        together share the model thread's forwards instead of waiting for each other."""
+        task = asyncio.create_task(self._on_open(msg))
+        self._open_tasks.add(task)
+        task.add_done_callback(self._open_tasks.discard)
+
+    async def _on_open(self, msg: Msg) -> None:
         try:
             req = OpenSession.model_validate_json(msg.data)
         except ValidationError as e:
@@ -117,9 +131,35 @@ class VerifierService:
             await self._reply_error(msg, "bad_prompt", "prompt too long or ids out of vocabulary")
             return
         sid = bytes.fromhex(req.session)
+        same = self._opens.get(sid)
+        if same is not None and same[0] == req.epoch:
+            body = await asyncio.shield(same[1])
+            if body:
+                await msg.respond(body)
+                return
+        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._opens[sid] = (req.epoch, done)
+        body = b""
+        try:
+            body = await self._open(req, sid, msg)
+        finally:
+            if self._opens.get(sid, (0, None))[1] is done:
+                del self._opens[sid]
+            done.set_result(body)
+        if body:
+            await msg.respond(body)
+            event(
+                "session_opened",
+                session=req.session[:8],
+                mode=req.spec.mode.value,
+                prompt_tokens=len(req.prompt),
+            )
+
+    async def _open(self, req: OpenSession, sid: bytes, msg: Msg) -> bytes:
+        """Prefill the session and make its open reply (empty: refused, answered already)."""
         if sid not in self.sessions and not self._make_room():
             await self._reply_error(msg, "full", f"all {self.settings.max_sessions} sessions busy")
-            return
+            return b""
         if self.sessions.pop(sid, None) is not None:  # re-opened here: the old one's work ends
             self.backend.cancel(sid)
         t0 = time.perf_counter()
@@ -134,21 +174,21 @@ class VerifierService:
                 capacity=capacity(req),
                 prefill=False,
             )
-            want_first = req.first_token and req.spec.mode.speculative
+            want_first = req.first_token and req.spec.mode.speculative and not req.spec.cloud_led
             first = await self.backend.submit(self._opening(vs, want_first), key=sid)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever the prefill refuses is a bad prompt
             _reject("bad_prompt", error=str(e)[:200])
             await self._reply_error(msg, "bad_prompt", f"the prompt was refused: {e}"[:1000])
-            return
+            return b""
         held = Held(vs, req.reply_to, req)
         self.sessions[sid] = held
         self._gauges()
-        if req.spec.mode is Mode.AR:
+        if req.spec.mode is Mode.AR or req.spec.cloud_led:
             self._start_ar(sid, held)
         prefill_s = time.perf_counter() - t0
-        line = self.cost.line() or (None, None)
+        line = self.cost.line() or (None, None, None)
         reply = OpenReply(
             verifier=self.id,
             session=req.session,
@@ -156,14 +196,9 @@ class VerifierService:
             prefill_s=prefill_s,
             verify_step_s=line[0],
             verify_per_token_s=line[1],
+            verify_per_session_s=line[2],
         )
-        await msg.respond(reply.model_dump_json().encode())
-        event(
-            "session_opened",
-            session=req.session[:8],
-            mode=req.spec.mode.value,
-            prompt_tokens=len(req.prompt),
-        )
+        return reply.model_dump_json().encode()
 
     @staticmethod
     def _opening(vs: VerifierSession, first_token: bool) -> Program[int | None]:
@@ -179,6 +214,10 @@ class VerifierService:
             _reject("malformed", error=str(e)[:200])
             return
         held = self.sessions.get(block.session)
+        if held is not None and held.open_req.spec.cloud_led:
+            held.session.hint = block  # read by its stream at its next step
+            held.last_used = time.monotonic()
+            return
         if held is None:
             _reject("unknown_session")
             if msg.reply:
@@ -234,34 +273,48 @@ class VerifierService:
         for wait in f.queue_waits:
             metrics.QUEUE_WAIT.observe(wait)
         if self.ready and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.cost.observe, f.tokens, f.seconds)
+            self._loop.call_soon_threadsafe(self.cost.observe, f.tokens, f.seconds, f.sessions)
+            end = time.perf_counter()
+            self._loop.call_soon_threadsafe(self.meter.observe, end, f.seconds, f.sessions)
 
     async def publisher(self) -> None:
         """Publish verdicts and ``ar`` tokens in the order they were decided."""
         while True:
             subject, verdict = await self.outbox.get()
-            await self._publish(subject, verdict)
+            await self._publish(subject, self._with_load(verdict))
+
+    def _with_load(self, verdict: Verdict) -> Verdict:
+        """``verdict`` with this replica's load now, for the drafter's draft-length policy."""
+        busy, batch = self.meter.load(time.perf_counter())
+        metrics.VERIFY_BUSY.set(busy)
+        load = {"busy": busy, "batch": min(batch, 255), "sessions": min(len(self.sessions), 65535)}
+        return verdict.model_copy(update=load)
 
     def _start_ar(self, sid: bytes, held: Held) -> None:
         """Cloud-only baseline: the target decodes alone on the model thread, its steps batched
-        with every other session's work, and each token is streamed as it comes."""
+        with every other session's work, and each token is streamed as it comes. A cloud-led
+        session streams the same way, taking the edge's hints where they reach it in time."""
         # never past the model's context, whatever the open asked for: an open for 10**9
         # tokens that nobody closes must not hold the model thread forever
         room = self.model.max_context - len(held.open_req.prompt)
         n = min(held.open_req.max_new_tokens, room)
-        job: Job[int] = self.backend.start_ar(
+        start = self.backend.start_led if held.open_req.spec.cloud_led else self.backend.start_ar
+        job: Job[int] = start(
             held.session, n, set(held.open_req.eos_ids), sid, partial(self._ar_token, held)
         )
         assert job.future is not None
         job.future.add_done_callback(partial(self._ar_ended, sid, held))
 
-    def _ar_token(self, held: Held, token: int) -> None:
+    def _ar_token(self, held: Held, emitted: int | tuple[int, bool]) -> None:
+        """One streamed token (``ar``), or ``(token, hinted)`` of a cloud-led session: its
+        verdict accepts 1 where the token was the edge's hint, verified."""
+        token, hinted = emitted if isinstance(emitted, tuple) else (emitted, False)
         held.last_used = time.monotonic()
         verdict = Verdict(
             session=held.session.session,
             epoch=held.session.epoch,
             seq=held.ar_sent % 2**32,
-            accepted=0,
+            accepted=int(hinted),
             token=token,
             vocab_size=self.model.vocab_size,
         )
@@ -289,8 +342,11 @@ class VerifierService:
 
     def _make_room(self) -> bool:
         """Under the memory cap, free the least recently used session if it has gone quiet
-        (its drafter re-prefills it elsewhere if it comes back); False when all are busy."""
-        while len(self.sessions) >= self.settings.max_sessions:
+        (its drafter re-prefills it elsewhere if it comes back); False when all are busy. The
+        other opens being prefilled count: each will hold a session."""
+        while len(self.sessions) + len(self._opens) > self.settings.max_sessions:
+            if not self.sessions:
+                return False
             lru = min(self.sessions, key=lambda s: self.sessions[s].last_used)
             if time.monotonic() - self.sessions[lru].last_used < QUIET_S:
                 return False

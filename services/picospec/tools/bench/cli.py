@@ -11,10 +11,12 @@ from picospec import (
     DRAFT_DTYPE_HELP,
     DRAFT_DTYPES,
     DRAFTER_HELP,
+    SUFFIX,
     default_draft_dtype,
     default_drafter,
 )
 from picospec.tools.bench.concurrency import CONCURRENCY_MODES, parse_levels, run_concurrency
+from picospec.tools.bench.fleet import parse_acceptances
 from picospec.tools.bench.report import (
     _progress_factory,
     concurrency_plot,
@@ -23,7 +25,14 @@ from picospec.tools.bench.report import (
     sweep_plot,
     table,
 )
-from picospec.tools.bench.run import MODES, PROFILES, QUICK_PROMPTS, load_prompts, run_profile
+from picospec.tools.bench.run import (
+    MODES,
+    PROFILES,
+    QUICK_PROMPTS,
+    WORKLOADS,
+    load_prompts,
+    run_profile,
+)
 from picospec.tools.bench.speedup_map import (
     MAP_MODES,
     PAPER_TABLE1,
@@ -108,7 +117,9 @@ def main(args: argparse.Namespace) -> int:
         if cpus is None:
             return 2
         return _print_result("prefill", prefill(args, cpus["cloud"]), args.json)
-    prompts = load_prompts(args.prompts, args.quick)
+    prompts = load_prompts(args.prompts, args.quick, args.workload)
+    if args.fleet:
+        return _fleet(args, prompts, console)
     if args.colocation is not None:
         from picospec.tools.bench.colocation import measure as colocation
 
@@ -122,6 +133,9 @@ def main(args: argparse.Namespace) -> int:
         args.modes = ",".join(default)
     args.modes = [m.strip() for m in args.modes.split(",")]
     bad = [m for m in args.modes if m not in MODES]
+    if args.drafter == SUFFIX and set(args.modes) - {"ar", "picospec"}:
+        console.print("[red]--drafter suffix (no draft model) runs --modes ar,picospec only[/red]")
+        return 2
     if args.profiles is None:
         args.profiles = "loopback" if args.concurrency else DEFAULT_PROFILES
     profiles = [p.strip() for p in args.profiles.split(",")]
@@ -155,7 +169,10 @@ def main(args: argparse.Namespace) -> int:
             for name in profiles:
                 rows = run_profile(name, args, prompts, progress, placement=report["placement"])
                 sweep = rows.pop("_draft_len_sweep", None)
+                drafts = rows.pop("_drafts", None)
                 report["profiles"][name] = rows
+                if drafts:
+                    report.setdefault("drafts", {})[name] = drafts
                 if sweep:
                     report.setdefault("draft_len_sweep", {})[name] = {
                         g: r["tokens_per_s"] for g, r in sweep.items()
@@ -171,6 +188,7 @@ def main(args: argparse.Namespace) -> int:
         "draft_dtype": args.draft_dtype,
         "verifier_backend": args.verifier_backend,
         "draft_len": args.draft_len,
+        "drafts": args.drafts,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -179,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
         "repeat": args.repeat,
         "concurrency": args.concurrency,
         "vllm_baseline": args.vllm_baseline or None,
-        "prompt_source": args.prompts or "mt-bench",
+        "prompt_source": args.prompts or args.workload,
         "threads_per_service": args.threads or "one per CPU of its side",
         "leaf_compression": args.leaf_compression or "s2_auto",
         "device_profile": args.device_profile,
@@ -246,6 +264,50 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet(args: argparse.Namespace, prompts: list[str], console: Any) -> int:
+    """``--fleet``: one verifier replica against emulated edges (picospec.tools.bench.fleet)."""
+    from rich.console import Console
+
+    from picospec.tools.bench.fleet import EMULATED_EDGES, fleet_plot, fleet_table, run_fleet
+
+    if args.profiles is not None and (args.profiles not in PROFILES or "," in args.profiles):
+        console.print(f"[red]--fleet takes one network profile of {', '.join(PROFILES)}[/red]")
+        return 2
+    progress = _progress_factory(console)
+    try:
+        result = run_fleet(args, prompts, progress)
+    finally:
+        progress.stop()
+    report: dict[str, Any] = {
+        "fleet": {args.verifier_backend: result},
+        "notes": [
+            f"{EMULATED_EDGES}: each edge user replays the target's own greedy answer (recorded "
+            "from the ar run of its prompt) with each token wrong with probability 1 - α, and "
+            "takes pace x t_v1 of device time per draft token without computing; the verifier, "
+            "NATS and the drafter pipeline are real. verifier_s_per_token is the CPU time of "
+            "the verifier's processes per generated token (its busy time on this CPU); "
+            "forward_s_per_token its model thread's forwards alone (embedded runtime)",
+        ],
+        "config": {
+            "verifier": args.verifier,
+            "verifier_backend": args.verifier_backend,
+            "levels": args.fleet,
+            "acceptance": args.acceptance,
+            "max_tokens": args.max_tokens,
+            "repeat": args.repeat,
+            "seed": args.seed,
+            "prompt_source": args.prompts or args.workload,
+        },
+    }
+    if args.plot_dir:
+        report["plots"] = [str(fleet_plot(report, Path(args.plot_dir)))]
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        fleet_table(report, Console())
+    return 0
+
+
 def register(sub: Any) -> None:
     from picospec.tools.stack.up import add_placement_arguments
 
@@ -265,7 +327,14 @@ def register(sub: Any) -> None:
     b.add_argument(
         "--prompts",
         default=None,
-        help="text file, one prompt per line (default: the 80 MT-Bench questions)",
+        help="text file, one prompt per line (default: the --workload's prompts)",
+    )
+    b.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="mt-bench",
+        help="the prompts: MT-Bench's 80 questions, or edit (16 passages to correct, whose "
+        "answers repeat the prompt: where a suffix draft pays off)",
     )
     b.add_argument(
         "--repeat",
@@ -297,6 +366,14 @@ def register(sub: Any) -> None:
         "--drafter",
         default=default_drafter(),
         help=DRAFTER_HELP,
+    )
+    b.add_argument(
+        "--drafts",
+        default=None,
+        metavar="LIST",
+        help="after the modes, run picospec once per draft of this list in the same stack, "
+        "each request naming its draft (model, suffix, model+suffix; reported as drafts), "
+        "e.g. model,suffix,model+suffix to compare them side by side",
     )
     b.add_argument("--verifier", default="smollm2")
     b.add_argument("--quantize-draft", choices=["none", "int8"], default="none")
@@ -352,6 +429,38 @@ def register(sub: Any) -> None:
         help="throughput as users are added: at each of these levels (e.g. 1,4,16) that many "
         "clients stream requests at once, per mode (default modes: "
         f"{','.join(CONCURRENCY_MODES)}); picospec.tools.bench.concurrency",
+    )
+    b.add_argument(
+        "--fleet",
+        type=parse_levels,
+        default=None,
+        metavar="LIST",
+        help="the cloud's capacity: one verifier replica against this many EMULATED edge users "
+        "at each level (e.g. 1,4,16,64), ar against picospec at each --acceptance; "
+        "picospec.tools.bench.fleet",
+    )
+    b.add_argument(
+        "--acceptance",
+        type=parse_acceptances,
+        default=["0.6", "0.9"],
+        metavar="LIST",
+        help="with --fleet: the emulated edges' per-token acceptance(s) (default 0.6,0.9)",
+    )
+    b.add_argument(
+        "--edge-pace",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="with --fleet: an emulated edge's draft step over the verifier's one-user ar "
+        "step (default: the paper's, from the paper-llama-1b-70b profile, 0.22)",
+    )
+    b.add_argument(
+        "--itl-target",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --fleet: the inter-token latency (p50) a replica must keep; the users it "
+        "holds at it are reported (default: twice the one-user ar ITL)",
     )
     b.add_argument(
         "--vllm-baseline",

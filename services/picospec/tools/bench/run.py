@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from picospec.tools.prompts import mtbench_questions
+from picospec.tools.prompts import edit_prompts, mtbench_questions
 
 PROFILES: dict[str, tuple[float, float | None]] = {  # name: (round-trip ms, Mbit/s)
     "loopback": (0.0, None),  # no link emulator: the edge's leaf node dials the hub directly
@@ -33,11 +33,16 @@ MODES = ["ar", "edge", "vanilla", "dssd", "picospec"]
 QUICK_PROMPTS = 4
 
 
-def load_prompts(source: str | None, quick: bool) -> list[str]:
+WORKLOADS = ("mt-bench", "edit")
+
+
+def load_prompts(source: str | None, quick: bool, workload: str = "mt-bench") -> list[str]:
+    """``--prompts`` (a file, one prompt per line), else the workload's prompts: MT-Bench's 80
+    questions, or the edit workload's 16 passages to correct (:func:`edit_prompts`)."""
     if source:
         prompts = [p.strip() for p in Path(source).read_text().splitlines() if p.strip()]
     else:
-        prompts = mtbench_questions()
+        prompts = edit_prompts() if workload == "edit" else mtbench_questions()
     return prompts[:QUICK_PROMPTS] if quick else prompts
 
 
@@ -170,9 +175,14 @@ def _verifier_forwards(stats: dict[str, Any], tokens: int) -> int:
 
 
 def _stream(
-    api: str, prompt: str, mode: str, args: argparse.Namespace, draft_len: int | str | None = None
+    api: str,
+    prompt: str,
+    mode: str,
+    args: argparse.Namespace,
+    draft_len: int | str | None = None,
+    draft: str | None = None,
 ) -> Run:
-    body = {
+    body: dict[str, Any] = {
         "model": "picospec",
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": args.max_tokens,
@@ -182,6 +192,7 @@ def _stream(
         "stream": True,
         "mode": mode,
         "draft_len": args.draft_len if draft_len is None else draft_len,
+        **({"draft": draft} if draft else {}),
     }
     req = urllib.request.Request(
         f"{api}/chat/completions",
@@ -362,28 +373,29 @@ def run_profile(
 
         # every mode (and every swept γ) runs each prompt in turn, prompt by prompt, so a
         # drift of the machine's speed during the run falls on all of them alike
-        runs: list[tuple[str, int | str | None]] = [(m, None) for m in args.modes]
-        runs += [("picospec", g) for g in _sweep_values(args)]
+        # (mode, γ, draft): the modes, then picospec at each swept γ and with each draft
+        runs: list[tuple[str, int | str | None, str | None]] = [(m, None, None) for m in args.modes]
+        runs += [("picospec", g, None) for g in _sweep_values(args)]
+        runs += [("picospec", None, d) for d in _drafts(args)]
         acc = {key: _Deltas() for key in runs}
-        tasks = {
-            key: progress(f"{name}: {key[0] if key[1] is None else f'{key[0]} γ={key[1]}'}",
-                          args.repeat * len(prompts))
-            for key in runs
-        }  # fmt: skip
+        total = args.repeat * len(prompts)
+        tasks = {key: progress(f"{name}: {_label(key)}", total) for key in runs}
         snap = _snapshot(sides, emulated)  # nothing runs between two requests: one per boundary
         order = [p for _ in range(args.repeat) for p in prompts]  # --repeat: the list again
         for i, prompt in enumerate(order):
             for key in runs:
-                run = _stream(stack.api_url, prompt, key[0], args, key[1])
+                run = _stream(stack.api_url, prompt, key[0], args, key[1], key[2])
                 after = _snapshot(sides, emulated)
                 acc[key].add(run, snap, after)
                 snap = after
                 tasks[key](i + 1)
-        results = {mode: acc[(mode, None)].result(emulated) for mode in args.modes}
-        sweep = {str(g): acc[("picospec", g)].result(emulated) for g in _sweep_values(args)}
+        results = {mode: acc[(mode, None, None)].result(emulated) for mode in args.modes}
+        sweep = {str(g): acc[("picospec", g, None)].result(emulated) for g in _sweep_values(args)}
+        drafts = {d: acc[("picospec", None, d)].result(emulated) for d in _drafts(args)}
     if greedy and "ar" in results:
         ref = [r.text for r in results["ar"].runs]
-        for mode, res in [*results.items(), *(("picospec", r) for r in sweep.values())]:
+        picospecs = [*sweep.values(), *drafts.values()]
+        for mode, res in [*results.items(), *(("picospec", r) for r in picospecs)]:
             if mode != "edge":  # the draft alone is not the target
                 res.identical_to_ar = [r.text for r in res.runs] == ref
     out: dict[str, Any] = {
@@ -406,7 +418,23 @@ def run_profile(
         p["bound_ratio"] = p["decode_tokens_per_s"] / b if p["decode_tokens_per_s"] else None
     if sweep:
         out["_draft_len_sweep"] = {g: r.summary(g, len(prompts)) for g, r in sweep.items()}
+    if drafts:
+        rows = {d: r.summary(args.draft_len, len(prompts)) for d, r in drafts.items()}
+        ar = out.get("ar", {}).get("tokens_per_s")
+        for row in rows.values():
+            row["speedup_vs_ar"] = row["tokens_per_s"] / ar if ar else None
+        out["_drafts"] = rows
     return out
+
+
+def _drafts(args: argparse.Namespace) -> list[str]:
+    """``--drafts`` (e.g. ``model,suffix,model+suffix``): picospec once per draft, per request."""
+    return [d for d in (args.drafts or "").split(",") if d]
+
+
+def _label(key: tuple[str, int | str | None, str | None]) -> str:
+    mode, gamma, draft = key
+    return f"{mode} γ={gamma}" if gamma is not None else f"{mode} draft={draft}" if draft else mode
 
 
 def _sweep_values(args: argparse.Namespace) -> list[int | str]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from picospec import split_drafter
 from picospec.protocol import subjects
 from picospec.tools.stack.config import StackConfig, StackError
 from picospec.tools.stack.natsserver import (
@@ -268,10 +269,11 @@ class Stack:
             if cfg.verifier_backend == "vllm":
                 self._on_vllm(svc)
             self.services[name] = svc
+        draft_model, draft = split_drafter(cfg.drafter_model, cfg.verifier_model)
         if cfg.sampler:
             env = {
                 "PICOSPEC_NATS_URL": edge_url,
-                "PICOSPEC_MODEL": cfg.drafter_model,
+                "PICOSPEC_MODEL": draft_model,
                 "PICOSPEC_PORT": str(cfg.sampler_port),
                 "PICOSPEC_SITE": cfg.site,
                 **self._auth_env(f"sampler-{cfg.site}"),
@@ -282,7 +284,8 @@ class Stack:
         if cfg.drafter:
             env = {
                 "PICOSPEC_NATS_URL": edge_url,
-                "PICOSPEC_MODEL": cfg.drafter_model,
+                "PICOSPEC_MODEL": draft_model,
+                "PICOSPEC_DRAFT": draft,
                 "PICOSPEC_QUANTIZE": cfg.quantize_draft,
                 **({"PICOSPEC_DTYPE": cfg.draft_dtype} if cfg.draft_dtype != "auto" else {}),
                 "PICOSPEC_PORT": str(cfg.api_port),

@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from picospec.runtime.vllm_env import VllmUnavailable, model_dir, vllm_python
+from picospec.runtime.vllm_env import VllmUnavailable, model_dir, preload_env, vllm_python
 from picospec.tools.stack.procs import child_preexec, terminate_all
 
 
@@ -27,14 +27,16 @@ def serve(
     ready_timeout: float = 300.0,
 ) -> Iterator[str]:
     """vLLM's own OpenAI server for ``model`` (a PicoSpec model name), float32, eager, on
-    ``cpus``; yields its ``/v1`` URL and stops it afterwards."""
+    ``cpus``, with tcmalloc and Intel OpenMP preloaded as vLLM's CPU guide asks (as the
+    verifier's in-process engine has them: :func:`~picospec.runtime.vllm_env.preload_env`);
+    yields its ``/v1`` URL and stops it afterwards."""
     python = vllm_python()
     argv = [
         str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir(model),
         "--served-model-name", served_name, "--dtype", "float32", "--enforce-eager",
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
     ]  # fmt: skip
-    env = dict(os.environ)
+    env = preload_env(os.environ, python)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on a CPU
     if cpus:
         env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(cpus))
