@@ -861,7 +861,7 @@ def test_other_header_field_violations_on_wire() -> None:
     assert_codec_error(patch(vbuf, SPARSE_AT + 8, "<B", 3), "value codec")
     assert_codec_error(patch(vbuf, SPARSE_AT, "<I", V16 - 1), "sparse.vocab_size")
     dbuf = encode(block(2))
-    assert_codec_error(patch(dbuf, 34, "<B", 2), "flag")
+    assert_codec_error(patch(dbuf, 34, "<B", 4), "flag")
     # n_tokens > 64, even with a buffer of exactly the size it declares
     n = MAX_DRAFT_TOKENS + 1
     big = struct.pack("<BB16sIIIIBBI", 1, 1, SESSION, 0, 0, 0, V16, 0, n, 0) + bytes(6 * n)
@@ -1196,3 +1196,14 @@ def test_verdict_load_round_trips_beside_sparse_and_costs_four_bytes() -> None:
         Verdict.model_validate({**plain.model_dump(), "busy": 0.5, "batch": 1})
     with pytest.raises(ValidationError):
         Verdict.model_validate({**plain.model_dump(), "busy": 1.5, "batch": 1, "sessions": 1})
+
+
+def test_a_lead_block_round_trips_and_carries_no_draft_tokens() -> None:
+    """The block that hands a session over to the verifier: flag bit 1, a prefix, no tokens."""
+    lead = DraftBlock(session=SESSION, epoch=3, seq=9, pos=40, prefix=(5, 6), tokens=(), q=(),
+                      vocab_size=V16, lead=True)  # fmt: skip
+    assert decode_as(encode(lead), DraftBlock) == lead
+    assert encode(lead)[34] == 0x02 and len(encode(lead)) == lead.wire_size()
+    with pytest.raises(ValidationError, match="no draft tokens"):
+        DraftBlock(session=SESSION, epoch=0, seq=0, pos=0, prefix=(), tokens=(1,), q=(0.5,),
+                   vocab_size=V16, lead=True)  # fmt: skip

@@ -289,3 +289,40 @@ def test_the_first_token_is_what_ar_decodes_with_the_same_seed(target: LanguageM
         first = VerifierSession(target, sid, PROMPT, params, spec).first_token()
         ar = VerifierSession(target, sid, PROMPT, params, SpecConfig(mode=Mode.AR))
         assert first == ar.ar_step()
+
+
+def test_a_session_handed_over_to_the_verifier_ends_with_the_target_answer(
+    target: LanguageModel, draft: LanguageModel
+) -> None:
+    """Speculation stops in the middle of an answer (a saturated verifier where no draft length
+    pays): the blocks in flight still get their verdicts, then a lead block hands the session
+    over and the verifier decodes the rest on its own. The answer is the target's alone."""
+    from picospec.runtime.scheduler import run
+    from picospec.speculation.engine import generate
+
+    n = 40
+    want = generate(target, None, PROMPT, GREEDY, SpecConfig(mode=Mode.AR), n).tokens
+    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=3, lookahead=2)
+    d, v = _pair(target, draft, spec, n)
+    d.accept_first(v.first_token())
+    for _ in range(3):  # a few rounds of speculation, blocks left in flight
+        for b in d.draft_ready():
+            for verdict in v.submit(b):
+                d.on_verdict(verdict)
+    blocks = d.draft_ready()
+    assert blocks and d.inflight
+    d.stop_speculating()
+    assert not d.can_draft()
+    with pytest.raises(ProtocolError, match="in flight"):
+        d.hand_over()
+    for b in blocks:  # the in-flight blocks' verdicts
+        for verdict in v.submit(b):
+            got = d.on_verdict(verdict)
+            assert not isinstance(got, SampleRequest)
+    lead = d.hand_over()
+    assert lead.lead and not lead.tokens and lead.pos + len(lead.prefix) == len(d.committed)
+    assert v.submit(lead) == [] and v.led
+    streamed: list[int] = []
+    left = n - len(d.generated)
+    run(v.led_stream(left, set()), lambda e: streamed.append(e[0]))
+    assert d.generated + streamed == want

@@ -17,6 +17,7 @@ import numpy as np
 from picospec.protocol.layout import (
     _CODEC_TO_WIRE,
     _DRAFT_FLAG_DENSE_Q,
+    _DRAFT_FLAG_LEAD,
     _DRAFT_HEADER,
     _F16,
     _F32,
@@ -92,7 +93,9 @@ def _encode_sparse(sp: SparseDist) -> list[bytes]:
 def _encode_parts(msg: Message) -> list[bytes]:
     if isinstance(msg, DraftBlock):
         ids = _id_dtype(msg.vocab_size)
-        flags = _DRAFT_FLAG_DENSE_Q if msg.dense_q is not None else 0
+        flags = (_DRAFT_FLAG_DENSE_Q if msg.dense_q is not None else 0) | (
+            _DRAFT_FLAG_LEAD if msg.lead else 0
+        )
         parts = [
             _DRAFT_HEADER.pack(
                 PROTOCOL_VERSION,
@@ -248,7 +251,7 @@ def _decode_draft_block(mv: memoryview, max_vocab: int) -> DraftBlock:
         _DRAFT_HEADER
     )
     _check_vocab(vocab_size, max_vocab, r.what)
-    if flags & ~_DRAFT_FLAG_DENSE_Q:
+    if flags & ~(_DRAFT_FLAG_DENSE_Q | _DRAFT_FLAG_LEAD):
         raise CodecError(f"draft_block: unknown flag bits 0x{flags:02x}")
     if n_tokens > MAX_DRAFT_TOKENS:
         raise CodecError(f"draft_block: n_tokens {n_tokens} > MAX_DRAFT_TOKENS")
@@ -277,6 +280,7 @@ def _decode_draft_block(mv: memoryview, max_vocab: int) -> DraftBlock:
         q=tuple(q.tolist()),
         dense_q=dense_q,
         vocab_size=vocab_size,
+        lead=bool(flags & _DRAFT_FLAG_LEAD),
     )
 
 

@@ -46,7 +46,9 @@ offset  bytes   field
 22      4       seq u32
 26      4       pos u32 (absolute position of the first token of prefix+tokens)
 30      4       vocab_size u32 (V, 1..MAX_VOCAB; decides w)
-34      1       flags u8: bit 0 = dense_q present; bits 1-7 must be 0
+34      1       flags u8: bit 0 = dense_q present; bit 1 = lead (the verifier leads from
+                here: it feeds the prefix and decodes on its own; T must be 0); bits 2-7
+                must be 0
 35      1       n_tokens u8 (T, 0..MAX_DRAFT_TOKENS = 64)
 36      4       n_prefix u32 (P, 0..MAX_PREFIX_TOKENS = 2**20)
 40      P*w     prefix: ID[P]

@@ -83,6 +83,7 @@ _SAMPLE_REQUEST_HEADER = struct.Struct("<BBQ")  # 10 bytes
 _SAMPLE_REPLY = struct.Struct("<BBI")  # 6 bytes
 
 _DRAFT_FLAG_DENSE_Q = 0x01
+_DRAFT_FLAG_LEAD = 0x02
 _VERDICT_FLAG_SPARSE = 0x01
 _VERDICT_FLAG_LOAD = 0x02
 _VERDICT_LOAD = struct.Struct("<BBH")  # busy u8 (/255), batch u8, sessions u16

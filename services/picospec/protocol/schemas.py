@@ -232,6 +232,9 @@ class DraftBlock(_Model):
     q: tuple[float, ...] = Field(max_length=MAX_DRAFT_TOKENS)
     dense_q: np.ndarray | None = None
     vocab_size: VocabSize
+    # the drafter hands the session over: the verifier feeds the prefix and from then on
+    # decodes on its own (a cloud-led session); such a block carries no draft tokens
+    lead: bool = False
 
     @field_validator("session", mode="before")
     @classmethod
@@ -272,6 +275,8 @@ class DraftBlock(_Model):
             raise ValueError(f"DraftBlock: {n} tokens but {len(self.q)} q values")
         _check_ids(np.asarray(self.tokens, dtype=np.int64), self.vocab_size, "DraftBlock.tokens")
         _check_ids(np.asarray(self.prefix, dtype=np.int64), self.vocab_size, "DraftBlock.prefix")
+        if self.lead and (n or self.dense_q is not None):
+            raise ValueError("DraftBlock: a lead block carries no draft tokens")
         if self.dense_q is not None and self.dense_q.shape != (n, self.vocab_size):
             raise ValueError(
                 f"DraftBlock.dense_q: expected shape {(n, self.vocab_size)}, "

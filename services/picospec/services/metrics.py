@@ -195,9 +195,9 @@ DRAFT_POLICY_ROUNDS = Counter(
 )
 SPECULATION_OFF = Counter(
     "picospec_speculation_off_sessions",
-    "Adaptive picospec sessions opened without speculation: the verifier was saturated and no "
-    "draft length would have cost it less per token than cloud-only decoding, so the verifier "
-    "decoded alone",
+    "Adaptive picospec sessions that stopped speculating (at their open, or handed over to the "
+    "verifier in the middle of their answer): the verifier was saturated and no draft length "
+    "would have cost it less per token than cloud-only decoding, so it decoded alone",
 )
 DRAFT_POLICY_LOAD = Gauge(
     "picospec_draft_policy_load_ratio",

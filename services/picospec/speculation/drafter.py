@@ -145,6 +145,7 @@ class DrafterSession:
         self._rng = Rng(params.seed)
         self.proposer = proposer
         self._proposed: deque[int] = deque()  # the proposer's run, not drafted yet
+        self.speculating = True  # False once it stops, to hand the session over (hand_over)
 
     # --- views ----------------------------------------------------------------------------
     @property
@@ -167,7 +168,9 @@ class DrafterSession:
 
     def can_draft(self) -> bool:
         """May :meth:`draft_step` run now? (Not done, look-ahead not exhausted, budget left.)"""
-        if self.done or self._awaiting_sample is not None or self._drafted_eos():
+        if not self.speculating or self.done or self._awaiting_sample is not None:
+            return False
+        if self._drafted_eos():
             return False
         if len(self.generated) + self._n_spec() >= self.max_new_tokens:
             return False
@@ -437,6 +440,30 @@ class DrafterSession:
         keep = min(self._cache.length, len(self.committed) - 1)
         self._cache.crop(keep)
         self._pending = self.committed[keep:]
+
+    # --- handing the session over to the verifier -----------------------------------------
+    def stop_speculating(self) -> None:
+        """Draft no more (the block being drafted is dropped): the blocks in flight still get
+        their verdicts, then :meth:`hand_over`."""
+        self.speculating = False
+        if self._specs and self._specs[-1].block is None:
+            self.stats.wasted += len(self._specs.pop().tokens)
+        self._proposed.clear()
+
+    def hand_over(self) -> DraftBlock:
+        """The block that hands the session to the verifier (``lead``): it feeds the committed
+        tokens it has not seen and from then on decodes on its own, as in ``ar``. Only once
+        speculation stopped and nothing is in flight or being sampled."""
+        if self.speculating or self._specs or self._awaiting_sample is not None:
+            raise ProtocolError("hand_over() needs speculation stopped and nothing in flight")
+        block = DraftBlock(
+            session=self.session, epoch=self.epoch, seq=self._seq,
+            pos=len(self.committed) - len(self._unsent), prefix=tuple(self._unsent),
+            tokens=(), q=(), vocab_size=self.model.vocab_size, lead=True,
+        )  # fmt: skip
+        self._seq = (self._seq + 1) % 2**32
+        self._unsent = []
+        return block
 
     def finish(self, reason: str) -> None:
         """End the session early (a stop string matched, the client went away)."""

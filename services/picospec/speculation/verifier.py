@@ -87,6 +87,7 @@ class VerifierSession:
         self._waiting: dict[int, DraftBlock] = {}
         self._ar_pending: int | None = None
         self.hint: DraftBlock | None = None  # cloud-led: the edge's latest proposed tokens
+        self.led = spec.cloud_led  # the verifier decodes on its own (from the open, or a lead)
         self.next_logits = torch.empty(0)
         if prefill:
             run(self.prefill())
@@ -128,6 +129,15 @@ class VerifierSession:
         touching any state. Lets the model thread share one forward among the blocks of
         several sessions (and their ``ar`` steps and prefills)."""
         if not self._admit(block):
+            return []
+        if block.lead:  # handed over: feed what the edge committed, then lead from there
+            if block.prefix:
+                logits = yield Forward(self.cache, list(block.prefix), keep=1, on_device=True)
+                assert logits is not None
+                self.next_logits = logits[-1]
+                self.stats.forwards += 1
+            self.led = True
+            self._waiting.clear()
             return []
         verdicts = []
         ready: DraftBlock | None = block

@@ -57,6 +57,7 @@ from picospec.speculation.tuning import (
 from picospec.speculation.verifier import VerifierSession
 
 ROLE = "drafter"
+HANDOVER_ROUNDS = 2  # rounds of its own acceptance before a session may stop speculating
 T = TypeVar("T")
 
 
@@ -306,14 +307,15 @@ class Generation(CloudLink):
         self.generated.extend(new)
         return new
 
-    async def _ar(self, hints: Hints | None = None) -> AsyncIterator[list[int]]:
+    async def _ar(self, hints: Hints | None = None, epoch: int = 0) -> AsyncIterator[list[int]]:
         """Cloud-only baseline: the verifier streams tokens. Each (re)open starts a new epoch
         whose tokens are numbered from 0, so late tokens of a lost replica are ignored. With
         ``hints`` (a cloud-led session) the edge also sends, after each token, the tokens its
         model-free draft proposes next, which the verifier verifies where they reach it in
-        time."""
+        time. A session handed over to the verifier streams from here on (``epoch``: its
+        epoch then)."""
         eos = self.eos_ids
-        epoch, base = 0, 0
+        base = len(self.generated)
         last_progress = time.monotonic()
         while len(self.generated) < self.max_tokens and not self._stop_requested:
             v = await self._next_verdict()
@@ -341,6 +343,30 @@ class Generation(CloudLink):
             self.finish_reason = "stop" if self._stop_requested else "length"
         if self.svc.recorder is not None and self.params.greedy and not self._stop_requested:
             self.svc.recorder.record(self.prompt, self.generated)
+
+    def _stop_speculating(self, session: DrafterSession) -> bool:
+        """Whether this session should stop speculating and hand itself over to the verifier:
+        the verifier is saturated and, at the acceptance this session sees (after a few
+        rounds of it), no draft length costs the verifier less per token than cloud-only
+        decoding; enough of the answer is left for it to matter."""
+        tuner = self.tuner
+        if tuner is None or session.stats.rounds < HANDOVER_ROUNDS:
+            return False
+        load, inp = tuner.saturation.load, tuner.inputs()
+        if not tuner.saturation.saturated or load is None or inp is None:
+            return False
+        left = self.max_tokens - len(session.generated)
+        return left >= HANDOVER_ROUNDS and not speculation_pays(inp, load[1], load[2])
+
+    async def _hand_over(self, session: DrafterSession) -> AsyncIterator[list[int]]:
+        """Hand the session over (its speculation stopped and nothing in flight): the verifier
+        decodes the rest on its own, as in ``ar``, streaming each token."""
+        await self._publish_block(session.hand_over(), track=False)
+        self.spec = self.spec.model_copy(update={"cloud_led": True})  # a re-open leads too
+        self.stats.draft_policy = "off"
+        metrics.SPECULATION_OFF.inc()
+        async for chunk in self._ar(None, session.epoch):
+            yield chunk
 
     async def _hint(self, hints: Hints, hinted: bool, epoch: int) -> None:
         """After a cloud-led session's token: send the next hint, if the draft has one."""
@@ -400,6 +426,8 @@ class Generation(CloudLink):
             while not session.done and not self._stop_requested:
                 # apply every verdict that has arrived, then draft while allowed, else wait
                 verdict: Verdict | None
+                if not session.speculating and not session.inflight and opening is None:
+                    break  # speculation stopped and nothing left in flight: hand over
                 if opening is not None and opening.done():
                     reply = opening.result()  # Unavailable or BadRequest end the request here
                     opening = None
@@ -481,6 +509,8 @@ class Generation(CloudLink):
                         if verdict.busy is not None:
                             metrics.DRAFT_POLICY_LOAD.set(verdict.busy)
                         self._tune(session)
+                        if session.speculating and self._stop_speculating(session):
+                            session.stop_speculating()
                 if isinstance(got, SampleRequest):
                     metrics.TAIL_MASS.inc(got.sparse.tail_mass)
                     got = session.on_correction(await self._sample(got))
@@ -488,6 +518,10 @@ class Generation(CloudLink):
                 last_progress = time.monotonic()
                 if isinstance(got, Committed) and got.tokens:
                     yield self._emitted(got.tokens)
+            if not session.speculating and not session.done and not self._stop_requested:
+                async for chunk in self._hand_over(session):
+                    yield chunk
+                return
             self.finish_reason = session.finish_reason or "stop"
         finally:
             if opening is not None:

@@ -39,7 +39,7 @@ class Stats:
                 "draft_len": self.tuner.gamma,
                 "lookahead": self.tuner.lookahead,
                 "draft_len_rounds": {str(g): n for g, n in sorted(self.tuner.history.items())},
-                "draft_policy": self.tuner.policy,
+                "draft_policy": self.draft_policy or self.tuner.policy,
             }
         return {
             "mode": self.mode,

@@ -61,6 +61,7 @@ class Held:
     open_req: OpenSession
     last_used: float = field(default_factory=time.monotonic)
     ar_sent: int = 0  # ar: tokens streamed so far (their verdicts' seq)
+    streaming: bool = False  # its stream (ar, cloud-led) has started
 
 
 def capacity(req: OpenSession) -> int:
@@ -214,7 +215,7 @@ class VerifierService:
             _reject("malformed", error=str(e)[:200])
             return
         held = self.sessions.get(block.session)
-        if held is not None and held.open_req.spec.cloud_led:
+        if held is not None and held.session.led:
             held.session.hint = block  # read by its stream at its next step
             held.last_used = time.monotonic()
             return
@@ -256,6 +257,9 @@ class VerifierService:
         else:
             for v in done.result():
                 self.outbox.put_nowait((held.reply_to, v))
+            sid = held.session.session
+            if held.session.led and not held.streaming and self.sessions.get(sid) is held:
+                self._start_ar(sid, held)  # the drafter handed the session over
 
     async def on_close(self, msg: Msg) -> None:
         try:
@@ -296,9 +300,12 @@ class VerifierService:
         session streams the same way, taking the edge's hints where they reach it in time."""
         # never past the model's context, whatever the open asked for: an open for 10**9
         # tokens that nobody closes must not hold the model thread forever
-        room = self.model.max_context - len(held.open_req.prompt)
-        n = min(held.open_req.max_new_tokens, room)
-        start = self.backend.start_led if held.open_req.spec.cloud_led else self.backend.start_ar
+        vs = held.session
+        room = self.model.max_context - vs.cache.length
+        done = vs.cache.length - len(held.open_req.prompt)  # tokens it had before streaming
+        n = max(0, min(held.open_req.max_new_tokens - done, room))
+        held.streaming = True
+        start = self.backend.start_led if vs.led else self.backend.start_ar
         job: Job[int] = start(
             held.session, n, set(held.open_req.eos_ids), sid, partial(self._ar_token, held)
         )

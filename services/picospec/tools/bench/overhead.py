@@ -10,7 +10,8 @@ model), one session at a time in ``dssd`` mode (one block in flight, so nothing 
 
 - ``round_trip``: the drafter's block round trip (``picospec_verify_round_trip_seconds``);
 - ``verifier_batch``: the verifier's time for the block on its model thread, model forward and
-  acceptance test together (``picospec_verify_forward_seconds``);
+  acceptance test together (``picospec_verify_forward_seconds``, less the requests' prefills,
+  timed alone on the same prompts with one-token requests, the median of 3 each);
 - ``acceptance_test``: the acceptance test alone (processing a block's target logits into
   probabilities and deciding it), timed in this process on logits of the model's vocabulary;
 
@@ -108,6 +109,19 @@ async def nats_request_us(url: str, n: int = 2000) -> float:
         await nc.drain()
 
 
+def _open_s(api: str, verifier: str, prompt: str, args: argparse.Namespace) -> float:
+    """The verifier's forward time for one one-token request of ``prompt``: its prefill."""
+    from picospec.tools.bench.run import _histogram_means, _stream
+
+    name = "picospec_verify_forward_seconds"
+    before = _histogram_means(verifier, (name,))[name]
+    _stream(api, prompt, "dssd", args)
+    after = _histogram_means(verifier, (name,))[name]
+    if after[1] - before[1] != 1:
+        raise RuntimeError(f"a one-token request took {after[1] - before[1]:.0f} forwards, not 1")
+    return after[0] - before[0]
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Start a loopback stack, run ``dssd`` requests one at a time, and report the overhead."""
     from picospec.tools.bench.run import _histogram_means, _mean_between, _stream
@@ -126,9 +140,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     names = ("picospec_verify_round_trip_seconds",)
     fwd = ("picospec_verify_forward_seconds",)
     run_args = argparse.Namespace(**{**vars(args), "draft_len": 4})
+    opens_args = argparse.Namespace(**{**vars(run_args), "max_tokens": 1})
     with Stack(cfg) as stack:
         drafter, verifier = stack.services["drafter"].url, stack.services["verifier-1"].url
         _stream(stack.api_url, MEASURE_PROMPTS[0], "dssd", run_args)  # warm
+        # The forward histogram also holds each request's prefill: time each prompt's open
+        # alone (a one-token request: its prefill, no block), the median of 3, and take them out
+        opens = sum(
+            statistics.median(_open_s(stack.api_url, verifier, p, opens_args) for _ in range(3))
+            for p in MEASURE_PROMPTS
+        )
         before_rtt, before_fwd = _histogram_means(drafter, names), _histogram_means(verifier, fwd)
         for prompt in MEASURE_PROMPTS:
             _stream(stack.api_url, prompt, "dssd", run_args)
@@ -139,7 +160,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         vocab = load_model(args.verifier, device="cpu").vocab_size
     rounds = int(after_rtt[names[0]][1] - before_rtt[names[0]][1])
     rtt = _mean_between(before_rtt[names[0]], after_rtt[names[0]]) or 0.0
-    batch = _mean_between(before_fwd[fwd[0]], after_fwd[fwd[0]]) or 0.0
+    start, end = before_fwd[fwd[0]], after_fwd[fwd[0]]
+    batch = _mean_between(start, (end[0] - opens, end[1] - len(MEASURE_PROMPTS))) or 0.0
     test_us = acceptance_test_us(vocab)
     codec = codec_us(vocab)
     overhead_ms = (rtt - batch) * 1e3 + test_us / 1e3
