@@ -247,9 +247,11 @@ class TestSingleServer:
         assert victim_sessions >= 1 and migrated >= 1
         acceptance = [r.final["picospec"]["accepted_by_source"].get("emulated", 0) for r in results]
         assert sum(acceptance) > 0
+        off = sum(1 for r in results if r.final["picospec"].get("draft_policy") == "off")
         report(
             f"kill -9 {victim} holding {victim_sessions} of {users} emulated edges: all "
-            f"{users} streams complete and equal ar's; {migrated} migrated",
+            f"{users} streams complete and equal ar's; {migrated} migrated, {off} stopped "
+            "speculating (a saturated verifier)",
             [],
         )
         s.start_service(victim)

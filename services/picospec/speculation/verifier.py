@@ -88,6 +88,7 @@ class VerifierSession:
         self._ar_pending: int | None = None
         self.hint: DraftBlock | None = None  # cloud-led: the edge's latest proposed tokens
         self.led = spec.cloud_led  # the verifier decodes on its own (from the open, or a lead)
+        self.hinted = spec.cloud_led  # ... taking the edge's hints (a lead block sends none)
         self.next_logits = torch.empty(0)
         if prefill:
             run(self.prefill())

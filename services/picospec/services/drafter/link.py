@@ -23,11 +23,12 @@ from picospec.protocol.codec import (
 from picospec.services import metrics
 from picospec.services.control import CloseSession, ErrorReply, OpenReply, OpenSession
 from picospec.services.shell import event, headers
+from picospec.speculation.spec import Mode, SpecConfig
 
 if TYPE_CHECKING:
     from picospec.services.drafter.stats import Stats
+    from picospec.speculation.proposers import Proposer
     from picospec.speculation.sampling import SamplingParams
-    from picospec.speculation.spec import SpecConfig
 
 LOST_AFTER_PINGS = 3  # a live verifier silent for this many verify timeouts: message lost
 
@@ -48,6 +49,7 @@ class CloudLink:
     sid: bytes
     params: SamplingParams
     spec: SpecConfig
+    proposer: Proposer | None
     max_tokens: int
     eos_ids: frozenset[int]
     generated: list[int]
@@ -65,6 +67,14 @@ class CloudLink:
         with contextlib.suppress(Exception):  # a slow or lost connection: the open copes
             await self.svc.nc.flush(timeout=1)
 
+    def _open_spec(self) -> SpecConfig:
+        """What the open asks for: a cloud-led session with no draft to hint from (its
+        speculation turned off) is cloud-only decoding, so the verifier's engine decodes it on
+        its own (on vLLM: vLLM's decoding, not one round per token)."""
+        if self.spec.cloud_led and self.proposer is None:
+            return self.spec.model_copy(update={"mode": Mode.AR, "cloud_led": False})
+        return self.spec
+
     async def _open(self, committed: list[int], epoch: int, first_token: bool = False) -> OpenReply:
         """Open (or re-open) the session on any verifier, retrying until the deadline; with
         ``first_token`` the reply carries the target's first token from the prefill."""
@@ -73,7 +83,7 @@ class CloudLink:
             session=self.sid.hex(),
             prompt=committed,
             params=self.params,
-            spec=self.spec,
+            spec=self._open_spec(),
             vocab_size=self.svc.model.vocab_size,
             reply_to=self.svc.verdict_subject,
             max_new_tokens=max(1, self.max_tokens - len(self.generated)),

@@ -363,6 +363,7 @@ class Generation(CloudLink):
         decodes the rest on its own, as in ``ar``, streaming each token."""
         await self._publish_block(session.hand_over(), track=False)
         self.spec = self.spec.model_copy(update={"cloud_led": True})  # a re-open leads too
+        self.proposer = None  # and without hints: the verifier may decode on its own engine
         self.stats.draft_policy = "off"
         metrics.SPECULATION_OFF.inc()
         async for chunk in self._ar(None, session.epoch):

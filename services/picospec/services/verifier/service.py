@@ -305,7 +305,8 @@ class VerifierService:
         done = vs.cache.length - len(held.open_req.prompt)  # tokens it had before streaming
         n = max(0, min(held.open_req.max_new_tokens - done, room))
         held.streaming = True
-        start = self.backend.start_led if vs.led else self.backend.start_ar
+        # a handed-over session gets no hints: plain decoding (on vLLM, vLLM's own)
+        start = self.backend.start_led if vs.hinted else self.backend.start_ar
         job: Job[int] = start(
             held.session, n, set(held.open_req.eos_ids), sid, partial(self._ar_token, held)
         )

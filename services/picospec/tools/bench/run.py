@@ -315,6 +315,10 @@ def stack_config(
         "PICOSPEC_REQUEST_TIMEOUT_S": "120",
         "PICOSPEC_VERIFY_TIMEOUT_S": "30",
         "PICOSPEC_MAX_TOKENS_LIMIT": "4096",
+        # the suffix draft matches the prompt and the answer so far only: the bench sends every
+        # prompt once per mode and repeat, and the site's cache of recent answers would replay
+        # the same prompt's earlier answer, which measures the cache, not the draft
+        "PICOSPEC_SUFFIX_CACHE_ANSWERS": "0",
     }
     cfg = StackConfig(
         topology="edge-cloud",
