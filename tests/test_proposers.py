@@ -76,6 +76,12 @@ def test_emulated_edge_drafts_the_answer_with_the_acceptance_it_is_given() -> No
         with pytest.raises(ValueError):
             EmulatedEdge(**{"continuation": [1], "acceptance": 0.5, "step_s": 0.0,
                             "vocab_size": 100, **bad})  # fmt: skip
+    # the fleet an edge stands for, whose adaptive estimates the drafter keeps apart: its
+    # acceptance and pace, not its answer or seed
+    fleet = EmulatedEdge(answers[0], 0.8, 0.01, 100, seed=3).site
+    assert fleet == EmulatedEdge(answers[1], 0.8, 0.01, 100, seed=4).site
+    assert fleet != EmulatedEdge(answers[0], 0.6, 0.01, 100).site
+    assert fleet != EmulatedEdge(answers[0], 0.8, 0.02, 100).site
 
 
 def test_recorder_keeps_the_longest_answer_of_the_most_recent_prompts() -> None:

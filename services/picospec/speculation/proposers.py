@@ -105,6 +105,10 @@ class EmulatedEdge:
         self.step_s = step_s
         self.vocab_size = vocab_size
         self.seed = seed
+        # the fleet it stands for: the drafter's adaptive estimates are kept per fleet, as a
+        # real site's are per site (a bench that runs fleets of another acceptance one after
+        # the other on one drafter must not start each from the last one's)
+        self.site = ("emulated", acceptance, step_s)
         # which positions are wrong differs from answer to answer (not every user of a fleet
         # rejects at the same positions), and is the same for every run of this answer
         self._key = int.from_bytes(prompt_key(self.continuation)[:8], "little")

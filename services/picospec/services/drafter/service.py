@@ -19,7 +19,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from typing import TypeVar
 
 from nats.aio.client import Client as NATS
@@ -76,7 +76,9 @@ class DrafterService:
             initializer=idle_cpu_priority if settings.draft_thread_idle else None,
             on_batch=metrics.DRAFT_BATCH_SIZE.observe,
         )
-        self.site = SiteEstimates()  # what adaptive speculation has learnt of this site
+        # what adaptive speculation has learnt of this site, per kind of draft (a session
+        # starts from what its own kind saw: a suffix draft agrees less often than a model)
+        self.sites: dict[Hashable, SiteEstimates] = {}
         self.saturation = Saturation()  # the verifiers' load, as their verdicts tell it
         # emulated edges (a capacity benchmark's): the target's greedy continuations, recorded
         # from this drafter's cloud-only sessions, which emulated edges replay
@@ -86,6 +88,10 @@ class DrafterService:
 
     async def start(self) -> None:
         await self.nc.subscribe(self.verdict_subject, cb=self.on_verdict)
+
+    def site(self, key: Hashable) -> SiteEstimates:
+        """What the sessions of ``key``'s kind of draft have learnt here (a session's prior)."""
+        return self.sites.get(key) or SiteEstimates()
 
     async def on_verdict(self, msg: Msg) -> None:
         try:
@@ -137,6 +143,11 @@ class Generation(CloudLink):
         self.svc = svc
         # a model-free draft: ahead of the draft model, or (cloud-led) the only one
         self.proposer = proposer
+        # whose estimates this session starts from and adds to: its kind of draft (an
+        # emulated edge: the fleet of edges it stands for, by its acceptance and pace)
+        self.site_key: Hashable = getattr(proposer, "site", None) or (
+            proposer.name if proposer is not None else "model"
+        )
         self.tenant = tenant  # whose answers the site's suffix cache keeps this one with
         # the ids that end the answer (none with ignore_eos: it runs to max_tokens)
         self.eos_ids = frozenset() if ignore_eos else svc.model.eos_ids
@@ -222,7 +233,7 @@ class Generation(CloudLink):
             return False
         if not sat.saturated or sat.load is None:
             return False
-        inp = DraftLenController(prior=self.svc.site).inputs()
+        inp = DraftLenController(prior=self.svc.site(self.site_key)).inputs()
         return inp is not None and not speculation_pays(inp, sat.load[1], sat.load[2])
 
     async def _edge(self) -> AsyncIterator[list[int]]:
@@ -414,7 +425,7 @@ class Generation(CloudLink):
             if self.spec.adaptive:
                 self.tuner = DraftLenController(
                     pipelined=self.spec.mode.pipelined,
-                    prior=svc.site,
+                    prior=svc.site(self.site_key),
                     start_gamma=min(self.spec.draft_len, cap),
                     start_lookahead=self.spec.max_inflight,
                     max_gamma=min(MAX_GAMMA, cap),
@@ -528,7 +539,8 @@ class Generation(CloudLink):
             if opening is not None:
                 opening.cancel()
             if self.tuner is not None:
-                self.svc.site = self.tuner.estimates()  # the next sessions start from here
+                # the next sessions of this kind start from here
+                self.svc.sites[self.site_key] = self.tuner.estimates()
 
     def _count_round(
         self, session: DrafterSession, before: tuple[int, int, int, int, dict[str, int]]
