@@ -291,8 +291,9 @@ def test_the_first_token_is_what_ar_decodes_with_the_same_seed(target: LanguageM
         assert first == ar.ar_step()
 
 
+@pytest.mark.parametrize("mode", [Mode.PICOSPEC, Mode.DSSD, Mode.VANILLA])
 def test_a_session_handed_over_to_the_verifier_ends_with_the_target_answer(
-    target: LanguageModel, draft: LanguageModel
+    target: LanguageModel, draft: LanguageModel, mode: Mode
 ) -> None:
     """Speculation stops in the middle of an answer (a saturated verifier where no draft length
     pays): the blocks in flight still get their verdicts, then a lead block hands the session
@@ -302,7 +303,7 @@ def test_a_session_handed_over_to_the_verifier_ends_with_the_target_answer(
 
     n = 40
     want = generate(target, None, PROMPT, GREEDY, SpecConfig(mode=Mode.AR), n).tokens
-    spec = SpecConfig(mode=Mode.PICOSPEC, draft_len=3, lookahead=2)
+    spec = SpecConfig(mode=mode, draft_len=3, lookahead=2)
     d, v = _pair(target, draft, spec, n)
     d.accept_first(v.first_token())
     for _ in range(3):  # a few rounds of speculation, blocks left in flight
@@ -321,8 +322,9 @@ def test_a_session_handed_over_to_the_verifier_ends_with_the_target_answer(
             assert not isinstance(got, SampleRequest)
     lead = d.hand_over()
     assert lead.lead and not lead.tokens and lead.pos + len(lead.prefix) == len(d.committed)
-    assert v.submit(lead) == [] and v.led
+    assert v.submit(lead) == [] and v.led  # a vanilla lead carries no draft distributions
+    assert not v.hinted  # no hints follow a hand-over: the verifier decodes as in ar
     streamed: list[int] = []
     left = n - len(d.generated)
-    run(v.led_stream(left, set()), lambda e: streamed.append(e[0]))
+    run(v.ar_stream(left, set()), streamed.append)
     assert d.generated + streamed == want

@@ -174,7 +174,7 @@ class VerifierSession:
             )
         if block.pos + len(block.prefix) + len(block.tokens) >= self.model.max_context:
             raise BlockRefused("context", "block runs past the model's context")
-        if self.spec.mode is Mode.VANILLA and block.dense_q is None:
+        if self.spec.mode is Mode.VANILLA and block.dense_q is None and not block.lead:
             raise BlockRefused("missing_dense_q", "vanilla blocks carry full draft dists")
         if block.pos > self.cache.length:
             if len(self._waiting) >= MAX_BUFFERED_BLOCKS or block.pos in self._waiting:

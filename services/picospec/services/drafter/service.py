@@ -58,6 +58,7 @@ from picospec.speculation.verifier import VerifierSession
 
 ROLE = "drafter"
 HANDOVER_ROUNDS = 2  # rounds of its own acceptance before a session may stop speculating
+MAX_DRAFT_KINDS = 16  # kinds of draft whose adaptive estimates a drafter keeps
 T = TypeVar("T")
 
 
@@ -539,8 +540,12 @@ class Generation(CloudLink):
             if opening is not None:
                 opening.cancel()
             if self.tuner is not None:
-                # the next sessions of this kind start from here
+                # the next sessions of this kind start from here (the latest kinds kept: an
+                # emulated edge's kind comes from its request)
+                self.svc.sites.pop(self.site_key, None)
                 self.svc.sites[self.site_key] = self.tuner.estimates()
+                while len(self.svc.sites) > MAX_DRAFT_KINDS:
+                    self.svc.sites.pop(next(iter(self.svc.sites)))
 
     def _count_round(
         self, session: DrafterSession, before: tuple[int, int, int, int, dict[str, int]]
