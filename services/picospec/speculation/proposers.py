@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,6 +33,9 @@ class Proposer(Protocol):
 
     name: str  # the draft source, in metrics and reports ("emulated", "suffix")
     step_s: float  # emulated device time per proposed token (0: free)
+    # the kind of draft whose adaptive estimates its sessions share at a drafter (a session
+    # starts from what earlier sessions of its kind saw)
+    site: Hashable
 
     def propose(self, tokens: Sequence[int], n_prompt: int, limit: int) -> list[int]:
         """Up to ``limit`` tokens to draft after ``tokens`` (prompt, committed and speculative
@@ -198,6 +201,7 @@ class SuffixDraft:
     and at most ``max_run`` tokens at a time. Free: no model, no device time."""
 
     name = "suffix"
+    site = "suffix"
     step_s = 0.0
 
     def __init__(

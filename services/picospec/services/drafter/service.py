@@ -146,9 +146,7 @@ class Generation(CloudLink):
         self.proposer = proposer
         # whose estimates this session starts from and adds to: its kind of draft (an
         # emulated edge: the fleet of edges it stands for, by its acceptance and pace)
-        self.site_key: Hashable = getattr(proposer, "site", None) or (
-            proposer.name if proposer is not None else "model"
-        )
+        self.site_key: Hashable = proposer.site if proposer is not None else "model"
         self.tenant = tenant  # whose answers the site's suffix cache keeps this one with
         # the ids that end the answer (none with ignore_eos: it runs to max_tokens)
         self.eos_ids = frozenset() if ignore_eos else svc.model.eos_ids
@@ -186,10 +184,7 @@ class Generation(CloudLink):
                 return
             try:
                 if self._speculation_off():
-                    self.spec = self.spec.model_copy(update={"cloud_led": True})
-                    self.proposer = None
-                    self.stats.draft_policy = "off"
-                    metrics.SPECULATION_OFF.inc()
+                    self._turn_speculation_off()
                 if self.spec.mode is Mode.AR or self.spec.cloud_led:
                     await self._open(self.prompt, 0)
                     hints = None
@@ -370,14 +365,20 @@ class Generation(CloudLink):
         left = self.max_tokens - len(session.generated)
         return left >= HANDOVER_ROUNDS and not speculation_pays(inp, load[1], load[2])
 
+    def _turn_speculation_off(self) -> None:
+        """From here on the verifier decodes this session on its own, without hints (an open
+        or re-open asks for ``ar``: :meth:`~picospec.services.drafter.link.CloudLink._open_spec`),
+        and the response and metrics say so."""
+        self.spec = self.spec.model_copy(update={"cloud_led": True})
+        self.proposer = None
+        self.stats.draft_policy = "off"
+        metrics.SPECULATION_OFF.inc()
+
     async def _hand_over(self, session: DrafterSession) -> AsyncIterator[list[int]]:
         """Hand the session over (its speculation stopped and nothing in flight): the verifier
         decodes the rest on its own, as in ``ar``, streaming each token."""
         await self._publish_block(session.hand_over(), track=False)
-        self.spec = self.spec.model_copy(update={"cloud_led": True})  # a re-open leads too
-        self.proposer = None  # and without hints: the verifier may decode on its own engine
-        self.stats.draft_policy = "off"
-        metrics.SPECULATION_OFF.inc()
+        self._turn_speculation_off()
         async for chunk in self._ar(None, session.epoch):
             yield chunk
 

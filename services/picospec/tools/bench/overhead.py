@@ -29,6 +29,7 @@ import statistics
 import time
 from typing import Any
 
+FORWARD = "picospec_verify_forward_seconds"  # the verifier's model-thread histogram
 MEASURE_PROMPTS = (
     "Write a short poem about the sea.",
     "List five uses of a paperclip.",
@@ -113,10 +114,9 @@ def _open_s(api: str, verifier: str, prompt: str, args: argparse.Namespace) -> f
     """The verifier's forward time for one one-token request of ``prompt``: its prefill."""
     from picospec.tools.bench.run import _histogram_means, _stream
 
-    name = "picospec_verify_forward_seconds"
-    before = _histogram_means(verifier, (name,))[name]
+    before = _histogram_means(verifier, (FORWARD,))[FORWARD]
     _stream(api, prompt, "dssd", args)
-    after = _histogram_means(verifier, (name,))[name]
+    after = _histogram_means(verifier, (FORWARD,))[FORWARD]
     if after[1] - before[1] != 1:
         raise RuntimeError(f"a one-token request took {after[1] - before[1]:.0f} forwards, not 1")
     return after[0] - before[0]
@@ -138,7 +138,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         log_level="WARNING",
     ).with_free_ports()
     names = ("picospec_verify_round_trip_seconds",)
-    fwd = ("picospec_verify_forward_seconds",)
+    fwd = (FORWARD,)
     run_args = argparse.Namespace(**{**vars(args), "draft_len": 4})
     opens_args = argparse.Namespace(**{**vars(run_args), "max_tokens": 1})
     with Stack(cfg) as stack:
