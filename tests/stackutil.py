@@ -23,6 +23,7 @@ from picospec.runtime.model import LanguageModel
 from picospec.speculation.engine import generate
 from picospec.speculation.sampling import SamplingParams
 from picospec.speculation.spec import Mode, SpecConfig
+from picospec.tools.sse import EventStream
 from picospec.tools.stack.up import Stack, StackConfig
 from test_services import ENV, chat, expected, metric, post, scrape
 
@@ -184,23 +185,17 @@ async def stream(
             if r.status != 200:
                 res.body = json.loads(await r.read())
                 return res
-            async for raw in r.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    res.done = True
-                    continue
-                obj = json.loads(line[6:])
-                if "error" in obj:
-                    res.error = obj["error"]
-                    continue
-                choice = obj["choices"][0]
-                delta = choice["delta"].get("content")
-                if delta:
-                    res.chunks.append((time.perf_counter(), delta))
-                if choice["finish_reason"]:
-                    res.final = obj
+            events = EventStream()
+            try:
+                async for obj in events.aevents(r.content):
+                    choice = obj["choices"][0]
+                    delta = choice["delta"].get("content")
+                    if delta:
+                        res.chunks.append((time.perf_counter(), delta))
+                    if choice["finish_reason"]:
+                        res.final = obj
+            finally:
+                res.done, res.error = events.done, events.error
     except (aiohttp.ClientError, TimeoutError, ValueError) as e:
         res.exception = f"{type(e).__name__}: {e}"
     finally:

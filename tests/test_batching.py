@@ -29,6 +29,7 @@ from picospec.speculation.sampler import sample
 from picospec.speculation.sampling import SamplingParams
 from picospec.speculation.spec import Mode, SpecConfig
 from picospec.speculation.verifier import BlockRefused, VerifierSession, verify_many
+from tinymodels import tiny_arch
 
 V = 16
 ATOL = 1e-4
@@ -181,22 +182,7 @@ def test_forward_batch_rejects_bad_calls(target: LanguageModel, draft: LanguageM
 
 
 def _tiny_arch(model_type: str, **extra: object) -> LanguageModel:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(3)
-    cfg = AutoConfig.for_model(
-        model_type,
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **extra,
-    )
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    return LanguageModel(model=model, name=f"tiny-{model_type}")
+    return tiny_arch(model_type, V, **extra)
 
 
 @pytest.mark.parametrize(

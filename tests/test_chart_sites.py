@@ -4,7 +4,7 @@ processes.
 The chart is rendered (Helm's engine) with two sites and TLS on (mutual TLS on the leaf link);
 the rendered hub and both sites' leaf-node configs run on real ``nats-server`` processes, with
 their logins written by the pods' own nats-auth init container script from the generated
-Secrets, and certificates made here with openssl (``make_pki``, as an operator's Secrets would
+Secrets, and certificates made here (``make_pki``, as an operator's Secrets would
 hold them). Then: each site is confined to its own verdict and inbox subjects (also against a
 compromised edge node, i.e. a leaf node of the attacker's own configuration holding the site's
 leaf login), leaf nodes and clients without TLS or with another CA's certificate are refused,
@@ -31,11 +31,11 @@ import pytest
 
 pytest.importorskip("helm_python")
 
-import chartnats  # noqa: E402
-from picospec.config import Settings  # noqa: E402
-from picospec.services.shell import nats_options  # noqa: E402
-from picospec.tools.stack.natsserver import free_ports, make_pki  # noqa: E402
-from test_chart import COMBOS, find, render  # noqa: E402
+import chartnats
+from picospec.config import Settings
+from picospec.services.shell import nats_options
+from picospec.tools.stack.natsserver import free_ports, make_pki
+from test_chart import COMBOS, find, render
 
 SITES = ("a", "b")
 

@@ -28,6 +28,7 @@ pytest.importorskip("kubernetes")
 helm = pytest.importorskip("helm_python")
 
 from picospec.tools import cluster  # noqa: E402
+from picospec.tools.promtext import series_sum  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NS, RELEASE = "serving", "ps"
@@ -419,7 +420,12 @@ def test_scale_unknown_release(api) -> None:
     assert code == 1 and "no PicoSpec verifier Deployment" in err and not api.patches
 
 
-def test_parse_gauge() -> None:
+def test_series_sum_reads_the_exposition_format() -> None:
     text = metrics_text(3, 0) + 'picospec_active_sessions{replica="x"} 2.0\n'
-    assert cluster.parse_gauge(text, "picospec_active_sessions") == 5.0
-    assert cluster.parse_gauge(text, "picospec_missing") is None
+    assert series_sum(text, "picospec_active_sessions") == 5.0
+    assert series_sum(text, "picospec_active_sessions", replica="x") == 2.0
+    assert series_sum(text, "picospec_active_sessions", replica="y") is None
+    assert series_sum(text, "picospec_missing") is None
+    assert series_sum(text, "picospec_verify_queue_depth") == 0.0  # present, and zero
+    with pytest.raises(ValueError):
+        series_sum(text + "picospec_active_sessions{replica=x} one\n", "picospec_active_sessions")

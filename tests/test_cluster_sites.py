@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("kubernetes")
 pytest.importorskip("helm_python")
 
-import chartnats  # noqa: E402
-import test_cluster as tc  # noqa: E402
-from picospec.tools.stack.natsserver import free_ports  # noqa: E402
+import chartnats
+import test_cluster as tc
+from picospec.tools.stack.natsserver import free_ports
 
 
 @pytest.fixture

@@ -17,9 +17,12 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 import pytest
+
+from picospec.cli import TOOLS_EXTRA
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {
@@ -183,3 +186,37 @@ def test_wheel_installs_and_entrypoints_answer(tmp_path: Path) -> None:
         assert "usage: picospec" in r.stdout
     r = subprocess.run([str(exe), "verifier", "--help"], capture_output=True, text=True, env=env)
     assert "--max-sessions" in r.stdout and "--nats-url" in r.stdout
+
+
+def test_the_services_need_none_of_the_tools_libraries() -> None:
+    """The service image installs the wheel's dependencies only: the tools' libraries (tables,
+    plots, the Kubernetes client) are the ``tools`` extra, and every service module, the
+    roles' command line and a drafter's and verifier's start-up code import without them.
+    ``picospec bench`` without them says which extra to install."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(reqs: list[str]) -> set[str]:
+        return {re.split(r"[\[<>=!~ ;]", r, maxsplit=1)[0].lower() for r in reqs}
+
+    assert names(project["optional-dependencies"]["tools"]) == set(TOOLS_EXTRA)
+    assert not names(project["dependencies"]) & TOOLS_EXTRA
+    blocked = ", ".join(f"{m!r}: None" for m in sorted(TOOLS_EXTRA))
+    code = (
+        f"import sys; sys.modules.update({{{blocked}}})\n"
+        "import pkgutil, importlib, picospec\n"
+        "for layer in ('protocol', 'runtime', 'speculation', 'services'):\n"
+        "    pkg = importlib.import_module(f'picospec.{layer}')\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, f'picospec.{layer}.'):\n"
+        "        if not m.name.startswith('picospec.runtime.vllm'):\n"
+        "            importlib.import_module(m.name)\n"
+        "import picospec.config, picospec.cli as cli\n"
+        "for role in ('drafter', 'verifier', 'sampler'):\n"
+        "    try:\n"
+        "        cli.main([role, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, role\n"
+        "assert cli.main(['bench', '--quick', '--modes', 'ar']) == 2\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pip install 'picospec[tools]'" in r.stderr

@@ -728,7 +728,9 @@ class TestEdgeCloud:
         """14 concurrent streams against 5 drafter slots (queue timeout 1 s) and a verifier
         with 3 session slots: each request completes identically, or gets 429 with Retry-After
         (no slot within 1 s), or 503 (no verifier slot within the request timeout). The
-        verifier never holds more than 3 sessions; every gauge returns to 0."""
+        verifier never holds more than 3 sessions; every gauge returns to 0. (A fixed γ: with
+        ``auto`` the tiny models' sessions hand over to cloud-only decoding, which frees the
+        slots within the queue timeout.)"""
         s, n = edge, 150
         prompts = [f"Saturate {i}" for i in range(14)]
         peak = {"sessions": 0.0, "running": 0.0, "waiting": 0.0}
@@ -748,7 +750,9 @@ class TestEdgeCloud:
 
             w = asyncio.create_task(watch())
             async with aiohttp.ClientSession() as http:
-                got = await asyncio.gather(*(stream(s.api_url, p, n, http=http) for p in prompts))
+                got = await asyncio.gather(
+                    *(stream(s.api_url, p, n, http=http, draft_len=4) for p in prompts)
+                )
             stop.set()
             await w
             return got

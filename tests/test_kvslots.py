@@ -23,29 +23,14 @@ from picospec.services.verifier.service import capacity
 from picospec.speculation.sampling import SamplingParams
 from picospec.speculation.spec import Mode, SpecConfig
 from picospec.speculation.verifier import VerifierSession
+from tinymodels import tiny_arch
 
 V = 16
 ATOL = 1e-4
 
 
 def _arch(model_type: str, **extra: object) -> LanguageModel:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(3)
-    fields: dict[str, object] = dict(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    cfg = AutoConfig.for_model(model_type, **(fields | extra))
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 1.5 / 32**0.5)
-    return LanguageModel(model=model, name=f"tiny-{model_type}")
+    return tiny_arch(model_type, V, head_scale=1.5, **extra)
 
 
 ARCHS = {

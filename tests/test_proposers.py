@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ from picospec.speculation.engine import generate
 from picospec.speculation.proposers import (
     ContinuationRecorder,
     EmulatedEdge,
+    Proposer,
     SuffixCache,
     SuffixDraft,
     point_mass,
@@ -143,25 +144,40 @@ def test_point_mass_drafts_keep_sampled_output_exact(spec: SpecConfig, when: str
     """Separate rejection sampling with q a point mass: accept x with p(x), else draw from p
     without x. Whole continuations over many seeds follow the target's distribution."""
     target, draft = tiny_model(VOCAB, seed=11), tiny_model(VOCAB, seed=12)
-    prompt, params = [1, 3], SamplingParams()
     proposer = Fixed(2, when=(lambda t: t[-1] % 2 == 1) if when else None)
+    counts, expected, accepted, rejected = _sampled_runs(
+        target, draft, [1, 3], spec, lambda: proposer
+    )
+    assert accepted > N_RUNS // 25 and rejected > N_RUNS // 4, "both outcomes must be tested"
+    assert counts[expected == 0].sum() == 0, "produced a continuation the target never would"
+    assert pooled_chisquare_pvalue(counts, expected) > 1e-4
+
+
+def _sampled_runs(
+    target: LanguageModel,
+    draft: LanguageModel | None,
+    prompt: list[int],
+    spec: SpecConfig,
+    proposer: Callable[[], Proposer],
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """``N_RUNS`` sampled continuations of ``LENGTH`` tokens (seeds 0, 1, ...; each run's
+    proposer from ``proposer()``): how many of each outcome, how many the target's exact
+    distribution expects, and over all runs the tokens taken from the proposer and the
+    rollbacks."""
+    params = SamplingParams()
     exact = _exact_sequence_distribution(target, prompt, params)
     outcomes = list(itertools.product(range(VOCAB), repeat=LENGTH))
     index = {o: i for i, o in enumerate(outcomes)}
     counts = np.zeros(len(outcomes))
     accepted = rejected = 0
     for seed in range(N_RUNS):
-        run = generate(
-            target, draft, prompt, params.model_copy(update={"seed": seed}), spec, LENGTH,
-            proposer=proposer,
-        )  # fmt: skip
+        seeded = params.model_copy(update={"seed": seed})
+        run = generate(target, draft, prompt, seeded, spec, LENGTH, proposer=proposer())
         counts[index[tuple(run.tokens)]] += 1
         accepted += run.speculation.accepted_by_source.get("suffix", 0)
         rejected += run.speculation.rollbacks
-    assert accepted > N_RUNS // 25 and rejected > N_RUNS // 4, "both outcomes must be tested"
     expected = np.array([exact.get(o, 0.0) for o in outcomes]) * N_RUNS
-    assert counts[expected == 0].sum() == 0, "produced a continuation the target never would"
-    assert pooled_chisquare_pvalue(counts, expected) > 1e-4
+    return counts, expected, accepted, rejected
 
 
 def test_proposed_tokens_outside_the_vocabulary_are_refused(target: LanguageModel) -> None:
@@ -234,24 +250,12 @@ def test_cloud_led_suffix_draft_is_the_target_greedy_answer_and_takes_hints(
 def test_cloud_led_sampled_output_follows_the_target_distribution() -> None:
     """Sampled: hints taken only where the target's own draw is the hinted token, so whole
     continuations over many seeds follow the target's distribution (chi-square)."""
-    target, min_match = tiny_model(VOCAB, seed=11), 1
-    prompt, params = [1, 3, 2, 1, 3], SamplingParams()
+    target = tiny_model(VOCAB, seed=11)
     spec = SpecConfig(mode=Mode.PICOSPEC, cloud_led=True)
-    exact = _exact_sequence_distribution(target, prompt, params)
-    outcomes = list(itertools.product(range(VOCAB), repeat=LENGTH))
-    index = {o: i for i, o in enumerate(outcomes)}
-    counts = np.zeros(len(outcomes))
-    accepted = rejected = 0
-    for seed in range(N_RUNS):
-        run = generate(
-            target, None, prompt, params.model_copy(update={"seed": seed}), spec, LENGTH,
-            proposer=SuffixDraft(min_match=min_match),
-        )  # fmt: skip
-        counts[index[tuple(run.tokens)]] += 1
-        accepted += run.speculation.accepted
-        rejected += run.speculation.rollbacks
+    counts, expected, accepted, rejected = _sampled_runs(
+        target, None, [1, 3, 2, 1, 3], spec, lambda: SuffixDraft(min_match=1)
+    )
     assert accepted > N_RUNS // 25 and rejected > N_RUNS // 25, "both outcomes must be tested"
-    expected = np.array([exact.get(o, 0.0) for o in outcomes]) * N_RUNS
     assert counts[expected == 0].sum() == 0, "produced a continuation the target never would"
     assert pooled_chisquare_pvalue(counts, expected) > 1e-4
 

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import ssl
 import urllib.error
 import urllib.request
@@ -35,10 +34,11 @@ from picospec.services.shell import connect_nats, nats_options
 from picospec.speculation.engine import generate
 from picospec.speculation.sampling import SamplingParams
 from picospec.speculation.spec import Mode, SpecConfig
+from picospec.tools.promtext import series_sum
+from picospec.tools.sse import EventStream
 from picospec.tools.stack.natsserver import NatsServer, NatsUser, make_pki
 from picospec.tools.stack.up import Stack, StackConfig
 
-HAVE_OPENSSL = shutil.which("openssl") is not None
 API_KEY = secrets.token_urlsafe(24)
 SITE_B = "edge-b"
 ENV = {
@@ -59,7 +59,7 @@ def stack(tiny_dirs: tuple[Path, Path]) -> Stack:
         env=dict(ENV),
         ready_timeout=180.0,
         secure=True,
-        tls=HAVE_OPENSSL,
+        tls=True,
         extra_sites=(SITE_B,),
         api_key=API_KEY,
     ).with_free_ports()
@@ -111,13 +111,7 @@ def expected(ref: LanguageModel, content: str, n: int) -> str:
 def metric(url: str, name: str, **labels: str) -> float:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
         text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(
-            f'{k}="{v}"' in line for k, v in labels.items()
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return series_sum(text, name, **labels) or 0.0
 
 
 def drafter_id(stack: Stack) -> str:
@@ -140,18 +134,15 @@ async def stream(api: str, content: str, max_tokens: int, on_first: Any = None) 
             timeout=aiohttp.ClientTimeout(total=120),
         ) as r:
             assert r.status == 200, await r.text()
-            async for raw in r.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                obj = json.loads(line[6:])
-                assert "error" not in obj, obj
+            events = EventStream()
+            async for obj in events.aevents(r.content):
                 cid = obj["id"]
                 delta = obj["choices"][0]["delta"].get("content")
                 if delta:
                     text.append(delta)
                     if on_first is not None and side is None:
                         side = asyncio.create_task(on_first(cid))
+            events.check()  # no error event, and [DONE] at the end
     if side is not None:
         await side
     return "".join(text), cid
@@ -177,7 +168,7 @@ class Client:
 
 
 async def refused(url: str, **kw: Any) -> str:
-    with pytest.raises(Exception) as err:  # noqa: PT011 - nats-py raises its base Error here
+    with pytest.raises(Exception) as err:  # nats-py raises its base Error here
         nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, **kw)
         await nc.close()
     return str(err.value)
@@ -201,7 +192,7 @@ def test_secure_stack_serves_exactly_the_target_and_logs_no_secret(
         assert body["choices"][0]["message"]["content"] == expected(reference, "Secure hello", 40)
     for name in ("drafter", "sampler", "verifier-1"):
         log = stack.log_path(name).read_text()
-        assert '"auth": "user"' in log and f'"tls": {"true" if HAVE_OPENSSL else "false"}' in log
+        assert '"auth": "user"' in log and '"tls": true' in log
         for user in stack.users.values():
             assert (user.password or "-") not in log
         assert API_KEY not in log
@@ -226,8 +217,8 @@ def test_clients_without_credentials_or_with_wrong_ones_cannot_connect(stack: St
         assert "Authorization Violation" in await refused(stack.cloud_nats_url, **leaf, **tls)
         drafter = stack.users["drafter-edge-1"].client_options()
         assert "Authorization Violation" in await refused(stack.cloud_nats_url, **drafter, **tls)
-        if HAVE_OPENSSL:  # a client that does not trust the stack's CA gets nowhere either
-            await refused(stack.nats_url, tls=ssl.create_default_context(), **drafter)
+        # a client that does not trust the stack's CA gets nowhere either
+        await refused(stack.nats_url, tls=ssl.create_default_context(), **drafter)
 
     run(main())
 
@@ -489,7 +480,6 @@ def test_each_api_key_is_a_tenant_of_its_own(tmp_path: Path) -> None:
 # --- client options: NKey seed, TLS with client certificates ------------------------------------
 
 
-@pytest.mark.skipif(not HAVE_OPENSSL, reason="needs the openssl command")
 def test_nkey_seed_and_mutual_tls_settings_connect(tmp_path: Path) -> None:
     nkeys = pytest.importorskip("nkeys", reason="nats-py[nkeys] is not installed")
     seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
@@ -526,7 +516,7 @@ def test_nkey_seed_and_mutual_tls_settings_connect(tmp_path: Path) -> None:
 
     async def fails(**kw: Any) -> None:
         settings = Settings(**kw)
-        with pytest.raises(Exception):  # noqa: B017, PT011 - TLS or auth errors, per case
+        with pytest.raises(Exception):  # noqa: B017 - TLS or auth errors, per case
             await asyncio.wait_for(
                 nats.connect(
                     settings.nats_url,

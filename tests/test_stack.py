@@ -20,9 +20,11 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
+from picospec.tools.sse import EventStream, StreamError
 from picospec.tools.stack import register
 from picospec.tools.stack.natsserver import NatsServer, find_nats_server, free_port, port_open
 from picospec.tools.stack.netem import LinkEmulator
@@ -255,7 +257,7 @@ def test_find_nats_server_prefers_the_venv() -> None:
 async def _responder(url: str, subject: str, answer: bytes, queue: str = "", **kw: object):
     nc = await nats.connect(url, **kw)  # type: ignore[arg-type]
 
-    async def reply(msg) -> None:  # noqa: ANN001
+    async def reply(msg: Msg) -> None:
         await msg.respond(answer + b":" + msg.data)
 
     await nc.subscribe(subject, queue=queue, cb=reply)
@@ -263,7 +265,9 @@ async def _responder(url: str, subject: str, answer: bytes, queue: str = "", **k
     return nc
 
 
-async def _request_until_ok(nc, subject: str, data: bytes, deadline_s: float = 10.0):  # noqa: ANN001
+async def _request_until_ok(
+    nc: nats.NATS, subject: str, data: bytes, deadline_s: float = 10.0
+) -> Msg:
     """Retry while interest is still propagating (no responders / timeout)."""
     deadline = time.monotonic() + deadline_s
     while True:
@@ -607,3 +611,43 @@ def test_cold_and_warm_compares_the_first_demo_request_with_the_rest() -> None:
     assert got["ttft_cold_over_warm"] == pytest.approx(2.0)
     assert got["warm_tokens_per_s"] == pytest.approx(25.0) and got["warm_requests"] == 2
     assert cold_and_warm([{}, {"ttft_s": None}])["demo_cold_vs_warm"]["ttft_cold_over_warm"] is None
+
+
+# -- reading a streamed answer ---------------------------------------------------------------
+
+
+def test_the_event_stream_keeps_errors_apart_and_knows_a_cut_stream() -> None:
+    whole = [
+        b'data: {"choices": [{"delta": {"content": "a"}}]}\n',
+        b"\n",
+        b": ping\n",
+        b'data: {"choices": [], "usage": {"completion_tokens": 1}}\n',
+        b"data: [DONE]\n",
+        b'data: {"after": "done"}\n',
+    ]
+    s = EventStream()
+    assert [list(o) for o in s.events(whole)] == [["choices"], ["choices", "usage"]]
+    assert s.done and s.error is None and s.problem is None
+    s.check()
+    failed = EventStream()
+    lines = [b'data: {"choices": []}\n', b'data: {"error": {"code": "cloud_unreachable"}}\n']
+    assert len(list(failed.events([*lines, b"data: [DONE]\n"]))) == 1
+    assert failed.problem == "stream:cloud_unreachable"
+    with pytest.raises(StreamError, match="cloud_unreachable"):
+        failed.check()
+    cut = EventStream()
+    assert len(list(cut.events(lines[:1]))) == 1
+    assert cut.problem == "incomplete"
+    with pytest.raises(StreamError, match="without"):
+        cut.check()
+    with pytest.raises(ValueError):
+        EventStream().feed("data: {not json")
+
+    async def read() -> list[dict]:
+        async def body():  # an aiohttp body: bytes lines
+            for line in whole:
+                yield line
+
+        return [o async for o in EventStream().aevents(body())]
+
+    assert len(asyncio.run(read())) == 2

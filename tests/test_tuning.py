@@ -12,6 +12,7 @@ from picospec.speculation import tuning
 from picospec.speculation.tuning import (
     LOAD_HIGH,
     LOAD_LOW,
+    OPEN_MARGIN,
     PREDICTION_HORIZON,
     CostLine,
     DraftLenController,
@@ -19,10 +20,12 @@ from picospec.speculation.tuning import (
     LoadMeter,
     Saturation,
     SiteEstimates,
+    VerifyCost,
     ar_cost,
     best_capacity_choice,
     best_choice,
     capacity_cost,
+    cloud_only_faster,
     predicted_rate,
     speculation_pays,
 )
@@ -146,7 +149,7 @@ def _feed(c: DraftLenController, alpha: float, rtt: float, rounds: int, rnd: ran
 def test_the_controller_is_steady_on_a_steady_link_and_follows_a_change() -> None:
     rnd = random.Random(7)
     c = DraftLenController(prior=SiteEstimates(verify_step_s=0.1456, verify_per_token_s=0.0052))
-    c.observe_verify_cost(0.1456, 0.0052)
+    c.observe_verify_cost(VerifyCost(0.1456, 0.0052))
     steady = _feed(c, 0.95, 0.06, 60, rnd)
     # after a short settling, no oscillation
     changes = sum(a != b for a, b in zip(steady[10:], steady[11:], strict=False))
@@ -215,17 +218,53 @@ def test_cost_line_fits_the_verifiers_forwards() -> None:
     assert line.line() is None
     for n in (1, 5, 40, 5, 1, 9, 5):
         line.observe(n, 0.1456 + 0.0052 * (n - 1))
-    a, b, c = line.line()
+    a, b, c, d = line.line()
     assert a == pytest.approx(0.1456, rel=1e-6) and b == pytest.approx(0.0052, rel=1e-6)
     assert c == 0.0  # one session per forward: nothing tells the per-session cost
+    assert d == 0.0  # blocks and steps are the same forwards
     one = CostLine()
     one.observe(5, 0.2)  # one kind of forward only: no slope to fit
-    assert one.line() == (pytest.approx(0.2), 0.0, 0.0)
+    assert one.line() == (pytest.approx(0.2), 0.0, 0.0, 0.0)
     # batched forwards: the per-session cost (attention, rows) apart from the per-token one
     both = CostLine()
     for n, m in ((1, 1), (4, 4), (16, 4), (64, 64), (64, 16), (8, 1), (32, 8)):
         both.observe(n, 0.024 + 0.0013 * (n - 1) + 0.0011 * (m - 1), sessions=m)
-    assert both.line() == pytest.approx((0.024, 0.0013, 0.0011), rel=1e-6)
+    assert both.line() == pytest.approx((0.024, 0.0013, 0.0011, 0.0), rel=1e-6)
+
+
+def test_cost_line_tells_a_blocks_own_request_from_the_engines_decoding_steps() -> None:
+    # vLLM: blocks are requests of their own (each with its setup), beside the engine's own
+    # decoding steps; requests in flight share the engine's steps
+    truth = (0.030, 0.004, 0.002, 0.040)
+
+    def cost(n: int, m: int, request: bool) -> float:
+        return truth[0] + truth[1] * (n - 1) + truth[2] * (m - 1) + truth[3] * request
+
+    line = CostLine()
+    for n, m, r in ((1, 1, False), (5, 1, True), (1, 4, False), (9, 4, True), (13, 2, True)):
+        line.observe(n, cost(n, m, r), sessions=m, request=r)
+    assert line.line() == pytest.approx(truth, rel=1e-6)
+    # blocks alone: their request is not told apart from the one-token step
+    blocks = CostLine()
+    for n, m in ((5, 1), (9, 4), (13, 2), (2, 1)):
+        blocks.observe(n, cost(n, m, True), sessions=m, request=True)
+    a, b, c, d = blocks.line()
+    assert (b, c, d) == pytest.approx(truth[1:3] + (0.0,), rel=1e-6)
+    assert a == pytest.approx(truth[0] + truth[3], rel=1e-6)
+
+
+def test_a_session_hands_over_where_its_blocks_cost_more_than_the_engines_own_steps() -> None:
+    # the fleet's figures: a 30 ms one-token step, 6.5 ms draft steps, loopback. Where blocks
+    # are forwards (the embedded runtime, d = 0), speculation at 0.6 serves the session faster
+    # than cloud-only decoding (measured 1.21x); where each block is a request of 40 ms more
+    # (vLLM), it does not at 0.6 (measured 0.71x) and does at 0.9 (measured 1.59x)
+    def faster_alone(per_round_s: float, alpha: float) -> bool:
+        step = {"verify_step_s": 0.030, "verify_per_token_s": 0.001}
+        inp = Inputs(0.0065, 0.001, **step, alpha=alpha, verify_per_round_s=per_round_s)
+        return not cloud_only_faster(inp, best_choice(inp)[2])
+
+    assert faster_alone(0.0, 0.6) and faster_alone(0.0, 0.9)
+    assert not faster_alone(0.040, 0.6) and faster_alone(0.040, 0.9)
 
 
 # --- the cloud's load -------------------------------------------------------------------------
@@ -318,6 +357,11 @@ def test_a_new_session_does_not_speculate_where_no_draft_length_pays() -> None:
     assert speculation_pays(good, batch=18, sessions=64)
     assert speculation_pays(good, batch=2, sessions=4)
     assert speculation_pays(poor, batch=1, sessions=1)
+    # near the line (0.992x cloud-only's cost at 0.65), a new session asks for a margin
+    near = Inputs(alpha=0.65, **cpu)
+    assert speculation_pays(near, batch=2, sessions=4)
+    assert not speculation_pays(near, batch=2, sessions=4, margin=OPEN_MARGIN)
+    assert speculation_pays(good, batch=2, sessions=4, margin=OPEN_MARGIN)
     # the cost of cloud-only decoding is the same model with one token per step
     assert ar_cost(poor, 8) == pytest.approx(capacity_cost(Inputs(alpha=1.0, **cpu), 1, 8))
 
@@ -332,3 +376,62 @@ def test_saturation_has_hysteresis_and_ignores_silent_verifiers() -> None:
     assert sat.saturated and sat.load == (LOAD_LOW, 4, 4)
     sat.observe(LOAD_LOW - 0.01, 4)
     assert not sat.saturated
+    # one session keeps a replica busy with its own work: that is nobody else's share
+    sat.observe(1.0, 1, 1)
+    assert not sat.saturated
+    sat.observe(1.0, 1, 2)
+    assert sat.saturated
+    sat.observe(1.0, 1, 1)
+    assert not sat.saturated
+
+
+def test_the_session_prefers_cloud_only_by_its_steady_rate_not_its_last_tokens() -> None:
+    """Near the end of an answer the pipeline's predicted rate falls (its next epoch cannot
+    fill) while cloud-only decoding keeps streaming: the comparison is made in the steady
+    state, so a session whose speculation pays does not hand over for its last tokens."""
+
+    def controller(per_round_s: float, alpha: float, rtt_s: float = 0.001) -> DraftLenController:
+        step = {"verify_step_s": 0.030, "verify_per_token_s": 0.001}
+        prior = SiteEstimates(0.0065, rtt_s, **step, alpha=alpha, verify_per_round_s=per_round_s)
+        return DraftLenController(prior=prior, prior_tokens=1e6)  # the prior's acceptance holds
+
+    # over a 60 ms link at 0.8, the pipeline about matches cloud-only decoding in its steady
+    # state (0.99x), but for the last 3 tokens of an answer it predicts 0.79x
+    pays = controller(0.0, 0.8, rtt_s=0.060)
+    pays.choose(tokens_left=3)
+    inp = pays.inputs(3)
+    assert inp is not None and pays.best_rate is not None
+    assert cloud_only_faster(inp, pays.best_rate)  # for its last 3 tokens
+    assert not pays.prefers_cloud_only()  # but not in the steady state
+    costly = controller(0.040, 0.6)  # a block as a request of its own (vLLM), at 0.6
+    costly.choose(tokens_left=64)
+    assert costly.prefers_cloud_only()
+    good = controller(0.040, 0.9)
+    good.choose(tokens_left=64)
+    assert not good.prefers_cloud_only()
+    saturated = controller(0.040, 0.6)
+    saturated.observe_load(1.0, 4, 4)
+    saturated.choose(tokens_left=64)  # drafting for the replica: its own rules apply
+    assert saturated.best_rate is None and not saturated.prefers_cloud_only()
+
+
+def test_a_few_poor_rounds_alone_do_not_hand_a_session_over() -> None:
+    """The hand-over for the session's own speed asks the site's acceptance too: a session
+    whose first 4 rounds were rejected at once (its own estimate falls to about 0.3) keeps
+    speculating where its site's drafts are accepted 0.6 of the time, and hands over where
+    they are not."""
+
+    def after_poor_rounds(site_alpha: float) -> DraftLenController:
+        step = {"verify_step_s": 0.027, "verify_per_token_s": 0.0013}
+        c = DraftLenController(prior=SiteEstimates(0.0059, 0.001, **step, alpha=site_alpha))
+        for _ in range(4):
+            c.observe_round(0, True, 0.03, 4)
+        c.choose(tokens_left=64)
+        return c
+
+    noisy = after_poor_rounds(0.6)
+    inp = noisy.inputs()
+    assert inp is not None and noisy.best_rate is not None
+    assert noisy.alpha < 0.35 and cloud_only_faster(inp, noisy.best_rate)  # its own view
+    assert not noisy.prefers_cloud_only()  # with its site's, it speculates on
+    assert after_poor_rounds(0.3).prefers_cloud_only()

@@ -28,19 +28,19 @@ import torch
 
 pytest.importorskip("vllm", reason="the vLLM backend's tests run in vLLM's environment")
 
-from conftest import pooled_chisquare_pvalue  # noqa: E402
-from picospec.config import Settings  # noqa: E402
-from picospec.protocol.codec import DraftBlock, SampleRequest  # noqa: E402
+from conftest import pooled_chisquare_pvalue
+from picospec.config import Settings
+from picospec.protocol.codec import DraftBlock, SampleRequest
 from picospec.runtime.loading import load_model
-from picospec.runtime.model import LanguageModel  # noqa: E402
-from picospec.runtime.scheduler import Forward  # noqa: E402
-from picospec.runtime.vllm_engine import dense_row, prompt_rows  # noqa: E402
-from picospec.speculation.sampler import sample  # noqa: E402
-from picospec.speculation.sampling import Rng, SamplingParams, probs_from_logits  # noqa: E402
-from picospec.speculation.spec import Mode, SpecConfig  # noqa: E402
-from picospec.speculation.verifier import VerifierSession  # noqa: E402
-from picospec.tools.stack.up import Stack, StackConfig  # noqa: E402
-from stackutil import gauge, metric, scrape, stream  # noqa: E402
+from picospec.runtime.model import LanguageModel
+from picospec.runtime.scheduler import Forward
+from picospec.runtime.vllm_engine import dense_row, prompt_rows
+from picospec.speculation.sampler import sample
+from picospec.speculation.sampling import Rng, SamplingParams, probs_from_logits
+from picospec.speculation.spec import Mode, SpecConfig
+from picospec.speculation.verifier import VerifierSession
+from picospec.tools.stack.up import Stack, StackConfig
+from stackutil import gauge, metric, scrape, stream
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 CPU_VLLM = {

@@ -38,6 +38,16 @@ def tokenizer():  # type: ignore[no-untyped-def]
     )
 
 
+# every tiny model's shape: 2 layers, 4 heads of which 2 key/value heads, hidden size 32
+SHAPE: dict[str, int] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
 def build(
     path: Path, seed: int, sharpness: float = 2.0, like: Path | None = None, noise: float = 0.0
 ) -> Path:
@@ -53,11 +63,7 @@ def build(
     vocab = len(SPECIALS) + len(CHARS)
     cfg = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **SHAPE,
         max_position_embeddings=1024,
         bos_token_id=None,
         eos_token_id=tok.eos_token_id,
@@ -78,3 +84,22 @@ def build(
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_arch(model_type: str, vocab: int, head_scale: float | None = None, **extra: object):  # type: ignore[no-untyped-def]
+    """A tiny model of a transformers architecture (random weights, seed 3), as a
+    :class:`~picospec.runtime.model.LanguageModel`: 2 layers, 4 heads (2 key/value heads),
+    hidden size 32, unless ``extra`` says otherwise. ``head_scale``: the LM head's weights drawn
+    with that standard deviation times ``32**-0.5`` (sharper next-token distributions)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from picospec.runtime.model import LanguageModel
+
+    torch.manual_seed(3)
+    fields = {"vocab_size": vocab, **SHAPE, "max_position_embeddings": 256}
+    cfg = AutoConfig.for_model(model_type, **(fields | extra))
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    if head_scale is not None:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, head_scale / 32**0.5)
+    return LanguageModel(model=model, name=f"tiny-{model_type}")

@@ -17,6 +17,9 @@ from picospec import (
     default_drafter,
 )
 
+# what the `tools` extra installs (pyproject.toml): the services never import them
+TOOLS_EXTRA = frozenset({"rich", "kubernetes", "matplotlib", "cryptography"})
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verifier", default="smollm2", help="target model (hub id, dir, .gguf)")
@@ -229,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except (ValueError, RuntimeError) as e:  # model, vocabulary and parameter errors
         print(f"picospec: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.partition(".")[0] not in TOOLS_EXTRA:
+            raise
+        print(
+            f"picospec: error: this command needs {e.name.partition('.')[0]}, from the tools "
+            "extra: pip install 'picospec[tools]'",
+            file=sys.stderr,
+        )
         return 2
 
 

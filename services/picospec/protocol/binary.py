@@ -431,5 +431,5 @@ def message_type_name(buf: Any) -> str:
         if version != PROTOCOL_VERSION:
             return "unknown"
         return _TYPE_NAMES.get(msg_type, "unknown")
-    except Exception:
+    except (TypeError, ValueError):  # not a buffer, or one memoryview cannot cast
         return "unknown"

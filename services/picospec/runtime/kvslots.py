@@ -41,10 +41,10 @@ side-by-side comparison.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 
 from picospec.runtime.architecture import architecture_unsupported
 
@@ -297,6 +297,100 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class _Rows(NamedTuple):
+    """Where one session's new tokens sit in a varlen forward: rows ``start : start + n`` of
+    the concatenation, at positions ``past : seen`` of its slot, with its attention mask
+    (None: all keys) or the kernel's own causal mask (a prompt's first chunk)."""
+
+    start: int
+    n: int
+    past: int
+    seen: int
+    mask: torch.Tensor | None
+    causal: bool
+
+
+def _plan(lengths: list[int], news: list[int], device: torch.device) -> list[_Rows]:
+    plan, off = [], 0
+    for past, n in zip(lengths, news, strict=True):
+        seen = past + n
+        mask = None
+        if n > 1 and past > 0:  # query t (at position past + t) sees keys up to its own position
+            mask = (
+                torch.arange(seen, device=device)[None, :]
+                <= (past + torch.arange(n, device=device))[:, None]
+            )
+        plan.append(_Rows(off, n, past, seen, mask, causal=n > 1 and past == 0))
+        off += n
+    return plan
+
+
+def _qkv(
+    layer: Any, weights: dict[str, Any] | None, x: torch.Tensor, g: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's queries, keys and values ``[T, heads, D]``, from its packed ``weights`` where
+    given, else from its own projections."""
+    total, attn = x.shape[0], layer.self_attn
+    if weights is not None:
+        q, k, v = PackedWeights.linear(x, weights["qkv"]).split(
+            [g.heads * g.head_dim, g.kv_heads * g.head_dim, g.kv_heads * g.head_dim], -1
+        )
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q = q.reshape(total, g.heads, g.head_dim)
+    k = k.reshape(total, g.kv_heads, g.head_dim)
+    v = v.reshape(total, g.kv_heads, g.head_dim)
+    if hasattr(attn, "q_norm"):  # qwen3: RMSNorm per head before the rotation
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
+def _attend(
+    slots: list[Slot],
+    plan: list[_Rows],
+    i: int,
+    qkv: tuple[torch.Tensor, ...],
+    attn: Any,
+    g: Any,
+    out: torch.Tensor,
+) -> None:
+    """Layer ``i``'s attention, session by session: each session's keys and values written
+    into its slot, its queries against everything its slot holds, into ``out``'s rows."""
+    q, k, v = qkv
+    for slot, r in zip(slots, plan, strict=True):
+        assert slot.buf is not None
+        kv = slot.buf[i]  # [2, kv_heads, capacity, D]
+        kv[0, :, r.past : r.seen] = k[r.start : r.start + r.n].transpose(0, 1)
+        kv[1, :, r.past : r.seen] = v[r.start : r.start + r.n].transpose(0, 1)
+        # 4-D [1, heads, n, D] against [1, kv_heads, seen, D] with grouped-query attention:
+        # torch's fused CPU/GPU kernels take this shape (3-D inputs fall back to the
+        # unfused path, 3-7x slower on a long prompt), and keys/values are never repeated
+        o = F.scaled_dot_product_attention(
+            q[r.start : r.start + r.n].transpose(0, 1)[None].to(kv.dtype),
+            kv[0, None, :, : r.seen],
+            kv[1, None, :, : r.seen],
+            attn_mask=r.mask,
+            is_causal=r.causal,
+            scale=attn.scaling,
+            enable_gqa=g.heads != g.kv_heads,
+        )
+        out[r.start : r.start + r.n] = o[0].transpose(0, 1).reshape(r.n, g.heads * g.head_dim)
+
+
+def _finish_layer(
+    layer: Any, weights: dict[str, Any] | None, h: torch.Tensor, attn_out: torch.Tensor
+) -> torch.Tensor:
+    """The hidden states after a layer: its attention's output projection and its MLP, each
+    added to the residual stream (on the packed ``weights`` where given)."""
+    if weights is None:
+        h = h + layer.self_attn.o_proj(attn_out)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+    h = h + PackedWeights.linear(attn_out, weights["o"])
+    normed = layer.post_attention_layernorm(h)
+    gate, up = PackedWeights.linear(normed, weights["gate_up"]).chunk(2, -1)
+    return h + PackedWeights.linear(layer.mlp.act_fn(gate) * up, weights["down"])
+
+
 @torch.inference_mode()
 def varlen_forward(
     model: Any,
@@ -320,7 +414,6 @@ def varlen_forward(
     base = model.model
     g = slots[0].geometry
     news = [len(t) for t in tokens]
-    total = sum(news)
     ids = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long, device=device)
     positions = torch.cat(
         [torch.arange(p, p + n, dtype=torch.long) for p, n in zip(lengths, news, strict=True)]
@@ -328,73 +421,19 @@ def varlen_forward(
     h = base.embed_tokens(ids)  # [T, hidden]
     cos, sin = base.rotary_emb(h[None], positions[None])
     cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, D]: broadcast over heads
-    # per session: where its tokens sit in the concatenation, and its causal mask
-    plan = []
-    off = 0
-    for past, n in zip(lengths, news, strict=True):
-        seen = past + n
-        mask, causal = None, False
-        if n > 1 and past == 0:
-            causal = True  # a prompt's first chunk: the kernel's own causal mask
-        elif n > 1:  # query t (at position past + t) sees keys up to its own position
-            mask = (
-                torch.arange(seen, device=device)[None, :]
-                <= (past + torch.arange(n, device=device))[:, None]
-            )
-        plan.append((off, n, past, seen, mask, causal))
-        off += n
-    attn_out = h.new_empty((total, g.heads * g.head_dim))
+    plan = _plan(lengths, news, device)
+    attn_out = h.new_empty((sum(news), g.heads * g.head_dim))
     for i, layer in enumerate(base.layers):
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        if packed is not None:
-            pl = packed.layers[i]
-            q, k, v = PackedWeights.linear(x, pl["qkv"]).split(
-                [g.heads * g.head_dim, g.kv_heads * g.head_dim, g.kv_heads * g.head_dim], -1
-            )
-            q = q.reshape(total, g.heads, g.head_dim)
-            k = k.reshape(total, g.kv_heads, g.head_dim)
-            v = v.reshape(total, g.kv_heads, g.head_dim)
-        else:
-            q = attn.q_proj(x).view(total, g.heads, g.head_dim)
-            k = attn.k_proj(x).view(total, g.kv_heads, g.head_dim)
-            v = attn.v_proj(x).view(total, g.kv_heads, g.head_dim)
-        if hasattr(attn, "q_norm"):  # qwen3: RMSNorm per head before the rotation
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        weights = packed.layers[i] if packed is not None else None
+        q, k, v = _qkv(layer, weights, layer.input_layernorm(h), g)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        for slot, (start, n, past, seen, mask, causal) in zip(slots, plan, strict=True):
-            assert slot.buf is not None
-            kv = slot.buf[i]  # [2, kv_heads, capacity, D]
-            kv[0, :, past:seen] = k[start : start + n].transpose(0, 1)
-            kv[1, :, past:seen] = v[start : start + n].transpose(0, 1)
-            # 4-D [1, heads, n, D] against [1, kv_heads, seen, D] with grouped-query attention:
-            # torch's fused CPU/GPU kernels take this shape (3-D inputs fall back to the
-            # unfused path, 3-7x slower on a long prompt), and keys/values are never repeated
-            o = F.scaled_dot_product_attention(
-                q[start : start + n].transpose(0, 1)[None].to(kv.dtype),
-                kv[0, None, :, :seen],
-                kv[1, None, :, :seen],
-                attn_mask=mask,
-                is_causal=causal,
-                scale=attn.scaling,
-                enable_gqa=g.heads != g.kv_heads,
-            )
-            attn_out[start : start + n] = o[0].transpose(0, 1).reshape(n, g.heads * g.head_dim)
-        if packed is not None:
-            h = h + PackedWeights.linear(attn_out, pl["o"])
-            mlp = layer.mlp
-            gate, up = PackedWeights.linear(layer.post_attention_layernorm(h), pl["gate_up"]).chunk(
-                2, -1
-            )
-            h = h + PackedWeights.linear(mlp.act_fn(gate) * up, pl["down"])
-        else:
-            h = h + attn.o_proj(attn_out)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        _attend(slots, plan, i, (q, k, v), layer.self_attn, g, attn_out)
+        h = _finish_layer(layer, weights, h, attn_out)
     rows = torch.cat(
         [
-            torch.arange(start + n - k_rows, start + n)
-            for (start, n, *_), k_rows in zip(plan, keep, strict=True)
+            torch.arange(r.start + r.n - k_rows, r.start + r.n)
+            for r, k_rows in zip(plan, keep, strict=True)
         ]
     ).to(device)
     if not len(rows):  # chunks of prefills only: nobody reads their logits

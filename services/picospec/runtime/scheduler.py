@@ -140,6 +140,9 @@ class ForwardStats:
     tokens: int
     seconds: float
     queue_waits: tuple[float, ...]  # of the jobs whose first forward this was
+    # a block the engine ran as a request of its own, beside its own decoding (vLLM); what it
+    # costs beyond the forward of its tokens is the cost line's per-round term
+    request: bool = False
 
 
 class Batcher:
@@ -293,7 +296,7 @@ class Batcher:
                 keep=keep,
                 on_device=on_device,
             )
-        except Exception as e:  # noqa: BLE001 - the forward's failure fails its jobs alone
+        except Exception as e:
             log.exception("a batched forward failed; its %d jobs fail", len(group))
             for job, _ in group:
                 job.program.close()
@@ -425,7 +428,7 @@ class ModelThread:
                 for v in values:
                     try:
                         job.on_emit(v)
-                    except Exception:  # noqa: BLE001 - one callback must not stop the rest
+                    except Exception:
                         log.exception("on_emit of a model-thread job failed")
             fut = job.future
             if fut is None or fut.done() or not job.done:

@@ -337,10 +337,11 @@ class VllmTarget:
         max_tokens: int,
         eos: Collection[int],
         salt: str | None = None,
-    ) -> AsyncIterator[int]:
+    ) -> AsyncIterator[list[int]]:
         """vLLM's own decoding of ``prompt`` with the request's sampling (``ar``): its tokens,
-        as they come, up to ``max_tokens`` or one of ``eos`` (included). ``salt``: the
-        session's cache salt, so the prompt its prefill cached is read back."""
+        as each output brings them (one per engine step it took part in), up to
+        ``max_tokens`` or one of ``eos`` (included). ``salt``: the session's cache salt, so
+        the prompt its prefill cached is read back."""
         from vllm import SamplingParams, TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -364,8 +365,7 @@ class VllmTarget:
             tokens["cache_salt"] = salt
         try:
             async for out in self.engine.generate(tokens, params, rid):
-                for token in out.outputs[0].token_ids:
-                    yield int(token)
+                yield [int(t) for t in out.outputs[0].token_ids]
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.engine.abort(rid))
@@ -374,7 +374,12 @@ class VllmTarget:
 class VllmRunner:
     """Runs the verifier sessions' programs against vLLM, as the embedded runtime's model
     thread does (same ``submit``/``cancel``/``call``): each session's programs in order, the
-    sessions concurrently, so vLLM's scheduler batches their requests."""
+    sessions concurrently, so vLLM's scheduler batches their requests.
+
+    ``on_forward`` sees the engine's work as the embedded runtime's forwards would show it
+    (the verifier's cost line and load meter): each round as a request (``request=True``) of
+    its tokens, and each step of vLLM's own decoding (``ar`` streams) as a one-token forward;
+    ``sessions`` is how many requests the engine had in flight, which share its steps."""
 
     def __init__(
         self, target: VllmTarget, on_forward: Callable[[ForwardStats], None] | None = None
@@ -384,6 +389,14 @@ class VllmRunner:
         self._locks: dict[Hashable, asyncio.Lock] = {}
         self._tasks: dict[Hashable, set[asyncio.Task[Any]]] = {}
         self.queued = 0
+        self.in_flight = 0  # engine requests: rounds and ar streams
+
+    def _report(
+        self, tokens: int, seconds: float, sessions: int, waits: tuple[float, ...], request: bool
+    ) -> None:
+        if self.on_forward is not None:
+            stats = ForwardStats(self.target, max(1, sessions), tokens, seconds, waits, request)
+            self.on_forward(stats)
 
     @property
     def waiting(self) -> int:
@@ -413,13 +426,24 @@ class VllmRunner:
         """vLLM's own decoding as a job: each token to ``on_emit``; the count as its result."""
 
         async def ar() -> Any:
-            n = 0
-            async for token in self.target.stream(prompt, sampling, max_tokens, eos, salt):
-                on_emit(token)
-                n += 1
-                if token in eos:
-                    break
-            return n
+            n, last = 0, None
+            self.in_flight += 1
+            try:
+                async for chunk in self.target.stream(prompt, sampling, max_tokens, eos, salt):
+                    now = time.perf_counter()
+                    if last is not None and chunk:  # the first output holds the prefill
+                        step = (now - last) / len(chunk)
+                        for _ in chunk:
+                            self._report(1, step, self.in_flight, (), request=False)
+                    last = now
+                    for token in chunk:
+                        on_emit(token)
+                        n += 1
+                        if token in eos:
+                            return n
+                return n
+            finally:
+                self.in_flight -= 1
 
         job: Job[int] = Job(None, key)  # type: ignore[arg-type]  # no program: vLLM decodes
         job.future = asyncio.get_running_loop().create_future()
@@ -495,14 +519,17 @@ class VllmRunner:
                         req = program.send(None)
                         continue
                     t0 = time.perf_counter()
-                    rows = await self.target.forward(req)
+                    self.in_flight += 1
+                    alongside = self.in_flight
+                    try:
+                        rows = await self.target.forward(req)
+                    finally:
+                        alongside = round((alongside + self.in_flight) / 2)
+                        self.in_flight -= 1
                     seconds = time.perf_counter() - t0
                     job.compute_s += seconds
-                    if self.on_forward is not None:
-                        waits = (t0 - job.submitted,) if job.compute_s == seconds else ()
-                        self.on_forward(
-                            ForwardStats(self.target, 1, len(req.tokens), seconds, waits)
-                        )
+                    waits = (t0 - job.submitted,) if job.compute_s == seconds else ()
+                    self._report(len(req.tokens), seconds, alongside, waits, request=True)
                     req = program.send(rows)
             except StopIteration as done:
                 return done.value

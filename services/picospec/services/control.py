@@ -55,6 +55,9 @@ class OpenReply(_Strict):
     verify_per_session_s: float | None = Field(
         None, ge=0, description="... and each further session of a batched forward"
     )
+    verify_per_round_s: float | None = Field(
+        None, ge=0, description="... and each block's own request (vLLM; 0: blocks are forwards)"
+    )
 
 
 class CloseSession(_Strict):

@@ -196,8 +196,9 @@ DRAFT_POLICY_ROUNDS = Counter(
 SPECULATION_OFF = Counter(
     "picospec_speculation_off_sessions",
     "Adaptive picospec sessions that stopped speculating (at their open, or handed over to the "
-    "verifier in the middle of their answer): the verifier was saturated and no draft length "
-    "would have cost it less per token than cloud-only decoding, so it decoded alone",
+    "verifier in the middle of their answer), so the verifier decoded alone: it was saturated "
+    "and no draft length would have cost it less per token than cloud-only decoding, or "
+    "cloud-only decoding would have served the session faster than its best draft length",
 )
 DRAFT_POLICY_LOAD = Gauge(
     "picospec_draft_policy_load_ratio",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -70,6 +70,24 @@ class Result:
         }
 
 
+def _cloud_only(
+    verifier: VerifierSession,
+    max_new_tokens: int,
+    eos: Collection[int],
+    stop: Callable[[list[int]], bool] | None,
+    wire: Wire,
+) -> tuple[list[int], str]:
+    """The target decoding alone (``ar``), a token id streamed to the edge per step: the
+    tokens and why they ended."""
+    tokens: list[int] = []
+    while len(tokens) < max_new_tokens:
+        tokens.append(verifier.ar_step())
+        wire.down += 4
+        if tokens[-1] in eos or (stop and stop(tokens)):
+            return tokens, "stop"
+    return tokens, "length"
+
+
 def generate(
     target: LanguageModel,
     draft: LanguageModel | None,
@@ -97,17 +115,7 @@ def generate(
             raise ValueError("a cloud-led session drafts with a proposer")
         return _cloud_led(verifier, proposer, prompt, spec, max_new_tokens, stop, wire, t0)
     if not spec.mode.speculative:
-        tokens: list[int] = []
-        reason = "length"
-        while len(tokens) < max_new_tokens:
-            tokens.append(verifier.ar_step())
-            wire.down += 4  # one token id streamed to the edge
-            if tokens[-1] in eos:
-                reason = "stop"
-                break
-            if stop and stop(tokens):
-                reason = "stop"
-                break
+        tokens, reason = _cloud_only(verifier, max_new_tokens, eos, stop, wire)
         return Result(
             spec.mode,
             len(prompt),

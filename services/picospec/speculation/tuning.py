@@ -57,6 +57,12 @@ choice itself moves the load). On a saturated replica shorter blocks waste less 
 the fixed cost of a forward dominates, longer blocks amortise it. Where no ``γ`` costs less
 than cloud-only decoding (each of the replica's sessions feeding one token per step,
 :func:`ar_cost`), a new session does not speculate at all (:func:`speculation_pays`).
+**The engine's own decoding.** Where the engine runs each block as a request of its own beside
+its decoding steps (vLLM), a block costs ``d`` more than the forward of its tokens
+(:class:`CostLine`'s fourth term; 0 on the embedded runtime, whose blocks and steps are the same
+forwards). Cloud-only decoding streams a token per one-token step ``a``; where that is
+predicted ``CLOUD_ONLY_MARGIN`` faster than the session's best draft length, it stops
+speculating too (:func:`cloud_only_faster`).
 
 A session takes the model's choice as soon as it has every input (the starting ``(γ, k)`` is
 a default, not a choice, so it gets no advantage); after that the choice changes only when the
@@ -69,6 +75,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -90,6 +97,25 @@ DEFAULT_GAMMA = 4
 HAZARD_POSITIONS = 8  # per-position acceptance estimates: 0..6 since a rejection, and 7+
 LOAD_HIGH = 0.9  # a verifier busy this much of the time is saturated: draft for its capacity
 LOAD_LOW = 0.7  # below this again: draft for the session's own speed
+# a session hands itself over to cloud-only decoding for its own speed only where that is
+# predicted this much faster than its best draft length: its estimates after a few rounds are
+# noisy (at 0.6 on the embedded runtime, where speculation is ~1.1x, a 5% margin handed over
+# most sessions of one user), and the switch is for the rest of its answer
+CLOUD_ONLY_MARGIN = 0.25
+# on a saturated replica a new session speculates only where that is this much cheaper for
+# the replica than cloud-only decoding (a choice near the line would split the sessions)
+OPEN_MARGIN = 0.05
+
+
+class VerifyCost(NamedTuple):
+    """The verifier's forward cost line (:class:`CostLine`), as the open reply tells it:
+    the one-token step ``a``, each further token ``b``, each further session ``c``, and each
+    block's own request ``d`` (None: not known yet)."""
+
+    step: float | None
+    per_token: float | None = 0.0
+    per_session: float | None = 0.0
+    per_round: float | None = 0.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +134,10 @@ class Inputs:
     # every later j); empty: ``alpha`` at every position (geometric)
     hazard: tuple[float, ...] = ()
     verify_per_session_s: float = 0.0  # each further session of a batched forward
+    # what a block costs beyond the forward of its tokens where the engine runs each block as a
+    # request of its own (vLLM: the request's setup and its prompt rows); 0 where blocks and
+    # cloud-only steps are the same forwards (the embedded runtime)
+    verify_per_round_s: float = 0.0
 
     def accept_at(self, j: int) -> float:
         h = self.hazard[min(j, len(self.hazard) - 1)] if self.hazard else self.alpha
@@ -115,7 +145,7 @@ class Inputs:
 
 
 def _verify_s(inp: Inputs, n: int) -> float:
-    return inp.verify_step_s + inp.verify_per_token_s * max(0, n - 1)
+    return inp.verify_step_s + inp.verify_per_round_s + inp.verify_per_token_s * max(0, n - 1)
 
 
 def predicted_rate(inp: Inputs, gamma: int, lookahead: int = 1) -> float:
@@ -174,11 +204,13 @@ def best_choice(
     return g, k, rate
 
 
-def _shared(inp: Inputs, batch: int) -> float:
+def _shared(inp: Inputs, batch: int, block: bool = True) -> float:
     """A session's share of what a forward costs whatever it feeds: the one-token step less
-    its token and its session, divided among ``batch`` sessions, plus its own session."""
+    its token and its session, divided among ``batch`` sessions, plus its own session (and,
+    for a block, its own request where the engine runs blocks as requests)."""
     fixed = max(0.0, inp.verify_step_s - inp.verify_per_token_s - inp.verify_per_session_s)
-    return fixed / max(1, batch) + inp.verify_per_session_s
+    own = inp.verify_per_round_s if block else 0.0
+    return fixed / max(1, batch) + inp.verify_per_session_s + own
 
 
 def capacity_cost(inp: Inputs, gamma: int, batch: int) -> float:
@@ -211,22 +243,37 @@ def best_capacity_choice(
 def ar_cost(inp: Inputs, batch: int) -> float:
     """The verifier's seconds per token of cloud-only decoding (one token fed per token) with
     ``batch`` sessions sharing each forward: what :func:`capacity_cost` is weighed against."""
-    return _shared(inp, batch) + inp.verify_per_token_s
+    return _shared(inp, batch, block=False) + inp.verify_per_token_s
 
 
-def speculation_pays(inp: Inputs, batch: int, sessions: int, max_gamma: int = MAX_GAMMA) -> bool:
+def cloud_only_faster(inp: Inputs, rate: float, margin: float = CLOUD_ONLY_MARGIN) -> bool:
+    """Whether cloud-only decoding, which streams a token per one-token step (``1 / a``),
+    would serve the session faster by ``margin`` than speculating at the predicted ``rate``
+    (its best). Where a block costs a request of its own (vLLM), a poor acceptance makes
+    speculation slower than the engine's own decoding."""
+    return rate * (1 + margin) < 1.0 / inp.verify_step_s
+
+
+def speculation_pays(
+    inp: Inputs, batch: int, sessions: int, max_gamma: int = MAX_GAMMA, margin: float = 0.0
+) -> bool:
     """Whether some draft length costs a saturated verifier less per token than cloud-only
-    decoding would: speculating sessions share forwards ``batch`` at a time (what the verifier
-    reports), cloud-only ones all ``sessions`` of the replica at every step. Where none pays,
-    a new session does not speculate (it runs cloud-led, as ``ar``)."""
+    decoding would, by ``margin``: speculating sessions share forwards ``batch`` at a time
+    (what the verifier reports), cloud-only ones all ``sessions`` of the replica at every step.
+    Where none pays, a new session does not speculate (it runs cloud-led, as ``ar``; a new
+    one asks for a margin of ``OPEN_MARGIN``, so that a choice near the line does not split
+    the sessions between two ways of serving that each cost about the same) and a running one
+    hands itself over."""
     best = min(capacity_cost(inp, g, batch) for g in range(1, max_gamma + 1))
-    return best < ar_cost(inp, max(batch, sessions))
+    return best * (1 + margin) < ar_cost(inp, max(batch, sessions))
 
 
 @dataclass
 class Saturation:
     """Whether the verifier is saturated, from the load its verdicts report, with hysteresis:
-    saturated from ``LOAD_HIGH`` busy, and again not below ``LOAD_LOW``."""
+    saturated from ``LOAD_HIGH`` busy, and again not below ``LOAD_LOW``. A replica that holds
+    one session is not: it is busy with that session's own work, which takes nobody's share
+    (one user decoding cloud-only keeps a CPU replica busy all the time)."""
 
     saturated: bool = False
     load: tuple[float, int, int] | None = None  # (busy, batch, sessions), as last told
@@ -234,11 +281,12 @@ class Saturation:
     def observe(self, busy: float | None, batch: int | None, sessions: int | None = None) -> None:
         if busy is None or batch is None:
             return  # a verifier that does not say
-        self.load = (busy, batch, sessions if sessions is not None else batch)
-        if busy >= LOAD_HIGH:
-            self.saturated = True
-        elif busy < LOAD_LOW:
+        sessions = sessions if sessions is not None else batch
+        self.load = (busy, batch, sessions)
+        if busy < LOAD_LOW or sessions <= 1:
             self.saturated = False
+        elif busy >= LOAD_HIGH:
+            self.saturated = True
 
 
 @dataclass
@@ -264,6 +312,7 @@ class SiteEstimates:
     # per position since a rejection: (accepted, tested) decayed counts, HAZARD_POSITIONS long
     hazard_counts: tuple[tuple[float, float], ...] = ()
     verify_per_session_s: float = 0.0
+    verify_per_round_s: float = 0.0
 
 
 @dataclass
@@ -288,7 +337,9 @@ class DraftLenController:
         self._t_d = _Windowed(p.t_d) if p.t_d is not None else None
         self._rtt: deque[float] = deque(maxlen=8)  # the minimum filters queueing out
         self._rtt_prior = p.rtt_s
-        self._verify = (p.verify_step_s, p.verify_per_token_s, p.verify_per_session_s)
+        self._verify = VerifyCost(
+            p.verify_step_s, p.verify_per_token_s, p.verify_per_session_s, p.verify_per_round_s
+        )
         # decayed counts of accepted and rejected (tested) tokens, seeded by the prior
         self._accepted = p.alpha * self.prior_tokens
         self._rejected = (1 - p.alpha) * self.prior_tokens
@@ -298,6 +349,7 @@ class DraftLenController:
         self._pos_tested = [t for _, t in counts]
         self._run = 0  # tokens accepted since the last rejection (the epoch's next position)
         self._informed = False  # whether the model has chosen yet (the start is a default)
+        self.best_rate: float | None = None  # the latest latency choice's best predicted rate
         self.history: dict[int, int] = {}  # γ -> rounds drafted with it
         self.saturation = Saturation()  # the verifier's load, as its verdicts tell it
 
@@ -314,12 +366,12 @@ class DraftLenController:
         if not self._rtt and network_rtt_s >= 0:
             self._rtt_prior = network_rtt_s
 
-    def observe_verify_cost(
-        self, step_s: float | None, per_token_s: float | None, per_session_s: float | None = None
-    ) -> None:
+    def observe_verify_cost(self, cost: VerifyCost) -> None:
         """The verifier's own forward cost line (from the open reply)."""
-        if step_s:
-            self._verify = (step_s, per_token_s or 0.0, per_session_s or 0.0)
+        if cost.step:
+            self._verify = VerifyCost(
+                cost.step, cost.per_token or 0.0, cost.per_session or 0.0, cost.per_round or 0.0
+            )
 
     def observe_load(
         self, busy: float | None, batch: int | None, sessions: int | None = None
@@ -349,11 +401,12 @@ class DraftLenController:
                 self._pos_acc[min(j, last)] += 1
         self._run = 0 if rejected else self._run + accepted
         self.history[self.gamma] = self.history.get(self.gamma, 0) + 1
-        step, per_token, _ = self._verify
+        step, per_token, _, per_round = self._verify
         if round_trip_s is not None and step is not None:
             # what is left after the verifier's compute is the network (plus any queueing;
             # the minimum over recent blocks filters the queueing out)
-            self._rtt.append(max(0.0, round_trip_s - step - per_token * max(0, n_fed - 1)))
+            compute = step + per_round + per_token * max(0, n_fed - 1)
+            self._rtt.append(max(0.0, round_trip_s - compute))
 
     # --- estimates ---------------------------------------------------------------------
     @property
@@ -382,7 +435,7 @@ class DraftLenController:
     def inputs(self, tokens_left: int = 256) -> Inputs | None:
         """The model's inputs, or None while something is still unknown."""
         rtt = min(self._rtt) if self._rtt else self._rtt_prior
-        step, per_token, per_session = self._verify
+        step, per_token, per_session, per_round = self._verify
         if self._t_d is None or rtt is None or step is None:
             return None
         return Inputs(
@@ -391,6 +444,7 @@ class DraftLenController:
             verify_step_s=step,
             verify_per_token_s=per_token,
             verify_per_session_s=per_session,
+            verify_per_round_s=per_round,
             alpha=self.alpha,
             pipelined=self.pipelined,
             tokens_left=tokens_left,
@@ -405,8 +459,26 @@ class DraftLenController:
             return replace(self.prior, alpha=self.alpha, hazard_counts=counts)
         return SiteEstimates(
             inp.t_d, inp.rtt_s, inp.verify_step_s, inp.verify_per_token_s, inp.alpha, counts,
-            inp.verify_per_session_s,
+            inp.verify_per_session_s, inp.verify_per_round_s,
         )  # fmt: skip
+
+    def prefers_cloud_only(self) -> bool:
+        """Whether cloud-only decoding is predicted ``CLOUD_ONLY_MARGIN`` faster for the session
+        than its best draft length (:func:`cloud_only_faster`), compared in the steady state
+        (near the end of an answer any pipeline's predicted rate falls: its next epoch cannot
+        fill, while cloud-only decoding keeps streaming) and at the better of the session's
+        acceptance and its site's (a few rounds of a session are noisy evidence, and it asks
+        again at every verdict: at 0.6 on the embedded runtime, where speculation is ~1.1x, its
+        own estimate alone handed half of the sessions over). The latest choice's rate (for the
+        tokens left, at the session's own acceptance) rules most cases out without a second
+        prediction."""
+        inp = self.inputs(PREDICTION_HORIZON)
+        if self.best_rate is None or inp is None or not cloud_only_faster(inp, self.best_rate):
+            return False
+        if self.prior.alpha > inp.alpha:
+            inp = replace(inp, alpha=self.prior.alpha, hazard=())
+        _, _, steady = best_choice(inp, self.max_gamma, self.max_lookahead if self.pipelined else 1)
+        return cloud_only_faster(inp, steady)
 
     # --- the choice ----------------------------------------------------------------------
     def choose(self, tokens_left: int = 256) -> tuple[int, int]:
@@ -420,9 +492,10 @@ class DraftLenController:
         if self.saturation.saturated and load is not None:
             # no hysteresis on γ here: the load it reacts to has its own
             self.gamma, self.lookahead = best_capacity_choice(inp, load[1], self.max_gamma, max_k)
-            self._informed = True
+            self._informed, self.best_rate = True, None
             return self.gamma, self.lookahead
         g, k, rate = best_choice(inp, self.max_gamma, self.max_lookahead if self.pipelined else 1)
+        self.best_rate = rate
         current = predicted_rate(inp, self.gamma, self.lookahead if self.pipelined else 1)
         if not self._informed or rate > current * (1 + self.hysteresis):
             self.gamma, self.lookahead = g, k
@@ -432,29 +505,34 @@ class DraftLenController:
 
 @dataclass
 class CostLine:
-    """The verifier's forward cost ``a + b·(n-1) + c·(m-1)`` for ``n`` tokens of ``m``
+    """The verifier's forward cost ``a + b·(n-1) + c·(m-1) + d·r`` for ``n`` tokens of ``m``
     sessions, fitted by exponentially weighted least squares over recent work (so it follows
     load and emulation alike). ``a`` is one session's one-token step, ``b`` each further token,
     ``c`` each further session (its attention, its rows): what a batch of single-token steps
-    pays per session that a block of the same tokens does not. Where the work seen does not
-    tell ``b`` and ``c`` apart (one kind of forward only), the missing slope is 0."""
+    pays per session that a block of the same tokens does not. ``d`` is what a block costs as
+    a request of its own (``r`` = 1), where the engine runs blocks as requests beside its own
+    decoding (vLLM); the embedded runtime's blocks and steps are the same forwards (``r`` = 0
+    always, ``d`` = 0). Where the work seen does not tell a term apart from the others (one
+    kind of forward only), it is 0."""
 
     decay: float = 0.97
     _w: float = 0.0
-    _xy: np.ndarray = field(default_factory=lambda: np.zeros(3))  # Σw·x·y, x = (1, n-1, m-1)
-    _xx: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))  # Σw·x·xᵀ
+    _xy: np.ndarray = field(default_factory=lambda: np.zeros(4))  # Σw·x·y, x = (1, n-1, m-1, r)
+    _xx: np.ndarray = field(default_factory=lambda: np.zeros((4, 4)))  # Σw·x·xᵀ
 
-    def observe(self, n_tokens: int, seconds: float, sessions: int = 1) -> None:
-        x = np.array([1.0, max(0, n_tokens - 1), max(0, sessions - 1)])
+    def observe(
+        self, n_tokens: int, seconds: float, sessions: int = 1, request: bool = False
+    ) -> None:
+        x = np.array([1.0, max(0, n_tokens - 1), max(0, sessions - 1), float(request)])
         self._w = self._w * self.decay + 1.0
         self._xx = self._xx * self.decay + np.outer(x, x)
         self._xy = self._xy * self.decay + x * seconds
 
-    def line(self) -> tuple[float, float, float] | None:
-        """``(a, b, c)``, or None before any work was seen."""
+    def line(self) -> VerifyCost | None:
+        """``(a, b, c, d)``, or None before any work was seen."""
         if self._w <= 0:
             return None
-        free = [0] + [i for i in (1, 2) if self._xx[i, i] > 1e-9 * self._w]
+        free = [0] + [i for i in (1, 2, 3) if self._xx[i, i] > 1e-9 * self._w]
         while True:  # least squares over the slopes the data tells, none negative
             sub = self._xx[np.ix_(free, free)]
             if np.linalg.cond(sub) > 1e9:
@@ -465,10 +543,10 @@ class CostLine:
             if not bad:
                 break
             free.remove(bad[0])
-        out = [0.0, 0.0, 0.0]
+        out = [0.0, 0.0, 0.0, 0.0]
         for f, v in zip(free, coef, strict=True):
             out[f] = float(v)
-        return max(1e-6, out[0]), out[1], out[2]
+        return VerifyCost(max(1e-6, out[0]), out[1], out[2], out[3])
 
 
 @dataclass

@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from picospec.tools.promtext import series_sum
 
 EDGE_LABEL = "node-role.kubernetes.io/edge"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -150,12 +151,6 @@ def _http_port(pod: Any) -> int | None:
     return None
 
 
-def parse_gauge(text: str, name: str) -> float | None:
-    """Sum of a gauge's samples in Prometheus text format (None if absent)."""
-    values = re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})?\s+(\S+)", text, re.M)
-    return sum(float(v) for v in values) if values else None
-
-
 def pod_metrics(core: Any, namespace: str, pod: Any) -> str | None:
     """A pod's /metrics through the API server's pod proxy; None when unreachable."""
     port = _http_port(pod)
@@ -239,6 +234,44 @@ def _scaled_objects_for(custom: Any, namespace: str, deployment: str) -> list[di
     return [s for s in items if s["spec"]["scaleTargetRef"].get("name") == deployment]
 
 
+def _autoscalers(
+    autoscaling: Any, custom: Any, namespace: str, deployment: str
+) -> list[Autoscaler]:
+    """What scales the verifier Deployment: KEDA ScaledObjects and HorizontalPodAutoscalers."""
+    autoscalers: list[Autoscaler] = []
+    for so in _scaled_objects_for(custom, namespace, deployment):
+        conds = {c["type"]: c.get("status") for c in so.get("status", {}).get("conditions", [])}
+        autoscalers.append(
+            Autoscaler(
+                kind="ScaledObject",
+                name=so["metadata"]["name"],
+                min_replicas=so["spec"].get("minReplicaCount"),
+                max_replicas=so["spec"].get("maxReplicaCount"),
+                state=", ".join(f"{k}={v}" for k, v in sorted(conds.items())),
+                metrics=[t["metadata"].get("query", t["type"]) for t in so["spec"]["triggers"]],
+            )
+        )
+    for h in _hpas_for(autoscaling, namespace, deployment):
+        conds = {c.type: c.status for c in (h.status.conditions or [])} if h.status else {}
+        owner = next(
+            (o.kind for o in (h.metadata.owner_references or []) if o.kind == "ScaledObject"),
+            None,
+        )
+        autoscalers.append(
+            Autoscaler(
+                kind="HorizontalPodAutoscaler" + (" (KEDA)" if owner else ""),
+                name=h.metadata.name,
+                min_replicas=h.spec.min_replicas,
+                max_replicas=h.spec.max_replicas,
+                current_replicas=h.status.current_replicas if h.status else None,
+                desired_replicas=h.status.desired_replicas if h.status else None,
+                state=", ".join(f"{k}={v}" for k, v in sorted(conds.items())),
+                metrics=[_metric_name(m) for m in (h.spec.metrics or [])],
+            )
+        )
+    return autoscalers
+
+
 def collect(api_client: Any, namespace: str, release: str | None, metrics: bool = True) -> Status:
     from kubernetes import client
 
@@ -285,8 +318,8 @@ def collect(api_client: Any, namespace: str, release: str | None, metrics: bool 
             continue
         text = pod_metrics(core, namespace, pod) if metrics else None
         if text is not None:
-            v.sessions = parse_gauge(text, "picospec_active_sessions")
-            v.queue_depth = parse_gauge(text, "picospec_verify_queue_depth")
+            v.sessions = series_sum(text, "picospec_active_sessions")
+            v.queue_depth = series_sum(text, "picospec_verify_queue_depth")
         verifiers.append(v)
     verifiers.sort(key=lambda v: v.name)
 
@@ -300,36 +333,7 @@ def collect(api_client: Any, namespace: str, release: str | None, metrics: bool 
             "ready": dep.status.ready_replicas or 0,
             "updated": dep.status.updated_replicas or 0,
         }
-        for so in _scaled_objects_for(custom, namespace, dep.metadata.name):
-            conds = {c["type"]: c.get("status") for c in so.get("status", {}).get("conditions", [])}
-            autoscalers.append(
-                Autoscaler(
-                    kind="ScaledObject",
-                    name=so["metadata"]["name"],
-                    min_replicas=so["spec"].get("minReplicaCount"),
-                    max_replicas=so["spec"].get("maxReplicaCount"),
-                    state=", ".join(f"{k}={v}" for k, v in sorted(conds.items())),
-                    metrics=[t["metadata"].get("query", t["type"]) for t in so["spec"]["triggers"]],
-                )
-            )
-        for h in _hpas_for(autoscaling, namespace, dep.metadata.name):
-            conds = {c.type: c.status for c in (h.status.conditions or [])} if h.status else {}
-            owner = next(
-                (o.kind for o in (h.metadata.owner_references or []) if o.kind == "ScaledObject"),
-                None,
-            )
-            autoscalers.append(
-                Autoscaler(
-                    kind="HorizontalPodAutoscaler" + (" (KEDA)" if owner else ""),
-                    name=h.metadata.name,
-                    min_replicas=h.spec.min_replicas,
-                    max_replicas=h.spec.max_replicas,
-                    current_replicas=h.status.current_replicas if h.status else None,
-                    desired_replicas=h.status.desired_replicas if h.status else None,
-                    state=", ".join(f"{k}={v}" for k, v in sorted(conds.items())),
-                    metrics=[_metric_name(m) for m in (h.spec.metrics or [])],
-                )
-            )
+        autoscalers = _autoscalers(autoscaling, custom, namespace, dep.metadata.name)
     others = sorted(
         (v for v in views.values() if v.component not in EDGE_COMPONENTS + ("verifier",)),
         key=lambda v: (v.component, v.name),

@@ -50,6 +50,9 @@ from typing import Any
 
 import aiohttp
 
+from picospec.tools.promtext import series_sum
+from picospec.tools.sse import EventStream
+
 DEFAULT_PROMPTS = (
     "Tell me a story about a lighthouse.",
     "Explain how rain forms.",
@@ -129,7 +132,7 @@ async def stream_one(
     last: float | None = None
     counted = 0  # completion tokens of the chunks seen so far (continuous usage)
     parts: list[str] = []
-    done = False
+    stream = EventStream()
     try:
         async with http.post(
             f"{url}/chat/completions",
@@ -143,18 +146,7 @@ async def stream_one(
                 res.error = str(r.status)
                 await r.read()
                 return res
-            async for raw in r.content:
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    done = True
-                    break
-                obj = json.loads(data)
-                if "error" in obj:
-                    res.error = f"stream:{obj['error'].get('code') or obj['error'].get('type')}"
-                    continue
+            async for obj in stream.aevents(r.content):
                 choices = obj.get("choices") or [{}]
                 delta = (choices[0].get("delta") or {}).get("content") or choices[0].get("text")
                 usage = obj.get("usage") or {}
@@ -176,8 +168,8 @@ async def stream_one(
                     res.tokens = int(usage.get("completion_tokens", 0))
                 if obj.get("picospec"):
                     res.stats = obj["picospec"]
-        if res.error is None and not done:
-            res.error = "incomplete"
+        if res.error is None:
+            res.error = stream.problem
     except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as e:
         res.error = type(e).__name__
     finally:
@@ -309,11 +301,7 @@ async def _metric(url: str, name: str) -> float | None:
                 text = await r.text()
     except (aiohttp.ClientError, TimeoutError, OSError):
         return None
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return series_sum(text, name) or 0.0
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -494,25 +495,13 @@ class Api:
             }
         )
         await resp.prepare(request)
-        cid = f"{'chatcmpl' if chat else 'cmpl'}-{gen.request_id}"
-        created = int(time.time())
-
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
-            choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-            if chat:
-                d: dict[str, str] = {"role": "assistant"} if first else {}
-                if delta is not None:
-                    d["content"] = delta
-                choice["delta"] = d
-            else:
-                choice["text"] = delta or ""
-            return {
-                "id": cid,
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": created,
-                "model": req.model,
-                "choices": [choice],
-            }
+        head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{gen.request_id}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+        }
+        chunk = functools.partial(_stream_chunk, head, chat)
 
         # vLLM's stream_options.continuous_usage_stats: the usage so far in every chunk (a
         # client can then tell how many tokens each chunk carried)
@@ -563,6 +552,22 @@ class Api:
             status=status,
         )
         return resp
+
+
+def _stream_chunk(
+    head: dict[str, Any], chat: bool, delta: str | None, finish: str | None, first: bool = False
+) -> dict[str, Any]:
+    """One chunk of a streamed answer, in OpenAI's shape: ``head`` (id, object, created,
+    model) and its one choice (a chat's first chunk names the assistant's role)."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if chat:
+        d: dict[str, str] = {"role": "assistant"} if first else {}
+        if delta is not None:
+            d["content"] = delta
+        choice["delta"] = d
+    else:
+        choice["text"] = delta or ""
+    return {**head, "choices": [choice]}
 
 
 def application(api: Api, extra_routes: Sequence[web.RouteDef] = ()) -> web.Application:

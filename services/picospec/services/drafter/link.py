@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import nats.errors
 
@@ -41,6 +41,15 @@ class BadRequest(ValueError):
     """The verifier refused the request itself (e.g. prompt too long): HTTP 400."""
 
 
+class Sent(NamedTuple):
+    """A block on its way to its verdict: when it was sent, the tokens it feeds the verifier
+    (its prefix and its drafts) and its draft tokens."""
+
+    at: float
+    fed: int
+    drafted: int
+
+
 class CloudLink:
     """The cloud side of one request's session (module docstring); the attributes are set by
     :class:`~picospec.services.drafter.service.Generation`."""
@@ -57,7 +66,7 @@ class CloudLink:
     stats: Stats
     _queue: asyncio.Queue[tuple[Verdict, int]]
     _open_rtt: float | None
-    _sent_at: dict[int, tuple[float, int, int]]
+    _sent_at: dict[int, Sent]
 
     async def _open_sent(self) -> None:
         """Wait until the open request just queued has left for the NATS server (a PING/PONG
@@ -236,7 +245,7 @@ class CloudLink:
         cloud-led session's hints have none of their own)."""
         if track:
             fed = len(block.prefix) + len(block.tokens)
-            self._sent_at[block.seq] = (time.perf_counter(), fed, len(block.tokens))
+            self._sent_at[block.seq] = Sent(time.perf_counter(), fed, len(block.tokens))
         data = encode(block) if data is None else data
         await self.svc.nc.publish(
             subjects.verify(self.verifier or "-"),

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Hashable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from nats.aio.client import Client as NATS
@@ -40,18 +41,20 @@ from picospec.runtime.model import LanguageModel
 from picospec.runtime.scheduler import ModelThread, Program
 from picospec.services import metrics
 from picospec.services.control import OpenReply
-from picospec.services.drafter.link import BadRequest, CloudLink, Unavailable
+from picospec.services.drafter.link import BadRequest, CloudLink, Sent, Unavailable
 from picospec.services.drafter.stats import Stats
 from picospec.services.shell import event, idle_cpu_priority
-from picospec.speculation.drafter import Committed, DrafterSession, ProtocolError
+from picospec.speculation.drafter import Committed, DrafterSession, DrafterStats, ProtocolError
 from picospec.speculation.proposers import ContinuationRecorder, Hints, Proposer, SuffixCache
 from picospec.speculation.sampling import SamplingParams
 from picospec.speculation.spec import Mode, SpecConfig
 from picospec.speculation.tuning import (
     MAX_GAMMA,
+    OPEN_MARGIN,
     DraftLenController,
     Saturation,
     SiteEstimates,
+    VerifyCost,
     speculation_pays,
 )
 from picospec.speculation.verifier import VerifierSession
@@ -163,7 +166,7 @@ class Generation(CloudLink):
         self.verifier: str | None = None
         self._queue: asyncio.Queue[tuple[Verdict, int]] = asyncio.Queue()
         self._stop_requested = False
-        self._sent_at: dict[int, tuple[float, int, int]] = {}  # seq: (time, fed, drafted)
+        self._sent_at: dict[int, Sent] = {}  # by block seq: blocks awaiting their verdicts
         self._steps = 0  # draft-model steps run for this request
         self._open_rtt: float | None = None  # the last open's request/reply time
         # adaptive speculation (draft_len "auto"): this session's controller
@@ -220,17 +223,20 @@ class Generation(CloudLink):
     def _speculation_off(self) -> bool:
         """Whether this session should not speculate at all: an adaptive picospec session
         while the verifiers' verdicts say they are saturated and no draft length, at the
-        acceptance this site's sessions saw, costs them less per token than cloud-only
-        decoding (:func:`~picospec.speculation.tuning.speculation_pays`). It then runs
+        acceptance this site's sessions saw, costs them at least 5% less per token than
+        cloud-only decoding (:func:`~picospec.speculation.tuning.speculation_pays`). It then runs
         cloud-led without drafts, as ``ar`` does; sessions opened once the load falls below
         the threshold speculate again."""
         spec, sat = self.spec, self.svc.saturation
         if spec.mode is not Mode.PICOSPEC or not spec.adaptive or spec.cloud_led:
             return False
+        if self._reproducible:
+            return False
         if not sat.saturated or sat.load is None:
             return False
         inp = DraftLenController(prior=self.svc.site(self.site_key)).inputs()
-        return inp is not None and not speculation_pays(inp, sat.load[1], sat.load[2])
+        _, batch, sessions = sat.load
+        return inp is not None and not speculation_pays(inp, batch, sessions, margin=OPEN_MARGIN)
 
     async def _edge(self) -> AsyncIterator[list[int]]:
         """The draft model alone continues from the committed tokens (unverified)."""
@@ -299,7 +305,12 @@ class Generation(CloudLink):
             return
         if reply is not None:
             tuner.observe_verify_cost(
-                reply.verify_step_s, reply.verify_per_token_s, reply.verify_per_session_s
+                VerifyCost(
+                    reply.verify_step_s,
+                    reply.verify_per_token_s,
+                    reply.verify_per_session_s,
+                    reply.verify_per_round_s,
+                )
             )
             if self._open_rtt is not None and reply.prefill_s is not None:
                 tuner.observe_open(self._open_rtt - reply.prefill_s)
@@ -352,18 +363,28 @@ class Generation(CloudLink):
             self.svc.recorder.record(self.prompt, self.generated)
 
     def _stop_speculating(self, session: DrafterSession) -> bool:
-        """Whether this session should stop speculating and hand itself over to the verifier:
-        the verifier is saturated and, at the acceptance this session sees (after a few
-        rounds of it), no draft length costs the verifier less per token than cloud-only
-        decoding; enough of the answer is left for it to matter."""
+        """Whether this session should stop speculating and hand itself over to the verifier,
+        at the acceptance it sees (after a few rounds of it) with enough of the answer left
+        for it to matter: where the verifier is saturated, when no draft length costs it less
+        per token than cloud-only decoding; otherwise, when cloud-only decoding would serve
+        the session itself faster than its best draft length."""
         tuner = self.tuner
-        if tuner is None or session.stats.rounds < HANDOVER_ROUNDS:
+        if tuner is None or session.stats.rounds < HANDOVER_ROUNDS or self._reproducible:
             return False
         load, inp = tuner.saturation.load, tuner.inputs()
-        if not tuner.saturation.saturated or load is None or inp is None:
-            return False
         left = self.max_tokens - len(session.generated)
-        return left >= HANDOVER_ROUNDS and not speculation_pays(inp, load[1], load[2])
+        if inp is None or left < HANDOVER_ROUNDS:
+            return False
+        if tuner.saturation.saturated and load is not None:
+            return not speculation_pays(inp, load[1], load[2])
+        return tuner.prefers_cloud_only()
+
+    @property
+    def _reproducible(self) -> bool:
+        """A sampled request with a ``seed`` keeps the path it started on: the same seed then
+        gives the same answer. (Speculation and cloud-only decoding each sample exactly from
+        the target, but not the same draw; greedy answers are the same either way.)"""
+        return self.params.seed is not None and not self.params.greedy
 
     def _turn_speculation_off(self) -> None:
         """From here on the verifier decodes this session on its own, without hints (an open
@@ -404,162 +425,210 @@ class Generation(CloudLink):
         blocks are drafted (they wait in ``held``, bounded by the look-ahead), so the edge's
         prefill and first block overlap the cloud's round trip and prefill."""
         cap = self._max_draft_len()  # before the open: a refused request opens nothing
-        opening: asyncio.Task[OpenReply] | None = asyncio.create_task(
-            self._open(self.prompt, 0, first_token=True)
-        )
-        opening.add_done_callback(lambda t: t.cancelled() or t.exception())  # always retrieved
+        opening = _Opening(asyncio.create_task(self._open(self.prompt, 0, first_token=True)))
+        opening.task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
         await self._open_sent()
-        held: list[DraftBlock] = []
-        streamed_first = False
         try:
-            svc = self.svc
-            session = DrafterSession(
-                svc.model,
-                self.sid,
-                self.prompt,
-                self.params,
-                self.spec,
-                self.max_tokens,
-                self.eos_ids,
-                self.proposer,
-            )
-            self.stats.speculation = session.stats
-            if self.spec.adaptive:
-                self.tuner = DraftLenController(
-                    pipelined=self.spec.mode.pipelined,
-                    prior=svc.site(self.site_key),
-                    start_gamma=min(self.spec.draft_len, cap),
-                    start_lookahead=self.spec.max_inflight,
-                    max_gamma=min(MAX_GAMMA, cap),
-                )
-                self.stats.tuner = self.tuner
-                self._tune(session)
-            metrics.DRAFT_LEN.labels(self.spec.mode.value).set(session.draft_len)
-            mode = self.spec.mode.value
+            session = self._new_session(cap)
             last_progress = time.monotonic()
             while not session.done and not self._stop_requested:
                 # apply every verdict that has arrived, then draft while allowed, else wait
                 verdict: Verdict | None
-                if not session.speculating and not session.inflight and opening is None:
+                if not session.speculating and not session.inflight and opening.task is None:
                     break  # speculation stopped and nothing left in flight: hand over
-                if opening is not None and opening.done():
-                    reply = opening.result()  # Unavailable or BadRequest end the request here
-                    opening = None
-                    self._tune(session, reply)
-                    if reply.first_token is not None:  # the target's, from the prefill
-                        first, held = session.accept_first(reply.first_token)
-                        if first.tokens and not streamed_first:
-                            yield self._emitted(first.tokens)
-                        if session.done or self._stop_requested:
-                            break
-                    for block in held:
+                if opening.task is not None and opening.task.done():
+                    first = self._opened(session, opening)
+                    if first:
+                        yield self._emitted(first)
+                    if session.done or self._stop_requested:
+                        break
+                    for block in opening.held:
                         await self._publish_block(block)
-                    held.clear()
+                    opening.held.clear()
                 if not self._queue.empty():
                     verdict = self._took(self._queue.get_nowait())
                 elif session.can_draft():
-                    drafted, block = await self._free_step(session)
-                    if drafted:
-                        if block is not None and opening is None:
-                            await self._publish_block(block)
-                        elif block is not None:
-                            held.append(block)
-                        continue
-                    step = asyncio.ensure_future(self._model_step(session.draft()))
-                    if opening is not None and not streamed_first:
-                        # the first token may arrive while the draft model is busy (its first
-                        # step carries the prompt's prefill): stream it at once; the session
-                        # takes it in once the step is done (it must not change meanwhile)
-                        await asyncio.wait({step, opening}, return_when=asyncio.FIRST_COMPLETED)
-                        reply = opening.result() if opening.done() else None
-                        if reply is not None and reply.first_token is not None:
-                            streamed_first = True
-                            yield self._emitted([reply.first_token])
-                    block = await step
-                    if block is not None:
-                        if opening is None:
-                            await self._publish_block(block)
-                        else:
-                            held.append(block)
+                    async for first in self._draft(session, opening):
+                        yield first
                     continue
-                elif opening is not None:
-                    await asyncio.wait([opening])
+                elif opening.task is not None:
+                    await asyncio.wait([opening.task])
                     continue
                 else:
                     verdict = await self._next_verdict()
                 if verdict is None or verdict.status is not VerdictStatus.OK:
-                    if verdict is not None and verdict.epoch < session.epoch:
-                        continue  # an old replica talking about an old epoch
-                    timeout = svc.settings.request_timeout_s
-                    if time.monotonic() - last_progress > timeout:
-                        raise Unavailable(f"no verdict from the cloud within {timeout:.0f}s")
-                    session.rebase()
-                    await self._migrate(
-                        "lost" if verdict is None else verdict.status.name.lower(),
-                        session.committed,
-                        session.epoch,
-                    )
+                    await self._lost(session, verdict, last_progress)
                     continue
-                st = session.stats
-                before = (st.drafted, st.accepted, st.rollbacks, st.wasted,
-                          dict(st.accepted_by_source))  # fmt: skip
-                try:
-                    got = session.on_verdict(verdict)
-                except ProtocolError as e:
-                    metrics.REJECTED.labels(ROLE, "protocol").inc()
-                    event("verdict_ignored", logging.WARNING, error=str(e))
-                    continue
-                if got is None:
-                    continue
-                sent = self._sent_at.pop(verdict.seq, None)
-                if sent is not None:
-                    round_trip = time.perf_counter() - sent[0]
-                    metrics.VERIFY_RTT.labels(mode).observe(round_trip)
-                    if self.tuner is not None:
-                        rejected = verdict.accepted < sent[2]
-                        self.tuner.observe_round(verdict.accepted, rejected, round_trip, sent[1])
-                        self.tuner.observe_load(verdict.busy, verdict.batch, verdict.sessions)
-                        metrics.DRAFT_POLICY_ROUNDS.labels(self.tuner.policy).inc()
-                        if verdict.busy is not None:
-                            metrics.DRAFT_POLICY_LOAD.set(verdict.busy)
-                        self._tune(session)
-                        if session.speculating and self._stop_speculating(session):
-                            session.stop_speculating()
-                if isinstance(got, SampleRequest):
-                    metrics.TAIL_MASS.inc(got.sparse.tail_mass)
-                    got = session.on_correction(await self._sample(got))
-                self._count_round(session, before)
+                committed = await self._apply(session, verdict)
+                if committed is None:
+                    continue  # not a verdict this session can use
                 last_progress = time.monotonic()
-                if isinstance(got, Committed) and got.tokens:
-                    yield self._emitted(got.tokens)
+                if committed:
+                    yield self._emitted(committed)
             if not session.speculating and not session.done and not self._stop_requested:
                 async for chunk in self._hand_over(session):
                     yield chunk
                 return
             self.finish_reason = session.finish_reason or "stop"
         finally:
-            if opening is not None:
-                opening.cancel()
-            if self.tuner is not None:
-                # the next sessions of this kind start from here (the latest kinds kept: an
-                # emulated edge's kind comes from its request)
-                self.svc.sites.pop(self.site_key, None)
-                self.svc.sites[self.site_key] = self.tuner.estimates()
-                while len(self.svc.sites) > MAX_DRAFT_KINDS:
-                    self.svc.sites.pop(next(iter(self.svc.sites)))
+            if opening.task is not None:
+                opening.task.cancel()
+            self._keep_estimates()
 
-    def _count_round(
-        self, session: DrafterSession, before: tuple[int, int, int, int, dict[str, int]]
+    def _new_session(self, cap: int) -> DrafterSession:
+        """The edge's session state machine, with its draft-length controller if adaptive."""
+        svc, spec = self.svc, self.spec
+        session = DrafterSession(
+            svc.model, self.sid, self.prompt, self.params, spec, self.max_tokens, self.eos_ids,
+            self.proposer,
+        )  # fmt: skip
+        self.stats.speculation = session.stats
+        if spec.adaptive:
+            self.tuner = DraftLenController(
+                pipelined=spec.mode.pipelined,
+                prior=svc.site(self.site_key),
+                start_gamma=min(spec.draft_len, cap),
+                start_lookahead=spec.max_inflight,
+                max_gamma=min(MAX_GAMMA, cap),
+            )
+            self.stats.tuner = self.tuner
+            self._tune(session)
+        metrics.DRAFT_LEN.labels(spec.mode.value).set(session.draft_len)
+        return session
+
+    def _opened(self, session: DrafterSession, opening: _Opening) -> list[int]:
+        """The open reply has come (Unavailable or BadRequest end the request here): learn
+        from it, and take in the target's first token from the prefill, with the blocks
+        drafted meanwhile that still hold. Returns the first token where it is still to be
+        streamed."""
+        assert opening.task is not None
+        reply = opening.task.result()
+        opening.task = None
+        self._tune(session, reply)
+        if reply.first_token is None:
+            return []
+        first, opening.held = session.accept_first(reply.first_token)
+        return [] if opening.streamed_first else list(first.tokens)
+
+    async def _draft(self, session: DrafterSession, opening: _Opening) -> AsyncIterator[list[int]]:
+        """One draft step, a free one (the proposer's) or the draft model's, and the block it
+        sealed sent (or held while the session opens). The first token may arrive while the
+        draft model is busy (its first step carries the prompt's prefill): it is streamed at
+        once, and the session takes it in once the step is done (it must not change
+        meanwhile)."""
+        drafted, block = await self._free_step(session)
+        if not drafted:
+            step = asyncio.ensure_future(self._model_step(session.draft()))
+            if opening.task is not None and not opening.streamed_first:
+                await asyncio.wait({step, opening.task}, return_when=asyncio.FIRST_COMPLETED)
+                reply = opening.task.result() if opening.task.done() else None
+                if reply is not None and reply.first_token is not None:
+                    opening.streamed_first = True
+                    yield self._emitted([reply.first_token])
+            block = await step
+        if block is not None and opening.task is None:
+            await self._publish_block(block)
+        elif block is not None:
+            opening.held.append(block)
+
+    async def _lost(
+        self, session: DrafterSession, verdict: Verdict | None, last_progress: float
     ) -> None:
+        """No verdict in time, or a verifier that drains or forgot the session: re-open it
+        elsewhere from the committed tokens, or fail once the cloud has made no progress for
+        ``request_timeout_s``. A verdict about an old epoch (an old replica's) is ignored."""
+        if verdict is not None and verdict.epoch < session.epoch:
+            return
+        timeout = self.svc.settings.request_timeout_s
+        if time.monotonic() - last_progress > timeout:
+            raise Unavailable(f"no verdict from the cloud within {timeout:.0f}s")
+        session.rebase()
+        reason = "lost" if verdict is None else verdict.status.name.lower()
+        await self._migrate(reason, session.committed, session.epoch)
+
+    async def _apply(self, session: DrafterSession, verdict: Verdict) -> list[int] | None:
+        """Apply an OK verdict: the tokens it commits (after the sampler's correction where it
+        asks for one), or None where the session cannot use it (counted and logged)."""
+        before = _Tally.of(session.stats)
+        try:
+            got = session.on_verdict(verdict)
+        except ProtocolError as e:
+            metrics.REJECTED.labels(ROLE, "protocol").inc()
+            event("verdict_ignored", logging.WARNING, error=str(e))
+            return None
+        if got is None:
+            return None
+        sent = self._sent_at.pop(verdict.seq, None)
+        if sent is not None:
+            round_trip = time.perf_counter() - sent.at
+            metrics.VERIFY_RTT.labels(self.spec.mode.value).observe(round_trip)
+            self._learn(session, verdict, sent, round_trip)
+        if isinstance(got, SampleRequest):
+            metrics.TAIL_MASS.inc(got.sparse.tail_mass)
+            got = session.on_correction(await self._sample(got))
+        self._count_round(session, before)
+        return list(got.tokens) if isinstance(got, Committed) else []
+
+    def _learn(self, session: DrafterSession, verdict: Verdict, sent: Sent, rtt: float) -> None:
+        """Adaptive speculation: what the round tells the controller (acceptance, round trip,
+        the replica's load), the next (γ, k), and whether to stop speculating."""
+        tuner = self.tuner
+        if tuner is None:
+            return
+        tuner.observe_round(verdict.accepted, verdict.accepted < sent.drafted, rtt, sent.fed)
+        tuner.observe_load(verdict.busy, verdict.batch, verdict.sessions)
+        metrics.DRAFT_POLICY_ROUNDS.labels(tuner.policy).inc()
+        if verdict.busy is not None:
+            metrics.DRAFT_POLICY_LOAD.set(verdict.busy)
+        self._tune(session)
+        if session.speculating and self._stop_speculating(session):
+            session.stop_speculating()
+
+    def _keep_estimates(self) -> None:
+        """The next sessions of this kind of draft start from this one's estimates (the
+        latest kinds kept: an emulated edge's kind comes from its request)."""
+        if self.tuner is None:
+            return
+        self.svc.sites.pop(self.site_key, None)
+        self.svc.sites[self.site_key] = self.tuner.estimates()
+        while len(self.svc.sites) > MAX_DRAFT_KINDS:
+            self.svc.sites.pop(next(iter(self.svc.sites)))
+
+    def _count_round(self, session: DrafterSession, before: _Tally) -> None:
         mode, s = self.spec.mode.value, session.stats
-        drafted, accepted = s.drafted - before[0], s.accepted - before[1]
+        drafted, accepted = s.drafted - before.drafted, s.accepted - before.accepted
         for source, n in s.accepted_by_source.items():
-            if n > before[4].get(source, 0):
-                metrics.ACCEPTED_BY_SOURCE.labels(source).inc(n - before[4].get(source, 0))
+            if n > before.by_source.get(source, 0):
+                metrics.ACCEPTED_BY_SOURCE.labels(source).inc(n - before.by_source.get(source, 0))
         metrics.DRAFTS.labels(mode).inc()
         metrics.DRAFT_TOKENS.labels(mode).inc(drafted)
         metrics.ACCEPTED_TOKENS.labels(mode).inc(accepted)
         for i in range(accepted):
             metrics.ACCEPTED_PER_POS.labels(mode, str(i)).inc()
-        metrics.ROLLBACKS.labels(mode).inc(s.rollbacks - before[2])
-        metrics.WASTED.labels(mode).inc(s.wasted - before[3])
+        metrics.ROLLBACKS.labels(mode).inc(s.rollbacks - before.rollbacks)
+        metrics.WASTED.labels(mode).inc(s.wasted - before.wasted)
+
+
+@dataclass
+class _Opening:
+    """A session's open request while its first blocks are drafted: the request, the blocks
+    that wait for its reply, and whether its first token already went out."""
+
+    task: asyncio.Task[OpenReply] | None
+    held: list[DraftBlock] = field(default_factory=list)
+    streamed_first: bool = False
+
+
+@dataclass(frozen=True)
+class _Tally:
+    """A session's counts before a verdict, for the metrics of what the verdict changed."""
+
+    drafted: int
+    accepted: int
+    rollbacks: int
+    wasted: int
+    by_source: dict[str, int]
+
+    @classmethod
+    def of(cls, st: DrafterStats) -> _Tally:
+        return cls(st.drafted, st.accepted, st.rollbacks, st.wasted, dict(st.accepted_by_source))

@@ -30,7 +30,9 @@ class Stats:
     verifier: str = ""
     verified: bool = True  # False when (part of) the answer came from the draft model alone
     tuner: DraftLenController | None = None  # adaptive speculation (draft_len "auto")
-    draft_policy: str | None = None  # "off": no speculation (a saturated verifier)
+    draft_policy: str | None = (
+        None  # "off": no speculation (a saturated verifier, or one faster alone)
+    )
 
     def as_dict(self) -> dict[str, object]:
         tuning: dict[str, object] = {"draft_policy": self.draft_policy}

@@ -47,7 +47,7 @@ from picospec.services.control import CloseSession, ErrorReply, OpenReply, OpenS
 from picospec.services.shell import connect_nats, event, headers, health_routes, serve_http
 from picospec.services.verifier.backends import make_backend
 from picospec.speculation.spec import Mode
-from picospec.speculation.tuning import CostLine, LoadMeter
+from picospec.speculation.tuning import CostLine, LoadMeter, VerifyCost
 from picospec.speculation.verifier import BlockRefused, VerifierSession
 
 ROLE = "verifier"
@@ -189,15 +189,16 @@ class VerifierService:
         if req.spec.mode is Mode.AR or req.spec.cloud_led:
             self._start_ar(sid, held)
         prefill_s = time.perf_counter() - t0
-        line = self.cost.line() or (None, None, None)
+        line = self.cost.line() or VerifyCost(None, None, None, None)
         reply = OpenReply(
             verifier=self.id,
             session=req.session,
             first_token=first,
             prefill_s=prefill_s,
-            verify_step_s=line[0],
-            verify_per_token_s=line[1],
-            verify_per_session_s=line[2],
+            verify_step_s=line.step,
+            verify_per_token_s=line.per_token,
+            verify_per_session_s=line.per_session,
+            verify_per_round_s=line.per_round,
         )
         return reply.model_dump_json().encode()
 
@@ -277,7 +278,9 @@ class VerifierService:
         for wait in f.queue_waits:
             metrics.QUEUE_WAIT.observe(wait)
         if self.ready and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.cost.observe, f.tokens, f.seconds, f.sessions)
+            self._loop.call_soon_threadsafe(
+                self.cost.observe, f.tokens, f.seconds, f.sessions, f.request
+            )
             end = time.perf_counter()
             self._loop.call_soon_threadsafe(self.meter.observe, end, f.seconds, f.sessions)
 

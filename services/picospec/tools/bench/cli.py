@@ -103,8 +103,6 @@ def _cpu_sets(args: argparse.Namespace, console: Any) -> dict[str, frozenset[int
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from picospec.runtime.devices import DeviceProfileError, load_profile
-
     console = Console(stderr=True)
     if args.overhead:
         from picospec.tools.bench.overhead import measure
@@ -128,6 +126,38 @@ def main(args: argparse.Namespace) -> int:
             return 2
         result = colocation(args, prompts[:QUICK_PROMPTS], cpus, args.colocation)
         return _print_result("colocation", result, args.json)
+    checked = _modes_profiles_device(args, console)
+    if checked is None:
+        return 2
+    profiles, device = checked
+    report = _run_modes(args, prompts, profiles)
+    report["config"] = _config(args, len(prompts), profiles, device)
+    report["notes"].extend(_notes(args, device))
+    if args.map:
+        report["model_curves"] = model_curves(report, args)
+        report["paper_table1"] = PAPER_TABLE1
+        report["paper_implied_acceptance"] = paper_implied_acceptance(
+            list(report["config"]["profiles"])
+        )
+    if args.plot_dir:
+        report["plots"] = _plots(report, args, Path(args.plot_dir))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    elif args.concurrency:
+        concurrency_table(report, Console())
+    elif args.map:
+        map_table(report, Console())
+    else:
+        table(report, Console())
+    return 0
+
+
+def _modes_profiles_device(args: argparse.Namespace, console: Any) -> tuple[list[str], Any] | None:
+    """The modes (into ``args.modes``, as a list), the link profiles and the device profile
+    the run asks for; None (said on ``console``) where one is unknown or they do not go
+    together."""
+    from picospec.runtime.devices import DeviceProfileError, load_profile
+
     if args.modes is None:
         default = CONCURRENCY_MODES if args.concurrency else MAP_MODES if args.map else MODES
         args.modes = ",".join(default)
@@ -135,22 +165,28 @@ def main(args: argparse.Namespace) -> int:
     bad = [m for m in args.modes if m not in MODES]
     if args.drafter == SUFFIX and set(args.modes) - {"ar", "picospec"}:
         console.print("[red]--drafter suffix (no draft model) runs --modes ar,picospec only[/red]")
-        return 2
+        return None
     if args.profiles is None:
         args.profiles = "loopback" if args.concurrency else DEFAULT_PROFILES
     profiles = [p.strip() for p in args.profiles.split(",")]
     bad += [p for p in profiles if p not in PROFILES]
     if bad:
         console.print(f"[red]unknown mode/profile: {', '.join(bad)}[/red]")
-        return 2
-    device = None
-    if args.device_profile:
-        try:
-            device = load_profile(args.device_profile)
-        except DeviceProfileError as e:
-            console.print(f"[red]{e}[/red]")
-            return 2
-    progress = _progress_factory(console)
+        return None
+    if not args.device_profile:
+        return profiles, None
+    try:
+        return profiles, load_profile(args.device_profile)
+    except DeviceProfileError as e:
+        console.print(f"[red]{e}[/red]")
+        return None
+
+
+def _run_modes(args: argparse.Namespace, prompts: list[str], profiles: list[str]) -> dict[str, Any]:
+    """The speedup map, the concurrency levels, or every mode over each link profile."""
+    from rich.console import Console
+
+    progress = _progress_factory(Console(stderr=True))
     report: dict[str, Any] = {
         "profiles": {},
         "notes": [],
@@ -181,7 +217,14 @@ def main(args: argparse.Namespace) -> int:
     finally:
         progress.stop()
     del report["profiles_requested"]
-    report["config"] = {
+    return report
+
+
+def _config(
+    args: argparse.Namespace, prompts: int, profiles: list[str], device: Any
+) -> dict[str, Any]:
+    """What the run measured, as its report states it."""
+    return {
         "drafter": args.drafter,
         "verifier": args.verifier,
         "quantize_draft": args.quantize_draft,
@@ -193,7 +236,7 @@ def main(args: argparse.Namespace) -> int:
         "temperature": args.temperature,
         "top_p": args.top_p,
         "seed": args.seed,
-        "prompts": len(prompts),
+        "prompts": prompts,
         "repeat": args.repeat,
         "concurrency": args.concurrency,
         "vllm_baseline": args.vllm_baseline or None,
@@ -207,20 +250,25 @@ def main(args: argparse.Namespace) -> int:
             p: {"rtt_ms": PROFILES[p][0], "bandwidth_mbit": PROFILES[p][1]} for p in profiles
         },
     }
+
+
+def _notes(args: argparse.Namespace, device: Any) -> list[str]:
+    """How to read the run's figures: what is emulated, and what the setup bounds."""
+    notes = []
     if device is not None:
-        report["notes"].append(
+        notes.append(
             f"EMULATED: every draft step and verifier forward is padded to the device profile "
             f"{device.name} (real tokens, real acceptance, real emulated network); see "
             "'emulation' in each mode for forwards whose real compute overran the profile"
         )
     if args.concurrency:
-        report["notes"].append(
+        notes.append(
             "every request has ignore_eos and min_tokens = max_tokens, so all are max_tokens "
             "long; cloud model-s/token is the verifier model thread's forward time over the "
             "tokens generated (prefills included)"
         )
     elif device is None and not args.map and "ar" in args.modes:
-        report["notes"].append(
+        notes.append(
             "TTFT is the cloud's prefill (cloud_prefill_s) plus the rest: the link's round "
             "trip and both sides' software (ttft_beyond_prefill_s). Both sides share this "
             "machine: while a speculative mode's draft model prefills on the edge's CPUs, the "
@@ -230,38 +278,28 @@ def main(args: argparse.Namespace) -> int:
         )
     self_draft = args.drafter == args.verifier and args.quantize_draft == "none"
     if not args.map and self_draft and args.draft_dtype in ("auto", "float32"):
-        report["notes"].append(
+        notes.append(
             "draft and verifier are the same checkpoint: every greedy draft is accepted, so the "
             "speedup over ar is bounded by the draft-bound pipeline and is not representative "
             "of a real small->large pair"
         )
+    return notes
+
+
+def _plots(report: dict[str, Any], args: argparse.Namespace, out: Path) -> list[str]:
+    """The run's plots, written to ``out``."""
+    if args.concurrency:
+        return [str(concurrency_plot(report, out))]
     if args.map:
-        report["model_curves"] = model_curves(report, args)
-        report["paper_table1"] = PAPER_TABLE1
-        report["paper_implied_acceptance"] = paper_implied_acceptance(
-            list(report["config"]["profiles"])
-        )
-    if args.plot_dir:
-        if args.concurrency:
-            report["plots"] = [str(concurrency_plot(report, Path(args.plot_dir)))]
-        elif args.map:
-            report["plots"] = [str(map_plot(report, Path(args.plot_dir)))]
-            for label, d in report["map"].items():
-                if "draft_len_sweep" in d:
-                    report["plots"].append(str(sweep_plot(report, Path(args.plot_dir), label)))
-        else:
-            report["plots"] = [str(p) for p in plots(report, Path(args.plot_dir))]
-            if "draft_len_sweep" in report:
-                report["plots"].append(str(sweep_plot(report, Path(args.plot_dir))))
-    if args.json:
-        print(json.dumps(report, indent=1))
-    elif args.concurrency:
-        concurrency_table(report, Console())
-    elif args.map:
-        map_table(report, Console())
-    else:
-        table(report, Console())
-    return 0
+        paths = [str(map_plot(report, out))]
+        for label, d in report["map"].items():
+            if "draft_len_sweep" in d:
+                paths.append(str(sweep_plot(report, out, label)))
+        return paths
+    paths = [str(p) for p in plots(report, out)]
+    if "draft_len_sweep" in report:
+        paths.append(str(sweep_plot(report, out)))
+    return paths
 
 
 def _fleet(args: argparse.Namespace, prompts: list[str], console: Any) -> int:

@@ -41,7 +41,7 @@ from picospec.tools.bench.run import (
     _placement,
     _scrape,
     _snapshot,
-    _sum_series,
+    scraped,
     stack_config,
 )
 
@@ -141,7 +141,7 @@ def run_concurrency(
             n = max(len(prompts), 2 * c) * args.repeat
             for mode in modes:
                 done = _Collected(progress(f"{name}: {mode} x{c}", n))
-                before = _sum_series(_scrape(verifier), CLOUD_SECONDS)
+                before = scraped(_scrape(verifier), CLOUD_SECONDS)
                 snap = _snapshot(sides, emulated)
                 load = asyncio.run(
                     run_load(
@@ -157,7 +157,7 @@ def run_concurrency(
                         on_result=done.add,
                     )
                 )
-                cloud_s = _sum_series(_scrape(verifier), CLOUD_SECONDS) - before
+                cloud_s = scraped(_scrape(verifier), CLOUD_SECONDS) - before
                 after = _snapshot(sides, emulated)
                 paced = {
                     side: {n: v - snap[side][n] for n, v in series.items()}

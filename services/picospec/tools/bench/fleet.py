@@ -43,7 +43,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from picospec.tools.bench.run import _pinned, _scrape, _sum_series, stack_config
+from picospec.tools.bench.run import _pinned, _scrape, scraped, stack_config
 
 PACE_PROFILE = "paper-llama-1b-70b"
 # the embedded runtime's model thread: forward seconds, forwards, sessions per forward
@@ -198,6 +198,28 @@ async def _load(url: str, n: int, prompts: list[str], extra: dict[str, Any], arg
     return results, report["duration_s"]
 
 
+def _summary(
+    rows: dict[str, dict[str, Any]], target: float, t_d: float, t_v1: float
+) -> dict[str, Any]:
+    """Beside one acceptance's levels: the users one replica holds at the ITL ``target`` with
+    and without speculation, their ratio, and the bound ``1 + γ·t_d/t_v`` at the mean γ."""
+    held, bounded = {}, {}
+    for mode in ("ar", "picospec"):
+        held[mode], bounded[mode] = users_at_target(
+            {int(n): r[mode] for n, r in rows.items()}, target
+        )
+    gammas = [r["picospec"]["draft_len_mean"] for r in rows.values()]
+    gammas = [g for g in gammas if g is not None]
+    gamma = statistics.mean(gammas) if gammas else None
+    return {
+        "users_at_target": held,
+        "users_at_target_is_lower_bound": bounded,
+        "capacity_gain": held["picospec"] / held["ar"] if held["ar"] else None,
+        "bound": 1 + gamma * t_d / t_v1 if gamma is not None else None,
+        "draft_len_mean": gamma,
+    }
+
+
 def run_fleet(args: argparse.Namespace, prompts: list[str], progress: Any) -> dict[str, Any]:
     """One backend's fleet report (module docstring): ``{"pace", "t_v1_s", "t_d_s",
     "itl_target_s", alpha: {N: {"ar": row, "picospec": row}, "users_at_target": ...}}``."""
@@ -232,7 +254,7 @@ def run_fleet(args: argparse.Namespace, prompts: list[str], progress: Any) -> di
         def policy() -> dict[str, float]:
             text = _scrape(drafter)
             return {
-                p: _sum_series(text, f'picospec_draft_policy_rounds_total{{policy="{p}"}}')
+                p: scraped(text, "picospec_draft_policy_rounds_total", policy=p)
                 for p in ("latency", "capacity")
             }
 
@@ -257,7 +279,7 @@ def run_fleet(args: argparse.Namespace, prompts: list[str], progress: Any) -> di
 
         def counters() -> dict[str, float]:
             text = _scrape(verifier)
-            return {k: _sum_series(text, k) for k in COUNTERS}
+            return {k: scraped(text, k) for k in COUNTERS}
 
         # first-touch costs, then the reference: ar with one user records every prompt's
         # answer (what the emulated edges replay) and gives t_v1
@@ -281,22 +303,7 @@ def run_fleet(args: argparse.Namespace, prompts: list[str], progress: Any) -> di
                 out[alpha][str(n)] = {"ar": ar_row, "picospec": spec}
     target = args.itl_target if args.itl_target is not None else 2 * t_v1
     for alpha in alphas:
-        rows = out[alpha]
-        held = {}
-        for mode in ("ar", "picospec"):
-            held[mode], _ = users_at_target({int(n): r[mode] for n, r in rows.items()}, target)
-        bounded = {
-            mode: users_at_target({int(n): r[mode] for n, r in rows.items()}, target)[1]
-            for mode in ("ar", "picospec")
-        }
-        gammas = [r["picospec"]["draft_len_mean"] for r in rows.values()]
-        gammas = [g for g in gammas if g is not None]
-        gamma = statistics.mean(gammas) if gammas else None
-        rows["users_at_target"] = held
-        rows["users_at_target_is_lower_bound"] = bounded
-        rows["capacity_gain"] = held["picospec"] / held["ar"] if held["ar"] else None
-        rows["bound"] = 1 + gamma * t_d / t_v1 if gamma is not None else None
-        rows["draft_len_mean"] = gamma
+        out[alpha].update(_summary(out[alpha], target, t_d, t_v1))
     return {
         "label": EMULATED_EDGES,
         "pace": pace,

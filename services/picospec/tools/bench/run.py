@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from picospec.tools.prompts import edit_prompts, mtbench_questions
+from picospec.tools.promtext import series_sum
+from picospec.tools.sse import EventStream, StreamError
 
 PROFILES: dict[str, tuple[float, float | None]] = {  # name: (round-trip ms, Mbit/s)
     "loopback": (0.0, None),  # no link emulator: the edge's leaf node dials the hub directly
@@ -201,14 +203,9 @@ def _stream(
     )
     t0 = time.perf_counter()
     ttft, stats, usage, text = None, {}, {}, []
+    stream = EventStream()
     with urllib.request.urlopen(req, timeout=600) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            obj = json.loads(line[6:])
-            if "error" in obj:
-                raise RuntimeError(f"{mode}: {obj['error']['message']}")
+        for obj in stream.events(resp):
             choice = obj["choices"][0]
             content = choice.get("delta", {}).get("content")
             if content:
@@ -217,6 +214,10 @@ def _stream(
                     ttft = time.perf_counter() - t0
             if choice.get("finish_reason"):
                 stats, usage = obj.get("picospec", {}), obj.get("usage", {})
+    try:
+        stream.check()
+    except StreamError as e:
+        raise RuntimeError(f"{mode}: {e}") from e
     elapsed = time.perf_counter() - t0
     return Run(usage.get("completion_tokens", 0), elapsed, ttft or elapsed, stats, "".join(text))
 
@@ -238,19 +239,15 @@ def _scrape(metrics_url: str) -> str:
         return r.read().decode()
 
 
-def _sum_series(text: str, name: str) -> float:
-    """The sum of every series of ``name`` (all label values) in one scrape."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def scraped(text: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples (with ``labels``) in one scrape; 0 where none."""
+    return series_sum(text, name, **labels) or 0.0
 
 
 def _histogram_means(metrics_url: str, names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
     """(sum, count) of each histogram, over all its label values, from one scrape."""
     text = _scrape(metrics_url)
-    return {n: (_sum_series(text, f"{n}_sum"), _sum_series(text, f"{n}_count")) for n in names}
+    return {n: (scraped(text, f"{n}_sum"), scraped(text, f"{n}_count")) for n in names}
 
 
 Snapshot = dict[str, dict[str, float]]  # side -> series -> value, from one scrape per side
@@ -266,7 +263,7 @@ def _snapshot(urls: dict[str, str], emulated: bool) -> Snapshot:
             names += [f"{h}_{part}" for h in HISTOGRAMS for part in ("sum", "count")]
         if names:
             text = _scrape(url)
-            out[side] = {n: _sum_series(text, n) for n in names}
+            out[side] = {n: scraped(text, n) for n in names}
     return out
 
 

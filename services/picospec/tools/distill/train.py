@@ -179,25 +179,14 @@ def train(
     params = trainable_parameters(student)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     batches = None if opts.report_only else Batches(examples, recipe)
-    head = student.lm_head
-    head_pos = None
-    if isinstance(head, ReducedHead):
-        head_pos = torch.full((head.vocab_size,), -1, dtype=torch.long)
-        head_pos[head.ids.cpu()] = torch.arange(head.size)
+    head_pos = _head_positions(student.lm_head)
     step, seen, curve = 0, 0, []
     ckpt = opts.work / "ckpt.pt"
     if recipe.init and not ckpt.is_file():  # the earlier run's draft, not its optimiser,
         load_trainable_state(student, {k: v.to(device) for k, v in init_state(recipe, target)})
         log_line(opts.work, f"initialised from {recipe.init}")
     if ckpt.is_file():
-        blob = torch.load(ckpt, weights_only=False)
-        load_trainable_state(student, {k: v.to(device) for k, v in blob["student"].items()})
-        opt.load_state_dict(blob["optimizer"])
-        if batches is not None:
-            batches.restore(blob["batches"])
-        step, seen, curve = blob["step"], blob["tokens"], blob["curve"]
-        torch.set_rng_state(blob["rng"]["torch"])
-        random.setstate(blob["rng"]["python"])
+        step, seen, curve = _resume(ckpt, student, opt, batches, device)
         log_line(opts.work, f"resumed at step {step} ({seen} tokens)")
     if batches is None:  # --report-only
         student.eval()
@@ -213,23 +202,6 @@ def train(
         point = {"step": step, "tokens": seen, "greedy": acc["greedy"], "t0.7": acc["t0.7"]}
         curve.append(point)
         log_line(opts.work, f"eval {json.dumps(point)}")
-
-    def checkpoint() -> None:
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save(
-            {
-                "student": {k: v.cpu() for k, v in trainable_state(student).items()},
-                "optimizer": opt.state_dict(),
-                "batches": batches.state(),
-                "step": step,
-                "tokens": seen,
-                "curve": curve,
-                "rng": _rng_state(),
-                "recipe": asdict(recipe),
-            },
-            tmp,
-        )
-        tmp.replace(ckpt)
 
     if not curve:
         evaluate_now()
@@ -248,14 +220,7 @@ def train(
             progress.start()
         while step < recipe.steps:
             t_step = time.time()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, recipe)
-            loss, last = loss_on(student, batches.next(), recipe, head_pos, device)
-            last["loss"] = float(loss.detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            last = _step(student, opt, params, batches.next(), recipe, head_pos, step, device)
             step += 1
             seen += int(last["tokens"])
             train_s += time.time() - t_step
@@ -270,7 +235,14 @@ def train(
             if step % recipe.eval_every == 0 or step == recipe.steps:
                 evaluate_now()
             if step % recipe.ckpt_every == 0 or step == recipe.steps or out_of_time(opts):
-                checkpoint()
+                _save(
+                    ckpt,
+                    student,
+                    opt,
+                    batches,
+                    {"step": step, "tokens": seen, "curve": curve},
+                    recipe,
+                )
                 write_status(
                     opts.work,
                     stage="train",
@@ -292,6 +264,76 @@ def train(
             progress.stop()
     student.eval()
     return {"step": step, "tokens": seen, "curve": curve}
+
+
+def _head_positions(head: Any) -> torch.Tensor | None:
+    """A reduced head's row of each vocabulary id (-1: not in the head); None for a full one."""
+    if not isinstance(head, ReducedHead):
+        return None
+    pos = torch.full((head.vocab_size,), -1, dtype=torch.long)
+    pos[head.ids.cpu()] = torch.arange(head.size)
+    return pos
+
+
+def _save(
+    ckpt: Path,
+    student: torch.nn.Module,
+    opt: Any,
+    batches: Batches,
+    progress: dict[str, Any],
+    recipe: Recipe,
+) -> None:
+    """Write the checkpoint :func:`_resume` reads (atomically: a stop mid-write keeps the
+    last one): the student's trainable weights, the optimiser, the batches, ``progress``
+    (step, tokens, curve) and the random generators."""
+    tmp = ckpt.with_suffix(".tmp")
+    blob = {
+        "student": {k: v.cpu() for k, v in trainable_state(student).items()},
+        "optimizer": opt.state_dict(),
+        "batches": batches.state(),
+        **progress,
+        "rng": _rng_state(),
+        "recipe": asdict(recipe),
+    }
+    torch.save(blob, tmp)
+    tmp.replace(ckpt)
+
+
+def _resume(
+    ckpt: Path, student: torch.nn.Module, opt: Any, batches: Batches | None, device: Any
+) -> tuple[int, int, list[dict[str, Any]]]:
+    """Load the checkpoint into the student, the optimiser, the batches and the random
+    generators; returns its step, tokens seen and acceptance curve."""
+    blob = torch.load(ckpt, weights_only=False)
+    load_trainable_state(student, {k: v.to(device) for k, v in blob["student"].items()})
+    opt.load_state_dict(blob["optimizer"])
+    if batches is not None:
+        batches.restore(blob["batches"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    random.setstate(blob["rng"]["python"])
+    return blob["step"], blob["tokens"], blob["curve"]
+
+
+def _step(
+    student: torch.nn.Module,
+    opt: Any,
+    params: list[torch.nn.Parameter],
+    batch: Any,
+    recipe: Recipe,
+    head_pos: torch.Tensor | None,
+    step: int,
+    device: Any,
+) -> dict[str, float]:
+    """One optimiser step at ``step``'s learning rate; the batch's loss and statistics."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, recipe)
+    loss, last = loss_on(student, batch, recipe, head_pos, device)
+    last["loss"] = float(loss.detach())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return last
 
 
 def _progress(enabled: bool) -> Any:

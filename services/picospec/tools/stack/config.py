@@ -58,7 +58,7 @@ class StackConfig:
     sampler_port: int = 8201
     client_auth: bool = False  # require a random user/password from every NATS client
     secure: bool = False  # per-role NATS users with least permissions (replaces client_auth)
-    tls: bool = False  # TLS on every NATS listener, from a throwaway CA (needs openssl)
+    tls: bool = False  # TLS on every NATS listener, from a throwaway CA (the tools extra)
     extra_sites: tuple[str, ...] = ()  # secure: also admit these edge sites (their own nodes)
     api_key: str | None = field(default=None, repr=False)  # the drafter's API key
     # pin the edge (drafter, sampler, leaf node) and the cloud (verifiers, hub or the single

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -167,51 +166,95 @@ class Pki:
 
 
 def make_pki(directory: str | os.PathLike[str], days: int = 7) -> Pki:
-    """Make a CA and sign a server and a client certificate with it (``openssl`` command).
+    """Make a CA and sign a server and a client certificate with it (``cryptography``).
 
-    Elliptic-curve keys; the server certificate names ``IP:127.0.0.1`` and ``DNS:localhost``.
-    Private keys are written readable by their owner only.
+    Elliptic-curve keys (P-256); the server certificate names ``IP:127.0.0.1`` and
+    ``DNS:localhost``. Private keys are written readable by their owner only.
     """
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise NatsServerError(
-            "TLS for the local stack needs the openssl command (apt install openssl)"
-        )
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    now = datetime.datetime.now(datetime.UTC)
 
-    def run(*args: str) -> None:
-        proc = subprocess.run(
-            [openssl, *args], cwd=d, capture_output=True, text=True, check=False, timeout=30
+    def usage(cert_sign: bool) -> x509.KeyUsage:
+        return x509.KeyUsage(
+            digital_signature=not cert_sign,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=cert_sign,
+            crl_sign=cert_sign,
+            encipher_only=False,
+            decipher_only=False,
         )
-        if proc.returncode != 0:
-            raise NatsServerError(f"openssl {args[0]} failed: {proc.stderr.strip()[-500:]}")
 
-    old_umask = os.umask(0o077)
-    try:
-        run("req", "-x509", *curve, "-keyout", "ca.key", "-out", "ca.pem", "-days", str(days),
-            "-subj", "/CN=picospec local CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-        for name, usage, san in (
-            ("server", "serverAuth", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"),
-            ("client", "clientAuth", ""),
-        ):
-            (d / f"{name}.ext").write_text(
-                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                f"extendedKeyUsage={usage}\n{san}"
-                "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+    def issue(cn: str, key: Any, issuer: tuple[x509.Name, Any] | None, *extensions: Any) -> Any:
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        issuer_name, issuer_key = issuer or (subject, key)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
             )
-            run("req", "-new", *curve, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN=picospec-{name}")  # fmt: skip
-            run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-set_serial", str(secrets.randbits(63)), "-days", str(days),
-                "-out", f"{name}.pem", "-extfile", f"{name}.ext")  # fmt: skip
-    finally:
-        os.umask(old_umask)
-    for name in ("ca.pem", "server.pem", "client.pem"):
-        (d / name).chmod(0o644)
+        )
+        for ext, critical in extensions:
+            builder = builder.add_extension(ext, critical)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(name: str, key: Any, cert: Any) -> None:
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(d / f"{name}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (d / f"{name}.pem").chmod(0o644)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = issue(
+        "picospec local CA",
+        ca_key,
+        None,
+        (x509.BasicConstraints(ca=True, path_length=None), True),
+        (usage(True), True),
+    )
+    write("ca", ca_key, ca)
+    san = x509.SubjectAlternativeName(
+        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    )
+    for name, purpose, extra in (
+        ("server", ExtendedKeyUsageOID.SERVER_AUTH, [(san, False)]),
+        ("client", ExtendedKeyUsageOID.CLIENT_AUTH, []),
+    ):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = issue(
+            f"picospec-{name}",
+            key,
+            (ca.subject, ca_key),
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (usage(False), True),
+            (x509.ExtendedKeyUsage([purpose]), False),
+            *extra,
+        )
+        write(name, key, cert)
     return Pki(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key")
 
 
@@ -497,7 +540,7 @@ class NatsServer:
     def monitor(self, endpoint: str, timeout: float = 2.0) -> dict[str, Any]:
         """GET a monitoring endpoint (``varz``, ``leafz``, ``connz``, ``subsz``...) as JSON."""
         url = f"{self.monitor_url}/{endpoint.lstrip('/')}"
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback
             return json.loads(resp.read())
 
     def leafnode_count(self) -> int:

@@ -50,6 +50,7 @@ from picospec import (
     default_draft_dtype,
     default_drafter,
 )
+from picospec.tools.sse import EventStream, StreamError
 from picospec.tools.stack.config import TOPOLOGIES, StackConfig, StackError
 from picospec.tools.stack.natsserver import (
     NatsServerError,
@@ -91,7 +92,7 @@ def _auth_headers(api_key: str | None) -> dict[str, str]:
 def _model_id(api_url: str, api_key: str | None = None) -> str:
     req = urllib.request.Request(f"{api_url}/models", headers=_auth_headers(api_key))
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=5) as resp:
             data = json.loads(resp.read())
         return str(data["data"][0]["id"])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
@@ -129,15 +130,10 @@ def stream_chat(
         },
         method="POST",
     )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback
-        for raw in resp:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("data:"):
-                continue
-            payload = line[len("data:") :].strip()
-            if payload == "[DONE]":
-                return
-            yield json.loads(payload)
+    stream = EventStream()
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # loopback
+        yield from stream.events(resp)
+    stream.check()
 
 
 DEMO_SEED = 0  # the demo's requests are seeded: the same answer every run
@@ -278,7 +274,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tls",
         action="store_true",
-        help="TLS on every NATS listener, from a throwaway CA in <run-dir>/pki (needs openssl)",
+        help="TLS on every NATS listener, from a throwaway CA in <run-dir>/pki",
     )
     p.add_argument("--run-dir", type=Path, default=None, help="configs and logs (default: temp)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds")
@@ -452,7 +448,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 if runs[-1].get("mode") != "ar":
                     compare_with_ar(stack.api_url, args.demo_prompt, runs[-1],
                                     api_key=cfg.api_key)  # fmt: skip
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, StreamError) as e:
                 print(f"picospec up: demo request failed: {e}", file=sys.stderr, flush=True)
         print("serving; Ctrl-C to stop", flush=True)
         reported: set[str] = set()

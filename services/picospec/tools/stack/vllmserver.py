@@ -56,7 +56,7 @@ def serve(
             if proc.poll() is not None:
                 raise VllmUnavailable(f"vllm serve exited with code {proc.returncode} ({log_path})")
             with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/models", timeout=2):  # noqa: S310 - loopback
+                with urllib.request.urlopen(f"{url}/models", timeout=2):  # loopback
                     break
             if time.monotonic() > deadline:
                 raise VllmUnavailable(f"vllm serve not ready within {ready_timeout:.0f}s")
