@@ -265,6 +265,9 @@ def test_a_session_hands_over_where_its_blocks_cost_more_than_the_engines_own_st
 
     assert faster_alone(0.0, 0.6) and faster_alone(0.0, 0.9)
     assert not faster_alone(0.040, 0.6) and faster_alone(0.040, 0.9)
+    # a step at the cost line's floor (a fit gone wrong) is no evidence for cloud-only decoding
+    floor = Inputs(0.0065, 0.001, verify_step_s=1e-6, verify_per_token_s=0.0, alpha=0.6)
+    assert not cloud_only_faster(floor, 1.0)
 
 
 # --- the cloud's load -------------------------------------------------------------------------

@@ -143,6 +143,11 @@ class ForwardStats:
     # a block the engine ran as a request of its own, beside its own decoding (vLLM); what it
     # costs beyond the forward of its tokens is the cost line's per-round term
     request: bool = False
+    # one stream's view of an engine step it shared with the other requests in flight (a step
+    # of vLLM's own decoding): the cost line and the load meter take it, the forward histogram
+    # (which sums the engine's time) does not, as every stream in the step reports it
+    shared: bool = False
+    end: float | None = None  # when it ended (time.perf_counter()); None: when reported
 
 
 class Batcher:

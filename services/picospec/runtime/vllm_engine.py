@@ -391,12 +391,11 @@ class VllmRunner:
         self.queued = 0
         self.in_flight = 0  # engine requests: rounds and ar streams
 
-    def _report(
-        self, tokens: int, seconds: float, sessions: int, waits: tuple[float, ...], request: bool
-    ) -> None:
+    def _report(self, tokens: int, seconds: float, sessions: int, **kw: Any) -> None:
+        """``kw``: :class:`ForwardStats`'s ``queue_waits``, ``request``, ``shared``, ``end``."""
         if self.on_forward is not None:
-            stats = ForwardStats(self.target, max(1, sessions), tokens, seconds, waits, request)
-            self.on_forward(stats)
+            kw.setdefault("queue_waits", ())
+            self.on_forward(ForwardStats(self.target, max(1, sessions), tokens, seconds, **kw))
 
     @property
     def waiting(self) -> int:
@@ -432,9 +431,12 @@ class VllmRunner:
                 async for chunk in self.target.stream(prompt, sampling, max_tokens, eos, salt):
                     now = time.perf_counter()
                     if last is not None and chunk:  # the first output holds the prefill
+                        # one step per token, one after the other (an output that brings
+                        # several tokens covers all their steps)
                         step = (now - last) / len(chunk)
-                        for _ in chunk:
-                            self._report(1, step, self.in_flight, (), request=False)
+                        for i in range(len(chunk)):
+                            end = last + (i + 1) * step
+                            self._report(1, step, self.in_flight, shared=True, end=end)
                     last = now
                     for token in chunk:
                         on_emit(token)
@@ -529,7 +531,9 @@ class VllmRunner:
                     seconds = time.perf_counter() - t0
                     job.compute_s += seconds
                     waits = (t0 - job.submitted,) if job.compute_s == seconds else ()
-                    self._report(len(req.tokens), seconds, alongside, waits, request=True)
+                    self._report(
+                        len(req.tokens), seconds, alongside, queue_waits=waits, request=True
+                    )
                     req = program.send(rows)
             except StopIteration as done:
                 return done.value

@@ -105,6 +105,7 @@ CLOUD_ONLY_MARGIN = 0.25
 # on a saturated replica a new session speculates only where that is this much cheaper for
 # the replica than cloud-only decoding (a choice near the line would split the sessions)
 OPEN_MARGIN = 0.05
+MIN_STEP_S = 1e-5  # a one-token step below this is no measurement (CostLine's floor is 1e-6)
 
 
 class VerifyCost(NamedTuple):
@@ -251,6 +252,8 @@ def cloud_only_faster(inp: Inputs, rate: float, margin: float = CLOUD_ONLY_MARGI
     would serve the session faster by ``margin`` than speculating at the predicted ``rate``
     (its best). Where a block costs a request of its own (vLLM), a poor acceptance makes
     speculation slower than the engine's own decoding."""
+    if inp.verify_step_s < MIN_STEP_S:
+        return False  # not a measurement (a fit pressed against its floor)
     return rate * (1 + margin) < 1.0 / inp.verify_step_s
 
 

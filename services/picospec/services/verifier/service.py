@@ -274,14 +274,15 @@ class VerifierService:
     def _on_forward(self, f: ForwardStats) -> None:
         """After every forward of the model thread (on that thread): the metrics, and the
         cost line told to drafters (fitted on the event loop)."""
-        metrics.VERIFY_FORWARD.observe(f.seconds)
+        if not f.shared:
+            metrics.VERIFY_FORWARD.observe(f.seconds)
         for wait in f.queue_waits:
             metrics.QUEUE_WAIT.observe(wait)
         if self.ready and self._loop is not None:
             self._loop.call_soon_threadsafe(
                 self.cost.observe, f.tokens, f.seconds, f.sessions, f.request
             )
-            end = time.perf_counter()
+            end = f.end if f.end is not None else time.perf_counter()
             self._loop.call_soon_threadsafe(self.meter.observe, end, f.seconds, f.sessions)
 
     async def publisher(self) -> None:
