@@ -301,7 +301,7 @@ class Batcher:
                 keep=keep,
                 on_device=on_device,
             )
-        except Exception as e:
+        except Exception as e:  # the forward's failure fails its jobs alone
             log.exception("a batched forward failed; its %d jobs fail", len(group))
             for job, _ in group:
                 job.program.close()
@@ -433,7 +433,7 @@ class ModelThread:
                 for v in values:
                     try:
                         job.on_emit(v)
-                    except Exception:
+                    except Exception:  # one callback must not stop the rest
                         log.exception("on_emit of a model-thread job failed")
             fut = job.future
             if fut is None or fut.done() or not job.done:

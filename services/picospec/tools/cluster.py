@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from picospec.tools.promtext import series_sum
+from picospec.tools.promtext import Scrape
 
 EDGE_LABEL = "node-role.kubernetes.io/edge"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -318,8 +318,9 @@ def collect(api_client: Any, namespace: str, release: str | None, metrics: bool 
             continue
         text = pod_metrics(core, namespace, pod) if metrics else None
         if text is not None:
-            v.sessions = series_sum(text, "picospec_active_sessions")
-            v.queue_depth = series_sum(text, "picospec_verify_queue_depth")
+            scrape = Scrape(text)
+            v.sessions = scrape.sum("picospec_active_sessions")
+            v.queue_depth = scrape.sum("picospec_verify_queue_depth")
         verifiers.append(v)
     verifiers.sort(key=lambda v: v.name)
 

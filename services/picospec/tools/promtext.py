@@ -7,14 +7,25 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 
+class Scrape:
+    """One scrape's text, parsed once (a caller that reads several series from it parses it
+    once). Raises ``ValueError`` on text that is not the exposition format."""
+
+    def __init__(self, text: str) -> None:
+        self.samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+    def sum(self, name: str, **labels: str) -> float | None:
+        """The sum of the samples named ``name`` (as exposed: a counter's ``_total``, a
+        histogram's ``_sum`` or ``_count``) whose labels include ``labels``, over every other
+        label's values; None where no such sample is exposed."""
+        values = [
+            s.value
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+        return sum(values) if values else None
+
+
 def series_sum(text: str, name: str, **labels: str) -> float | None:
-    """The sum of the samples named ``name`` (as exposed: a counter's ``_total``, a
-    histogram's ``_sum`` or ``_count``) whose labels include ``labels``, over every other
-    label's values; None where no such sample is exposed. Raises ``ValueError`` on text that
-    is not the exposition format."""
-    found, total = False, 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                found, total = True, total + sample.value
-    return total if found else None
+    """:meth:`Scrape.sum` of one series from ``text``."""
+    return Scrape(text).sum(name, **labels)

@@ -130,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
     if checked is None:
         return 2
     profiles, device = checked
-    report = _run_modes(args, prompts, profiles)
+    report = _run_modes(args, prompts, profiles, console)
     report["config"] = _config(args, len(prompts), profiles, device)
     report["notes"].extend(_notes(args, device))
     if args.map:
@@ -182,11 +182,12 @@ def _modes_profiles_device(args: argparse.Namespace, console: Any) -> tuple[list
         return None
 
 
-def _run_modes(args: argparse.Namespace, prompts: list[str], profiles: list[str]) -> dict[str, Any]:
-    """The speedup map, the concurrency levels, or every mode over each link profile."""
-    from rich.console import Console
-
-    progress = _progress_factory(Console(stderr=True))
+def _run_modes(
+    args: argparse.Namespace, prompts: list[str], profiles: list[str], console: Any
+) -> dict[str, Any]:
+    """The speedup map, the concurrency levels, or every mode over each link profile (their
+    progress on ``console``)."""
+    progress = _progress_factory(console)
     report: dict[str, Any] = {
         "profiles": {},
         "notes": [],

@@ -252,9 +252,9 @@ def run_fleet(args: argparse.Namespace, prompts: list[str], progress: Any) -> di
         drafter = stack.services["drafter"].url
 
         def policy() -> dict[str, float]:
-            text = _scrape(drafter)
+            scrape = _scrape(drafter)
             return {
-                p: scraped(text, "picospec_draft_policy_rounds_total", policy=p)
+                p: scraped(scrape, "picospec_draft_policy_rounds_total", policy=p)
                 for p in ("latency", "capacity")
             }
 
@@ -278,8 +278,8 @@ def run_fleet(args: argparse.Namespace, prompts: list[str], progress: Any) -> di
             )
 
         def counters() -> dict[str, float]:
-            text = _scrape(verifier)
-            return {k: scraped(text, k) for k in COUNTERS}
+            scrape = _scrape(verifier)
+            return {k: scraped(scrape, k) for k in COUNTERS}
 
         # first-touch costs, then the reference: ar with one user records every prompt's
         # answer (what the emulated edges replay) and gives t_v1

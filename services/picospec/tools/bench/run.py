@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from picospec.tools.prompts import edit_prompts, mtbench_questions
-from picospec.tools.promtext import series_sum
+from picospec.tools.promtext import Scrape
 from picospec.tools.sse import EventStream, StreamError
 
 PROFILES: dict[str, tuple[float, float | None]] = {  # name: (round-trip ms, Mbit/s)
@@ -234,20 +234,20 @@ EMULATION_COUNTERS = (
 )
 
 
-def _scrape(metrics_url: str) -> str:
+def _scrape(metrics_url: str) -> Scrape:
     with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=10) as r:
-        return r.read().decode()
+        return Scrape(r.read().decode())
 
 
-def scraped(text: str, name: str, **labels: str) -> float:
+def scraped(scrape: Scrape, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples (with ``labels``) in one scrape; 0 where none."""
-    return series_sum(text, name, **labels) or 0.0
+    return scrape.sum(name, **labels) or 0.0
 
 
 def _histogram_means(metrics_url: str, names: tuple[str, ...]) -> dict[str, tuple[float, float]]:
     """(sum, count) of each histogram, over all its label values, from one scrape."""
-    text = _scrape(metrics_url)
-    return {n: (scraped(text, f"{n}_sum"), scraped(text, f"{n}_count")) for n in names}
+    scrape = _scrape(metrics_url)
+    return {n: (scraped(scrape, f"{n}_sum"), scraped(scrape, f"{n}_count")) for n in names}
 
 
 Snapshot = dict[str, dict[str, float]]  # side -> series -> value, from one scrape per side
@@ -262,8 +262,8 @@ def _snapshot(urls: dict[str, str], emulated: bool) -> Snapshot:
         if side == "drafter":
             names += [f"{h}_{part}" for h in HISTOGRAMS for part in ("sum", "count")]
         if names:
-            text = _scrape(url)
-            out[side] = {n: scraped(text, n) for n in names}
+            scrape = _scrape(url)
+            out[side] = {n: scraped(scrape, n) for n in names}
     return out
 
 
