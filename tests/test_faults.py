@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import nats
 import pytest
+from pydantic import ValidationError
 
 from picospec.protocol import subjects
 from picospec.protocol.codec import Verdict, VerdictStatus, decode_as
@@ -808,7 +809,14 @@ class TestEdgeCloud:
         replies = asyncio.run(run())
         # one prefill: its measured time (to the microsecond) is in every reply
         assert len(set(replies)) == 1, replies
-        assert OpenReply.model_validate_json(replies[0]).prefill_s is not None
+        reply = OpenReply.model_validate_json(replies[0])
+        assert reply.prefill_s is not None
+        # the replica's load as it opened the session (it held this one at least), which a
+        # drafter takes as a verdict's; the three travel together
+        assert reply.sessions is not None and reply.sessions >= 1
+        assert reply.busy is not None and 0 <= reply.busy <= 1 and reply.batch is not None
+        with pytest.raises(ValidationError, match="go together"):
+            OpenReply.model_validate({**reply.model_dump(), "batch": None})
 
     def test_503_carries_retry_after(self, edge: Stack) -> None:
         s = edge

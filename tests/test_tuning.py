@@ -286,6 +286,20 @@ def test_load_meter_is_the_busy_fraction_of_the_last_window() -> None:
     assert m.load(12.0) == (0.0, 0)  # everything left the window
 
 
+def test_load_meter_reads_a_wave_on_an_idle_replica_from_its_first_forward() -> None:
+    m = LoadMeter(window_s=1.0, lead_s=0.25)
+    m.observe(20.03, 0.03, 4)  # a replica idle for long, then one forward
+    assert m.load(20.03)[0] == pytest.approx(0.03 / 0.25)  # no saturation from one forward
+    for i in range(2, 11):  # then continuous work: busy all the time since the load came
+        m.observe(20.0 + 0.03 * i, 0.03, 4)
+    assert m.load(20.3)[0] == pytest.approx(1.0)
+    # a steady load whose gaps are shorter than lead_s reads over the whole window
+    m = LoadMeter(window_s=1.0, lead_s=0.25)
+    for i in range(10):
+        m.observe(40.1 + 0.1 * i, 0.05, 2)
+    assert m.load(41.0)[0] == pytest.approx(0.5)
+
+
 def simulate_capacity(inp: Inputs, gamma: int, batch: int, blocks: int = 200_000) -> float:
     """A direct simulation of a session's blocks on a saturated verifier: the verifier's
     seconds (its share of each forward) per committed token."""

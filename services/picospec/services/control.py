@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from picospec.protocol.codec import MAX_PREFIX_TOKENS
 from picospec.speculation.sampling import SamplingParams
@@ -58,6 +58,18 @@ class OpenReply(_Strict):
     verify_per_round_s: float | None = Field(
         None, ge=0, description="... and each block's own request (vLLM; 0: blocks are forwards)"
     )
+    # the replica's load as it opened the session, as every verdict tells it (Verdict.busy,
+    # .batch, .sessions): a drafter whose first session this is decides at the open whether
+    # speculating pays on this replica, instead of after its first rounds
+    busy: float | None = Field(None, ge=0.0, le=1.0, description="engine busy fraction, last 1 s")
+    batch: int | None = Field(None, ge=0, le=255, description="sessions per forward, last 1 s")
+    sessions: int | None = Field(None, ge=0, le=65535, description="sessions the replica holds")
+
+    @model_validator(mode="after")
+    def _v_load(self) -> OpenReply:
+        if len({self.busy is None, self.batch is None, self.sessions is None}) > 1:
+            raise ValueError("OpenReply: busy, batch and sessions go together")
+        return self
 
 
 class CloseSession(_Strict):

@@ -461,9 +461,15 @@ class DraftLenController:
         if inp is None:
             return replace(self.prior, alpha=self.alpha, hazard_counts=counts)
         return SiteEstimates(
-            inp.t_d, inp.rtt_s, inp.verify_step_s, inp.verify_per_token_s, inp.alpha, counts,
-            inp.verify_per_session_s, inp.verify_per_round_s,
-        )  # fmt: skip
+            inp.t_d,
+            inp.rtt_s,
+            inp.verify_step_s,
+            inp.verify_per_token_s,
+            inp.alpha,
+            counts,
+            inp.verify_per_session_s,
+            inp.verify_per_round_s,
+        )
 
     def prefers_cloud_only(self) -> bool:
         """Whether cloud-only decoding is predicted ``CLOUD_ONLY_MARGIN`` faster for the session
@@ -556,9 +562,16 @@ class CostLine:
 class LoadMeter:
     """The verifier's load over the last ``window_s`` seconds: the fraction of the time its
     engine was running forwards (overlapping forwards counted once), and the sessions per
-    forward. What every verdict tells its drafter (``Verdict.busy``, ``Verdict.batch``)."""
+    forward. What every verdict tells its drafter (``Verdict.busy``, ``Verdict.batch``).
+
+    An idle stretch of at least ``lead_s`` at the window's start is the time before the load
+    came, not part of it: the fraction is then taken from the first forward on (over at least
+    ``lead_s``). So a wave of sessions that meets an idle replica sees it saturated after a
+    quarter of a second of continuous work, not after a whole window; a steady load, whose
+    gaps are shorter, reads the same either way."""
 
     window_s: float = 1.0
+    lead_s: float = 0.25
     _forwards: deque[tuple[float, float, int]] = field(default_factory=deque)  # end, s, sessions
 
     def observe(self, end: float, seconds: float, sessions: int) -> None:
@@ -579,6 +592,9 @@ class LoadMeter:
             if end > covered:
                 busy += end - max(begin, covered)
                 covered = end
+        span = self.window_s
+        if spans and spans[0][0] - start >= self.lead_s:  # the load came within the window
+            span = max(self.lead_s, now - spans[0][0])
         n = len(self._forwards)
         batch = round(sum(f[2] for f in self._forwards) / n) if n else 0
-        return min(1.0, busy / self.window_s), batch
+        return min(1.0, busy / span), batch

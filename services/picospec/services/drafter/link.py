@@ -131,6 +131,7 @@ class CloudLink:
                 await asyncio.sleep(0.2)  # draining, full, mismatched replica: try another
                 continue
             reply = OpenReply.model_validate_json(msg.data)
+            self.svc.saturation.observe(reply.busy, reply.batch, reply.sessions)
             self.verifier = self.stats.verifier = reply.verifier
             self._open_rtt = time.monotonic() - sent
             if self.stats.cloud_prefill_s is None:

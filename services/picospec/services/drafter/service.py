@@ -314,6 +314,7 @@ class Generation(CloudLink):
             )
             if self._open_rtt is not None and reply.prefill_s is not None:
                 tuner.observe_open(self._open_rtt - reply.prefill_s)
+            tuner.observe_load(reply.busy, reply.batch, reply.sessions)
         left = self.max_tokens - len(session.generated)
         session.draft_len, session.lookahead = tuner.choose(tokens_left=left)
         metrics.DRAFT_LEN.labels(self.spec.mode.value).set(session.draft_len)
@@ -415,9 +416,15 @@ class Generation(CloudLink):
             metrics.DRAFTS.labels(mode).inc()
             metrics.DRAFT_TOKENS.labels(mode).inc(len(run))
             block = DraftBlock(
-                session=self.sid, epoch=epoch, seq=0, pos=len(tokens), prefix=(),
-                tokens=tuple(run), q=(1.0,) * len(run), vocab_size=self.svc.model.vocab_size,
-            )  # fmt: skip
+                session=self.sid,
+                epoch=epoch,
+                seq=0,
+                pos=len(tokens),
+                prefix=(),
+                tokens=tuple(run),
+                q=(1.0,) * len(run),
+                vocab_size=self.svc.model.vocab_size,
+            )
             await self._publish_block(block, track=False)
 
     async def _speculate(self) -> AsyncIterator[list[int]]:
@@ -499,16 +506,21 @@ class Generation(CloudLink):
     def _opened(self, session: DrafterSession, opening: _Opening) -> list[int]:
         """The open reply has come (Unavailable or BadRequest end the request here): learn
         from it, and take in the target's first token from the prefill, with the blocks
-        drafted meanwhile that still hold. Returns the first token where it is still to be
-        streamed."""
+        drafted meanwhile that still hold. Where the reply says the replica is saturated and
+        speculating does not pay there, speculation stops at once (the blocks already drafted
+        get their verdicts, then the session is handed over). Returns the first token where it
+        is still to be streamed."""
         assert opening.task is not None
         reply = opening.task.result()
         opening.task = None
         self._tune(session, reply)
-        if reply.first_token is None:
-            return []
-        first, opening.held = session.accept_first(reply.first_token)
-        return [] if opening.streamed_first else list(first.tokens)
+        first: list[int] = []
+        if reply.first_token is not None:
+            got, opening.held = session.accept_first(reply.first_token)
+            first = [] if opening.streamed_first else list(got.tokens)
+        if session.speculating and not session.done and self._speculation_off():
+            session.stop_speculating()
+        return first
 
     async def _draft(self, session: DrafterSession, opening: _Opening) -> AsyncIterator[list[int]]:
         """One draft step, a free one (the proposer's) or the draft model's, and the block it

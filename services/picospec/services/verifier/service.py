@@ -199,6 +199,7 @@ class VerifierService:
             verify_per_token_s=line.per_token,
             verify_per_session_s=line.per_session,
             verify_per_round_s=line.per_round,
+            **self._load(),
         )
         return reply.model_dump_json().encode()
 
@@ -293,10 +294,13 @@ class VerifierService:
 
     def _with_load(self, verdict: Verdict) -> Verdict:
         """``verdict`` with this replica's load now, for the drafter's draft-length policy."""
+        return verdict.model_copy(update=self._load())
+
+    def _load(self) -> dict[str, Any]:
+        """This replica's load now, as verdicts and open replies tell it."""
         busy, batch = self.meter.load(time.perf_counter())
         metrics.VERIFY_BUSY.set(busy)
-        load = {"busy": busy, "batch": min(batch, 255), "sessions": min(len(self.sessions), 65535)}
-        return verdict.model_copy(update=load)
+        return {"busy": busy, "batch": min(batch, 255), "sessions": min(len(self.sessions), 65535)}
 
     def _start_ar(self, sid: bytes, held: Held) -> None:
         """Cloud-only baseline: the target decodes alone on the model thread, its steps batched
