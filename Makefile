@@ -30,18 +30,24 @@ run: setup
 # The benchmark of every mode over emulated WAN profiles (a few minutes with --quick).
 BENCH_ARGS ?= --quick --profiles lan,4g,poor --quantize-draft int8
 bench: setup
-	$(BIN)/picospec bench $(BENCH_ARGS) --plot-dir docs
+	$(BIN)/picospec bench $(BENCH_ARGS) --plot-dir docs/results
 
 # The speedup map: the paper's hardware emulated (device profile), every draft over lan, 4g and
 # poor, picospec/dssd/vanilla against ar, with the draft-length sweep (about 40 minutes).
 MAP_ARGS ?= --quick --profiles lan,4g,poor --device-profile paper-llama-1b-70b --map-drafts self,bf16,int8,smollm2-draft --draft-len-sweep 2,4,6,8,auto
-.PHONY: bench-map bench-overhead
+.PHONY: bench-map bench-overhead bench-fleet
 bench-map: setup
-	$(BIN)/picospec bench --map $(MAP_ARGS) --plot-dir docs --json > docs/bench-map-emulated.json
+	$(BIN)/picospec bench --map $(MAP_ARGS) --plot-dir docs/results --json > docs/results/bench-map-emulated.json
 
 # The software cost of one verification round on loopback, without the model's compute.
 bench-overhead: setup
-	$(BIN)/picospec bench --overhead --json
+	$(BIN)/picospec bench --overhead --json > docs/results/bench-overhead.json
+
+# Edge users per verifier replica: one replica against EMULATED EDGES (a paced replay of the
+# target's answers at acceptance α), picospec against cloud-only decoding (about 10 minutes).
+FLEET_ARGS ?= --fleet 1,4,16,64 --acceptance 0.6,0.9 --repeat 2
+bench-fleet: setup
+	$(BIN)/picospec bench $(FLEET_ARGS) --json --plot-dir docs/results > docs/results/bench-fleet-transformers.json
 
 # Every role in one process, no NATS: the quickest look at the algorithm.
 generate: setup

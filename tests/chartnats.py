@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-from picospec.tools.stack.natsserver import find_nats_server, port_open
+from picospec.tools.stack.natsserver import find_nats_server
+from picospec.tools.stack.procs import spawn, tcp_ready, wait_until
 
 
 def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +84,8 @@ def local_conf(conf: str, pod_dir: Path, tls_dir: Path | None = None) -> Path:
 
 
 def start_nats(path: Path, env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
-    """``nats-server -t`` (its own config check) then the server itself."""
+    """``nats-server -t`` (its own config check) then the server itself, started by
+    ``procs.spawn`` (its own session; on Linux it dies with the test run)."""
     full = {**os.environ, **env}
     check = subprocess.run(
         [str(find_nats_server()), "-t", "-c", str(path)],
@@ -94,14 +95,14 @@ def start_nats(path: Path, env: dict[str, str], log: Path | None = None) -> subp
         timeout=30,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - kept by the process
-    return subprocess.Popen(
-        [str(find_nats_server()), "-c", str(path)], env=full, stdout=out, stderr=out
-    )
+    argv = [str(find_nats_server()), "-c", str(path)]
+    return spawn(argv, log or Path(os.devnull), full, Path.cwd())
 
 
 def wait_ports(*ports: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(port_open("127.0.0.1", p) for p in ports):
-        assert time.monotonic() < deadline, f"NATS ports {ports} did not open"
-        time.sleep(0.1)
+    wait_until(
+        lambda: all(tcp_ready("127.0.0.1", p) for p in ports),
+        timeout,
+        f"NATS ports {ports} to open",
+        interval=0.1,
+    )

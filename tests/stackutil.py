@@ -24,6 +24,7 @@ from picospec.speculation.engine import generate
 from picospec.speculation.sampling import SamplingParams
 from picospec.speculation.spec import Mode, SpecConfig
 from picospec.tools.sse import EventStream
+from picospec.tools.stack.procs import wait_until
 from picospec.tools.stack.up import Stack, StackConfig
 from test_services import ENV, chat, expected, metric, post, scrape
 
@@ -71,15 +72,9 @@ def stack_config(tiny_dirs: tuple[Path, Path], env: dict[str, str] | None = None
 def wait_for(
     pred: Callable[[], T], timeout: float, interval: float = 0.1, what: str = "condition"
 ) -> T:
-    """Poll ``pred`` until it returns something truthy (returned); AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout:.0f}s (last: {got!r})")
-        time.sleep(interval)
+    """Poll ``pred`` until it returns something truthy (returned); on timeout, ``wait_until``'s
+    ``NotReady`` names ``what`` and the last value."""
+    return wait_until(pred, timeout, what, interval=interval)
 
 
 def gauge(stack: Stack, service: str, name: str, **labels: str) -> float:

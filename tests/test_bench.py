@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from rich.console import Console
 
 import tinymodels
 from picospec.tools.bench import (
+    MAP_MODES,
     MODES,
     PAPER_TABLE1,
     bound,
@@ -318,3 +323,118 @@ def test_map_drafts_and_the_draft_precision_reach_the_drafter() -> None:
     assert stack.services["verifier-1"].env.get("PICOSPEC_DTYPE", "auto") == "auto"
     with pytest.raises(ValueError, match="draft_dtype"):
         StackConfig(draft_dtype="int4")
+
+
+def _bench_args(*argv: str) -> argparse.Namespace:
+    """``picospec bench``'s flags, parsed by the command's own parser."""
+    from picospec.tools.bench import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return parser.parse_args(["bench", *argv])
+
+
+def _recording() -> Console:
+    return Console(record=True, file=io.StringIO(), width=80)
+
+
+def _rows() -> dict[str, Any]:
+    return {"rows": {"ar": 10.0, "picospec": 25.5}}
+
+
+def _rows_table(data: dict[str, Any], console: Console) -> None:
+    from rich.table import Table
+
+    t = Table(title="tokens/s")
+    t.add_column("mode")
+    t.add_column("tok/s", justify="right")
+    for mode, tps in data["rows"].items():
+        t.add_row(mode, f"{tps:.1f}")
+    console.print(t)
+
+
+def _rows_plot(data: dict[str, Any], out: Path) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "rows.csv"
+    path.write_text("".join(f"{mode},{tps}\n" for mode, tps in data["rows"].items()))
+    return [str(path)]
+
+
+def test_emit_writes_the_plots_then_prints_the_document_as_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from picospec.tools.bench.report import BenchReport, emit
+
+    report, console = BenchReport(_rows(), _rows_table, _rows_plot), _recording()
+    args = _bench_args("--json", "--plot-dir", str(tmp_path / "plots"))
+    assert emit(report, args, console) == 0
+    csv = tmp_path / "plots" / "rows.csv"
+    assert csv.read_text() == "ar,10.0\npicospec,25.5\n"
+    assert capsys.readouterr().out == json.dumps({**_rows(), "plots": [str(csv)]}, indent=1) + "\n"
+    assert console.export_text() == ""  # the table is for the run without --json
+
+
+def test_emit_prints_the_table_and_writes_plots_only_into_a_plot_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from picospec.tools.bench.report import BenchReport, emit
+
+    report, console = BenchReport(_rows(), _rows_table, _rows_plot), _recording()
+    assert emit(report, _bench_args(), console) == 0
+    text = console.export_text()
+    assert "tokens/s" in text and "picospec" in text and "25.5" in text
+    assert capsys.readouterr().out == "" and "plots" not in report.data  # no --plot-dir
+    assert emit(report, _bench_args("--plot-dir", str(tmp_path)), _recording()) == 0
+    assert report.data["plots"] == [str(tmp_path / "rows.csv")]
+    assert (tmp_path / "rows.csv").exists()
+
+
+def test_emit_without_a_table_prints_the_named_result_as_pretty_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--overhead``, ``--prefill``, ``--colocation``: ``{name: result}`` with --json, the
+    result alone as pretty JSON without; no plots, --plot-dir or not."""
+    from picospec.tools.bench.report import BenchReport, emit
+
+    result = {"rounds": 3, "round_trip_ms": 1.25, "breakdown": {"codec_block_us": 4.5}}
+    report, console = BenchReport({"overhead": result}), _recording()
+    assert emit(report, _bench_args("--plot-dir", str(tmp_path)), console) == 0
+    assert json.loads(console.export_text()) == result
+    assert "plots" not in report.data and not any(tmp_path.iterdir())
+    assert emit(report, _bench_args("--json"), console) == 0
+    assert capsys.readouterr().out == json.dumps({"overhead": result}, indent=1) + "\n"
+
+
+def test_modes_parse_into_a_list_whose_default_is_the_runs() -> None:
+    from picospec.tools.bench.cli import DEFAULT_PROFILES, _modes_profiles_device
+    from picospec.tools.bench.concurrency import CONCURRENCY_MODES
+
+    assert _bench_args("--modes", "ar, picospec").modes == ["ar", "picospec"]
+    assert _bench_args().modes is None  # the default depends on the run: settled with the run
+    cases = [
+        ([], MODES, DEFAULT_PROFILES.split(",")),
+        (["--map"], MAP_MODES, DEFAULT_PROFILES.split(",")),
+        (["--concurrency", "1,2"], CONCURRENCY_MODES, ["loopback"]),
+        (["--modes", "dssd,ar", "--profiles", "lan, 4g"], ["dssd", "ar"], ["lan", "4g"]),
+    ]
+    for argv, modes, profiles in cases:
+        args = _bench_args(*argv)
+        parsed = args.modes
+        checked = _modes_profiles_device(args, _recording())
+        assert checked is not None, argv
+        run_args, run_profiles, device = checked
+        assert (run_args.modes, run_profiles, device) == (list(modes), profiles, None), argv
+        assert args.modes == parsed, "the parsed flags are left as they are"
+    console = _recording()
+    assert _modes_profiles_device(_bench_args("--modes", "ar,bogus"), console) is None
+    assert "unknown mode/profile: bogus" in console.export_text()
+
+
+def test_a_bad_request_is_said_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from picospec.tools.bench import main
+
+    assert main(_bench_args("--modes", "ar,bogus", "--profiles", "lan")) == 2
+    assert main(_bench_args("--fleet", "1,2", "--profiles", "lan,4g")) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert "unknown mode/profile: bogus" in out.err and "--fleet takes one" in out.err

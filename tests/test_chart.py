@@ -15,7 +15,6 @@ import json
 import re
 import secrets
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -629,7 +628,8 @@ def test_chart_nats_configs_enforce_the_roles_on_a_real_nats_server(tmp_path: Pa
     import nats
 
     from picospec.protocol import subjects
-    from picospec.tools.stack.natsserver import free_ports, port_open
+    from picospec.tools.stack.natsserver import free_ports
+    from picospec.tools.stack.procs import terminate_all
 
     hub_port, leaf_port, hub_mon, edge_port, edge_mon = free_ports(5)
     values = {
@@ -657,10 +657,7 @@ def test_chart_nats_configs_enforce_the_roles_on_a_real_nats_server(tmp_path: Pa
     procs = [chartnats.start_nats(hub_path, {"POD_NAME": "hub-0"})]
     try:
         procs.append(chartnats.start_nats(edge_path, {"NODE_NAME": "edge-1"}))
-        deadline = time.monotonic() + 20
-        while not (port_open("127.0.0.1", hub_port) and port_open("127.0.0.1", edge_port)):
-            assert time.monotonic() < deadline, "the chart's NATS servers did not start"
-            time.sleep(0.1)
+        chartnats.wait_ports(hub_port, edge_port)  # the chart's NATS servers
 
         async def login(port: int, role: str | None, errors: list[str], **kw: Any) -> Any:
             async def on_error(e: Exception) -> None:
@@ -731,9 +728,7 @@ def test_chart_nats_configs_enforce_the_roles_on_a_real_nats_server(tmp_path: Pa
 
         out = asyncio.run(asyncio.wait_for(main(), 60))
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=10)
+        terminate_all(procs, 10)
     assert out["reply"] == b"opened" and out["token"] == b"token"
     assert out["got"] == [b"verdict"], out["got"]  # not the forged one, no draft block
     assert any("permissions violation for subscription" in e for e in out["errors"]["drafter"])

@@ -35,6 +35,7 @@ import chartnats
 from picospec.config import Settings
 from picospec.services.shell import nats_options
 from picospec.tools.stack.natsserver import free_ports, make_pki
+from picospec.tools.stack.procs import http_ready, spawn, terminate_all, wait_until
 from test_chart import COMBOS, find, render
 
 SITES = ("a", "b")
@@ -279,16 +280,6 @@ def _leafz(port: int) -> list[dict[str, Any]]:
         return json.loads(r.read()).get("leafs") or []
 
 
-def _wait(pred, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.2)
-
-
 def _ctx(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(ca))
     if cert:
@@ -338,7 +329,7 @@ def test_two_sites_with_tls_on_real_nats_servers_and_services(
             assert "ca_file" in conf and "cert_file" in conf  # verifies the hub, mutual TLS
             procs.append(r.start_server(obj, conf, f"leaf-{site}", {"NODE_NAME": f"edge-{site}"}))
         chartnats.wait_ports(r.port_a, r.port_b)
-        _wait(lambda: len(_leafz(r.hub_mon)) == 2, 20, "both sites' leaf links")
+        wait_until(lambda: len(_leafz(r.hub_mon)) == 2, 20, "both sites' leaf links", interval=0.2)
         leafs = {x["name"]: x for x in _leafz(r.hub_mon)}
         assert set(leafs) == {"edge-a", "edge-b"}
 
@@ -356,16 +347,12 @@ def test_two_sites_with_tls_on_real_nats_servers_and_services(
             path.parent.mkdir()
             path.write_text(_rogue_leaf_conf(r, port, login if with_login else None, tls))
             rogues[(tls, with_login)] = port
-            procs.append(
-                subprocess.Popen(
-                    [str(find_nats_server()), "-c", str(path)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+            argv = [str(find_nats_server()), "-c", str(path)]
+            procs.append(spawn(argv, path.parent / "nats.log", dict(os.environ), path.parent))
         chartnats.wait_ports(*rogue_ports)
         # only the compromised node's own (valid TLS + site a's login) leaf gets in
-        _wait(lambda: len(_leafz(r.hub_mon)) == 3, 20, "the rogue leaf with site a's login")
+        rogue_in = "the rogue leaf with site a's login"
+        wait_until(lambda: len(_leafz(r.hub_mon)) == 3, 20, rogue_in, interval=0.2)
         time.sleep(3)  # the refused ones retry every second: give them time to fail
         names = sorted(x["name"] for x in _leafz(r.hub_mon))
         assert names == ["edge-a", "edge-b", "rogue-site-login"], names
@@ -487,21 +474,16 @@ def test_two_sites_with_tls_on_real_nats_servers_and_services(
                 assert env["PICOSPEC_SITE"] == name[-1]
             else:
                 assert Path(env["PICOSPEC_NATS_TLS_CA"]).read_text() == r.pki.ca.read_text()
-            log = open(tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-            services[name] = subprocess.Popen(
-                [sys.executable, "-m", "picospec.cli", "--log-level", "INFO", role],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-            )  # fmt: skip
+            argv = [sys.executable, "-m", "picospec.cli", "--log-level", "INFO", role]
+            services[name] = spawn(argv, tmp_path / f"{name}.log", env, tmp_path)
 
         def ready(name: str) -> bool:
             assert services[name].poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{ports[name]}/ready", timeout=1):
-                    return True
-            except OSError:
-                return False
+            return http_ready(f"http://127.0.0.1:{ports[name]}/ready")
 
-        _wait(lambda: all(ready(n) for n in services), 240, "the services' readiness")
+        wait_until(
+            lambda: all(ready(n) for n in services), 240, "the services' readiness", interval=0.2
+        )
         for s in SITES:
             status, body = chat(
                 f"http://127.0.0.1:{ports[f'drafter-{s}']}/v1", "Hello there", max_tokens=12
@@ -520,13 +502,5 @@ def test_two_sites_with_tls_on_real_nats_servers_and_services(
             assert line["auth"] == "user", line
             assert line["tls"] is (name == "verifier"), line  # edge: loopback to the leaf node
     finally:
-        for p in services.values():
-            p.terminate()
-        for p in services.values():
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=10)
+        terminate_all(services.values(), 15)
+        terminate_all(procs, 10)

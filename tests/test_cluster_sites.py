@@ -5,7 +5,6 @@ configs, read through the stand-in API server's pod proxy) and whether the links
 from __future__ import annotations
 
 import base64
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ pytest.importorskip("helm_python")
 import chartnats
 import test_cluster as tc
 from picospec.tools.stack.natsserver import free_ports
+from picospec.tools.stack.procs import terminate_all, wait_until
 
 
 @pytest.fixture
@@ -57,10 +57,12 @@ def sites_api(tmp_path: Path, monkeypatch):
     path = chartnats.local_conf(conf, auth.parent)
     procs.append(chartnats.start_nats(path, {"NODE_NAME": "edge-a1"}))
     chartnats.wait_ports(hub_port, hub_mon, edge_port)
-    deadline = time.monotonic() + 20
-    while b"edge-a1" not in urllib.request.urlopen(f"http://127.0.0.1:{hub_mon}/leafz").read():
-        assert time.monotonic() < deadline, "the leaf link did not come up"
-        time.sleep(0.2)
+
+    def leafz() -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{hub_mon}/leafz") as r:
+            return r.read()
+
+    wait_until(lambda: b"edge-a1" in leafz(), 20, "the leaf link (edge-a1 in /leafz)", interval=0.2)
 
     # the stand-in API server: site-labelled nodes and the per-site pods; the hub pod's
     # monitor port proxied to the real hub (whose monitor listens on hub_mon)
@@ -97,9 +99,7 @@ def sites_api(tmp_path: Path, monkeypatch):
     handler.do_GET = do_get
     monkeypatch.setattr(tc, "make_handler", lambda _state: handler)
     yield state
-    for p in procs:
-        p.terminate()
-        p.wait(timeout=10)
+    terminate_all(procs, 10)
 
 
 def test_status_shows_each_site_its_leaf_link_and_tls(sites_api, tmp_path) -> None:

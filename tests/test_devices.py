@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from picospec.runtime.devices import (
     Pacer,
     builtin_profiles,
     load_profile,
+    pace,
 )
 from picospec.tools.stack.procs import parse_cpus, split_cpus
 
@@ -114,7 +116,7 @@ def test_a_paced_model_takes_at_least_the_profile_time_and_gives_the_same_logits
 
     plain = tiny_model(seed=3)
     paced = tiny_model(seed=3)
-    paced.pacer = Pacer(Cost(device="slow box", step_s=0.03, per_token_s=0.01), "verify")
+    pace(paced, Pacer(Cost(device="slow box", step_s=0.03, per_token_s=0.01), "verify"))
     a, b = plain.new_cache(), paced.new_cache()
     torch.testing.assert_close(a.extend([1, 2, 3]), b.extend([1, 2, 3]))
     t0 = time.perf_counter()
@@ -126,6 +128,69 @@ def test_a_paced_model_takes_at_least_the_profile_time_and_gives_the_same_logits
     paced.forward_batch([b, c], [[5, 6], [1, 2, 3]])
     assert time.perf_counter() - t0 >= 0.03 + 4 * 0.01
     assert paced.pacer.stats["forward"].forwards == 2 and paced.pacer.stats["step"].forwards == 1
+
+
+@pytest.mark.parametrize("layout", ["slots", "copy"])
+def test_every_real_forward_is_paced_once_with_its_new_tokens(
+    tiny_dirs: tuple[Path, Path], tmp_path: Path, layout: str
+) -> None:
+    """A model loaded under a device profile, in float16 with a float32 prefill twin (as the
+    edge profiles run it): a prefill (on the twin over slots), a decode step, a second
+    session's prefill and one forward of both sessions (varlen over slots, or padded copies)
+    are paced once each, over their new tokens, and each lasts at least its profile time."""
+    from picospec.config import Settings
+    from picospec.runtime.loading import model_from_settings
+
+    profile = tmp_path / "box.yaml"
+    profile.write_text(
+        "draft: {device: edge box, step_s: 0.01}\n"
+        "verify: {device: cloud box, step_s: 0.03, per_token_s: 0.005}\n"
+    )
+    settings = Settings(
+        model=str(tiny_dirs[0]),
+        device="cpu",
+        dtype="float16",
+        prefill_dtype="float32",
+        device_profile=str(profile),
+    )
+    lm = model_from_settings(settings, "verify")
+    lm.kv_layout = layout
+    assert lm.pacer is not None and lm.pacer.cost.device == "cloud box"
+    assert lm.prefill_model is not None
+    targets: list[float] = []  # the profile's time of each paced forward: one per token count
+    lm.pacer.on_pace = lambda _kind, _real, target: targets.append(target)
+    ran = {"model": 0, "twin": 0}
+    for key, net in (("model", lm.model), ("twin", lm.prefill_model)):
+        net.model.embed_tokens.register_forward_hook(
+            lambda *_a, key=key: ran.__setitem__(key, ran[key] + 1)
+        )
+    cost, sizes = lm.pacer.cost, []
+
+    def lasts_its_time(n: int, forward: Callable[[], object]) -> None:
+        t0 = time.perf_counter()
+        forward()
+        assert time.perf_counter() - t0 >= cost.seconds(n)
+
+    a, b = lm.new_cache(), lm.new_cache()
+    lasts_its_time(6, lambda: a.extend([5, 6, 7, 8, 9, 10]))
+    lasts_its_time(1, lambda: a.extend([11]))
+    lasts_its_time(4, lambda: b.extend([12, 13, 14, 15], keep=1))
+    lasts_its_time(3, lambda: lm.forward_batch([a, b], [[16, 17], [18]], on_forward=sizes.append))
+    assert sizes == [2] and lm.kv_counters.forwards == 4  # four real forwards, one batched
+    assert targets == [cost.seconds(n) for n in (6, 1, 4, 3)]
+    step, fwd = lm.pacer.stats["step"], lm.pacer.stats["forward"]
+    assert (step.forwards, fwd.forwards) == (1, 3)
+    assert step.emulated_s + fwd.emulated_s >= sum(cost.seconds(n) for n in (6, 1, 4, 3))
+    # the forwards of 3 tokens or more ran on the twin over slots (and were paced once there)
+    assert ran == ({"model": 1, "twin": 3} if layout == "slots" else {"model": 4, "twin": 0})
+    # pacing again swaps the pacer without wrapping twice; pacing with None stops it
+    again = Pacer(cost, "verify")
+    pace(lm, again)
+    a.extend([19])
+    assert again.stats["step"].forwards == 1 and step.forwards == 1 and len(targets) == 4
+    pace(lm, None)
+    a.extend([20])
+    assert again.stats["step"].forwards == 1 and lm.kv_counters.forwards == 6
 
 
 def test_cpu_sets_split_the_machine_and_parse_lists() -> None:

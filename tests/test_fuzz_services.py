@@ -55,6 +55,7 @@ from picospec.runtime.model import LanguageModel
 from picospec.services.control import CloseSession, OpenReply, OpenSession
 from picospec.speculation.sampling import SamplingParams
 from picospec.speculation.spec import Mode, SpecConfig
+from picospec.tools.sse import EventStream
 from picospec.tools.stack.up import Stack, http_status
 from stackutil import (
     StreamResult,
@@ -955,14 +956,16 @@ def check_api_answer(status: int, headers: dict, raw: bytes) -> None:
     assert status < 500, (status, raw[:300])
     if status == 200:
         if headers.get("Content-Type", "").startswith("text/event-stream"):
-            events = [ln[6:] for ln in raw.decode().split("\n") if ln.startswith("data: ")]
-            assert events and events[-1] == "[DONE]", raw[-200:]
-            for e in events[:-1]:
-                obj = json.loads(e)
-                assert "error" not in obj, obj
+            sse = EventStream()
+            lines = iter(raw.decode().split("\n"))
+            chunks = list(sse.events(lines))
+            after = [obj for ln in lines if (obj := sse.feed(ln)) is not None]
+            assert sse.done and not after, raw[-200:]  # [DONE] is the last event
+            assert sse.error is None, sse.error
+            for obj in chunks:
                 assert obj["object"] in ("chat.completion.chunk", "text_completion")
                 assert isinstance(obj["choices"], list) and obj["choices"][0]["index"] == 0
-            last = json.loads(events[-2])
+            last = chunks[-1]
             assert last["usage"]["completion_tokens"] >= 0 and "picospec" in last
         else:
             obj = json.loads(raw)

@@ -35,6 +35,7 @@ import yaml
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 from picospec.services import metrics
+from picospec.tools.sse import EventStream
 from picospec.tools.stack.natsserver import free_port
 from picospec.tools.stack.prometheus import (
     RULE_FILES,
@@ -336,12 +337,10 @@ async def _stream(api: str, body: dict[str, Any]) -> dict[str, Any]:
             timeout=aiohttp.ClientTimeout(total=120),
         ) as r:
             assert r.status == 200
-            async for raw in r.content:
-                line = raw.decode().strip()
-                if line.startswith("data: {"):
-                    obj = json.loads(line[6:])
-                    assert "error" not in obj, obj
-                    stats = obj.get("picospec") or stats
+            events = EventStream()
+            async for obj in events.aevents(r.content):
+                stats = obj.get("picospec") or stats
+            assert events.error is None, events.error
     assert stats, "no final chunk with stats"
     return stats
 

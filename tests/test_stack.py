@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import random
 import re
@@ -16,7 +18,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -28,6 +33,7 @@ from picospec.tools.sse import EventStream, StreamError
 from picospec.tools.stack import register
 from picospec.tools.stack.natsserver import NatsServer, find_nats_server, free_port, port_open
 from picospec.tools.stack.netem import LinkEmulator
+from picospec.tools.stack.procs import NotReady, wait_until
 from picospec.tools.stack.up import (
     Stack,
     StackConfig,
@@ -198,21 +204,31 @@ def test_netem_cut_and_restore() -> None:
     _run(main())
 
 
-def test_netem_command_line_signals() -> None:
-    """``picospec netem`` in the foreground: forwards, SIGUSR1 cuts, SIGUSR2 restores,
-    SIGTERM exits 0 (run here as ``python -m picospec.tools.stack.netem``)."""
+def test_netem_command_line_and_its_control_endpoint() -> None:
+    """``picospec netem`` in the foreground: forwards; its HTTP control endpoint cuts and
+    restores the link, each answer the state after the change, and refuses what it does not
+    serve; SIGTERM exits 0 (run here as ``python -m picospec.tools.stack.netem``)."""
+
+    def call(url: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(url, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
 
     async def main() -> None:
         echo = await _echo_server()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "picospec.tools.stack.netem", "--listen", "0",
             "--target", f"{HOST}:{_port(echo)}", "--rtt-ms", "20", "--bandwidth-mbit", "50",
-            stdout=asyncio.subprocess.PIPE,
+            "--control-port", "0", stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdout is not None
         try:
             line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
             port = int(re.search(r"listening on [\d.]+:(\d+)", line).group(1))  # type: ignore[union-attr]
+            ctl = re.search(r"control (http://[\d.]+:\d+)", line).group(1)  # type: ignore[union-attr]
 
             async def roundtrip() -> bytes:
                 r, w = await asyncio.open_connection(HOST, port)
@@ -223,14 +239,24 @@ def test_netem_command_line_signals() -> None:
                 return data
 
             assert await roundtrip() == b"x" * 1000
-            proc.send_signal(signal.SIGUSR1)
+            status, state = await asyncio.to_thread(call, ctl + "/link")
+            assert status == 200 and state["cut"] is False and state["connections"] == 1
+            status, state = await asyncio.to_thread(call, ctl + "/link/cut", "POST")
+            assert status == 200 and state["cut"] is True
             assert b"cut" in await asyncio.wait_for(proc.stdout.readline(), 5)
             r, w = await asyncio.open_connection(HOST, port)
             assert await _closed_by_peer(r)
             w.close()
-            proc.send_signal(signal.SIGUSR2)
+            status, state = await asyncio.to_thread(call, ctl + "/link/restore", "POST")
+            assert status == 200 and state["cut"] is False and state["refused"] == 1
             assert b"restored" in await asyncio.wait_for(proc.stdout.readline(), 5)
             assert await roundtrip() == b"x" * 1000
+            # what it does not serve: a clear JSON error, and the link unchanged
+            assert (await asyncio.to_thread(call, ctl + "/link/cut"))[0] == 405
+            assert (await asyncio.to_thread(call, ctl + "/link", "POST"))[0] == 405
+            status, body = await asyncio.to_thread(call, ctl + "/nope", "POST")
+            assert status == 404 and "POST /link/cut" in body["error"]
+            assert (await asyncio.to_thread(call, ctl + "/link"))[1]["cut"] is False
             proc.send_signal(signal.SIGTERM)
             rest = await asyncio.wait_for(proc.stdout.read(), 10)
             assert await proc.wait() == 0
@@ -393,9 +419,8 @@ def test_children_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait()
-    deadline = time.monotonic() + 5
-    while port_open(HOST, port) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    with contextlib.suppress(NotReady):  # the assertion below says what stayed
+        wait_until(lambda: not port_open(HOST, port), 5, f"port {port} to close")
     assert not port_open(HOST, port), "nats-server outlived its SIGKILLed parent"
 
 
@@ -573,17 +598,19 @@ def test_up_stops_cleanly_on_sigterm_during_startup(tmp_path: Path) -> None:
     )
     try:
         marker = f"PICOSPEC_PORT={cfg.api_port}"
-        deadline = time.monotonic() + 10
-        while not _procs_with_env(marker) and time.monotonic() < deadline:
-            assert proc.poll() is None
-            time.sleep(0.1)
-        assert _procs_with_env(marker), "the drafter was never started"
+        until = time.monotonic() + 20  # for both waits together
+        what = "picospec up (starting the drafter)"
+        wait_until(lambda: _procs_with_env(marker), 10, what, proc=proc, interval=0.1)
         assert port_open(HOST, cfg.nats_port)
-        # let the verifier get as far as its HTTP server (it loads its model after that)
+        # let the verifier get as far as its HTTP server (it loads its model after that); the
+        # SIGTERM comes during the startup either way
         health = f"http://{HOST}:{cfg.port_of_verifier(1)}/health"
-        while http_status(health) != 200 and time.monotonic() < deadline + 10:
-            assert proc.poll() is None
-            time.sleep(0.1)
+        with contextlib.suppress(NotReady):
+            wait_until(
+                lambda: http_status(health) == 200, until - time.monotonic(), "picospec up",
+                proc=proc, interval=0.1,
+            )  # fmt: skip
+        assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)
     finally:

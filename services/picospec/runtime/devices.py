@@ -2,7 +2,9 @@
 
 The tokens, the acceptance and the network stay real; only the *time* a model forward takes is
 set by a :class:`DeviceProfile`. After every real forward the model thread waits until the
-forward has lasted as long as it would on the profile's hardware (:meth:`Pacer.pad`). Real
+forward has lasted as long as it would on the profile's hardware (:meth:`Pacer.pad`).
+:func:`pace` installs a pacer on a loaded model by wrapping its forward primitives; the model
+itself (:mod:`picospec.runtime.model`) knows nothing of emulation. Real
 compute is never shortened: where it ran longer than the profile allows, the forward keeps its
 real duration and the pacer counts an *overrun* (``picospec_device_overruns_total``), so a
 report can say exactly where the emulation could not keep up.
@@ -25,12 +27,16 @@ user-defined profile is a YAML or JSON file with the same fields, named by its p
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -192,7 +198,8 @@ class Pacer:
 
 
 class Stopwatch:
-    """Times a forward and hands it to a pacer (or does nothing without one)::
+    """Times a forward and hands it to a pacer (or does nothing without one); what
+    :func:`pace` wraps a model's forwards in::
 
     with Stopwatch(pacer, n_tokens):
         ...compute, synchronised (``.cpu()``)...
@@ -211,3 +218,54 @@ class Stopwatch:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if self.pacer is not None and exc_type is None:
             self.pacer.pad(self.n, time.perf_counter() - self.t0)
+
+
+def _one_session(tokens: list[int]) -> int:
+    return len(tokens)
+
+
+def _sessions(tokens: list[list[int]]) -> int:
+    return sum(len(t) for t in tokens)
+
+
+PACED_FORWARDS: dict[str, Callable[[Any], int]] = {
+    "forward": _one_session,  # one session, copy layout (a DynamicCache)
+    "_forward_varlen": _sessions,  # one or more sessions over slots (the prefill twin's too)
+    "_forward_padded": _sessions,  # several sessions, copy layout, in one padded forward
+}
+"""The :class:`~picospec.runtime.model.LanguageModel` methods that each run one real forward
+(every forward of a session's cache, :meth:`~picospec.runtime.model.KVCache.extend` or
+``forward_batch``, runs in exactly one of them), and the new tokens of a call as its ``tokens``
+argument gives them.
+Each returns its logits synchronised (on the CPU, or on a synchronised device), so the time
+measured around it is the compute's."""
+
+
+class _PacedForward:
+    """One forward primitive of a model, timed and padded by the model's current ``pacer``."""
+
+    def __init__(self, model: Any, name: str, count: Callable[[Any], int]) -> None:
+        method = getattr(model, name)
+        functools.update_wrapper(self, method)  # its name and docstring, for a reader
+        self.model, self.method, self.count = model, method, count
+        self.where = list(inspect.signature(method).parameters).index("tokens")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tokens = kwargs["tokens"] if "tokens" in kwargs else args[self.where]
+        with Stopwatch(self.model.pacer, self.count(tokens)):
+            return self.method(*args, **kwargs)
+
+
+def pace(model: Any, pacer: Pacer | None) -> None:
+    """Pace ``model`` (a :class:`~picospec.runtime.model.LanguageModel`) with ``pacer``: every
+    real forward (:data:`PACED_FORWARDS`) is then timed and padded to the pacer's profile.
+
+    ``model.pacer`` is the handle (services set its ``on_pace``); the wrappers read it at each
+    forward, so pacing again swaps the pacer and ``pace(model, None)`` stops it. The wrappers
+    are installed once per model, so no forward is ever paced twice."""
+    model.pacer = pacer
+    if pacer is None:
+        return
+    for name, count in PACED_FORWARDS.items():
+        if not isinstance(vars(model).get(name), _PacedForward):
+            setattr(model, name, _PacedForward(model, name, count))

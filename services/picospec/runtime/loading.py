@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from picospec.runtime.checkpoints import EMBEDDED, load_pretrained
-from picospec.runtime.devices import Pacer, load_profile
+from picospec.runtime.devices import Pacer, load_profile, pace
 from picospec.runtime.drafts import draft_dir
 from picospec.runtime.model import LanguageModel
 
@@ -57,7 +57,7 @@ def model_from_settings(settings: Any, role: str | None = None) -> LanguageModel
         quantize=settings.quantize,
     )
     if cost is not None:
-        model.pacer = Pacer(cost, role or "")
+        pace(model, Pacer(cost, role or ""))
     layout = getattr(settings, "kv_layout", None)
     if layout:
         model.kv_layout = str(layout)

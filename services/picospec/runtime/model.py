@@ -13,12 +13,11 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from picospec.runtime.architecture import BATCHED_ATTENTION, architecture_unsupported
-from picospec.runtime.devices import Pacer, Stopwatch
 from picospec.runtime.kvslots import (
     CacheCounters,
     Geometry,
@@ -28,6 +27,9 @@ from picospec.runtime.kvslots import (
     varlen_forward,
     why_not_slots,
 )
+
+if TYPE_CHECKING:
+    from picospec.runtime.devices import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +223,8 @@ class LanguageModel:
     batching: bool = True
     """Let :meth:`forward_batch` run several sessions in one padded forward (where supported)."""
     pacer: Pacer | None = None
-    """Device emulation: every forward is padded to the time the profile gives it."""
+    """Device emulation's handle, set by :func:`picospec.runtime.devices.pace` (which wraps
+    :meth:`forward`, :meth:`_forward_varlen` and :meth:`_forward_padded`); never read here."""
     kv_layout: str = "slots"
     """``slots``: per-session preallocated caches and the varlen forward
     (:mod:`picospec.runtime.kvslots`) where the model supports it, else ``copy``; ``copy``:
@@ -317,8 +320,8 @@ class LanguageModel:
         return 2 * int(cfg.num_hidden_layers) * heads * dim * size
 
     def _logits_out(self, logits: torch.Tensor, on_device: bool) -> torch.Tensor:
-        """Float32 logits on the CPU, or left on the device (synchronised, so the forward's
-        Stopwatch times the compute and not its launch)."""
+        """Float32 logits on the CPU, or left on the device (synchronised, so whoever times the
+        forward, :func:`picospec.runtime.devices.pace`, times the compute and not its launch)."""
         logits = logits.float()
         if not on_device:
             return logits.cpu()
@@ -332,16 +335,15 @@ class LanguageModel:
     ) -> torch.Tensor:
         """One session's forward through transformers with a ``DynamicCache`` (the copy
         layout): its update concatenates, so the ``past`` tokens are copied (counted)."""
-        with Stopwatch(self.pacer, len(tokens)):
-            ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-            positions = torch.arange(past, past + len(tokens), device=self.device)[None]
-            out = self.model(
-                input_ids=ids, use_cache=True, position_ids=positions, **{self._cache_kwarg: cache}
-            )
-            self.kv_counters.forwards += 1
-            if past:
-                self.kv_counters.copied_bytes += past * self.kv_token_bytes
-            return self._logits_out(out.logits[0], on_device)
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        positions = torch.arange(past, past + len(tokens), device=self.device)[None]
+        out = self.model(
+            input_ids=ids, use_cache=True, position_ids=positions, **{self._cache_kwarg: cache}
+        )
+        self.kv_counters.forwards += 1
+        if past:
+            self.kv_counters.copied_bytes += past * self.kv_token_bytes
+        return self._logits_out(out.logits[0], on_device)
 
     def _forward_slots(
         self,
@@ -359,23 +361,27 @@ class LanguageModel:
             assert c._slot is not None
             c._slot.reserve(c.length, c.length + n)
             slots.append(c._slot)
-        twin = self.prefill_model is not None and sum(news) >= PREFILL_TOKENS
-        model = self.prefill_model if twin else self.model
-        with Stopwatch(self.pacer, sum(news)):
-            logits = varlen_forward(
-                model,
-                slots,
-                [c.length for c in caches],
-                tokens,
-                keep,
-                self.device,
-                self._packed(model),
-            )
-            rows = self._logits_out(logits, on_device)
+        rows = self._forward_varlen(slots, [c.length for c in caches], tokens, keep, on_device)
         self.kv_counters.forwards += 1
         for c, n in zip(caches, news, strict=True):
             c.length += n
         return list(rows.split(keep))
+
+    def _forward_varlen(
+        self,
+        slots: list[Slot],
+        pasts: list[int],
+        tokens: list[list[int]],
+        keep: list[int],
+        on_device: bool = False,
+    ) -> torch.Tensor:
+        """The compute of :meth:`_forward_slots` (the slots already hold room for ``tokens``):
+        the kept rows of every session, concatenated, as :meth:`_logits_out` gives them. Forwards
+        of at least ``PREFILL_TOKENS`` tokens run on the prefill twin, where there is one."""
+        twin = self.prefill_model is not None and sum(len(t) for t in tokens) >= PREFILL_TOKENS
+        model = self.prefill_model if twin else self.model
+        logits = varlen_forward(model, slots, pasts, tokens, keep, self.device, self._packed(model))
+        return self._logits_out(logits, on_device)
 
     def _packed(self, model: Any) -> PackedWeights | None:
         """``model``'s packed weights (packed at the first forward, repacked when the weights
@@ -442,8 +448,7 @@ class LanguageModel:
                 report(len(caches))
                 return out
             if all(c._slot is None for c in caches) and self._can_pad(caches):
-                with Stopwatch(self.pacer, sum(len(t) for t in tokens)):
-                    out = self._forward_padded(caches, tokens, on_device)
+                out = self._forward_padded(caches, tokens, on_device)
                 report(len(caches))
                 return [o[len(o) - k :] for o, k in zip(out, rows, strict=True)]
         logits = []

@@ -457,10 +457,16 @@ class DrafterSession:
         if self.speculating or self._specs or self._awaiting_sample is not None:
             raise ProtocolError("hand_over() needs speculation stopped and nothing in flight")
         block = DraftBlock(
-            session=self.session, epoch=self.epoch, seq=self._seq,
-            pos=len(self.committed) - len(self._unsent), prefix=tuple(self._unsent),
-            tokens=(), q=(), vocab_size=self.model.vocab_size, lead=True,
-        )  # fmt: skip
+            session=self.session,
+            epoch=self.epoch,
+            seq=self._seq,
+            pos=len(self.committed) - len(self._unsent),
+            prefix=tuple(self._unsent),
+            tokens=(),
+            q=(),
+            vocab_size=self.model.vocab_size,
+            lead=True,
+        )
         self._seq = (self._seq + 1) % 2**32
         self._unsent = []
         return block

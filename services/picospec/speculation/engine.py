@@ -188,9 +188,15 @@ def _cloud_led(
         run = hints.on_token(prompt + tokens, len(prompt), hinted)
         if run:
             block = DraftBlock(
-                session=verifier.session, epoch=0, seq=0, pos=len(prompt) + len(tokens),
-                prefix=(), tokens=tuple(run), q=(1.0,) * len(run), vocab_size=vocab,
-            )  # fmt: skip
+                session=verifier.session,
+                epoch=0,
+                seq=0,
+                pos=len(prompt) + len(tokens),
+                prefix=(),
+                tokens=tuple(run),
+                q=(1.0,) * len(run),
+                vocab_size=vocab,
+            )
             verifier.hint = wire.carry(block, "up")
 
     reason = "length"
@@ -201,9 +207,15 @@ def _cloud_led(
     if tokens and tokens[-1] in verifier.model.eos_ids:
         reason = "stop"
     return Result(
-        spec.mode, len(prompt), tokens, reason, time.perf_counter() - t0, wire,
-        speculation=stats, verifier_forwards=verifier.stats.forwards,
-    )  # fmt: skip
+        spec.mode,
+        len(prompt),
+        tokens,
+        reason,
+        time.perf_counter() - t0,
+        wire,
+        speculation=stats,
+        verifier_forwards=verifier.stats.forwards,
+    )
 
 
 class _Stopped(Exception):

@@ -224,8 +224,7 @@ class SuffixDraft:
         end, length = longest_suffix_match(arr, tail, self.min_match, self.max_match)
         source = arr
         for past in reversed(self.history):  # the site's answers: only a longer match wins
-            e, m = longest_suffix_match(past, tail, max(self.min_match, length + 1),
-                                        self.max_match)  # fmt: skip
+            e, m = longest_suffix_match(past, tail, max(self.min_match, length + 1), self.max_match)
             if m > length:
                 end, length, source = e, m, past
         self.last_match = length

@@ -332,9 +332,11 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     victim, keeper = "verifier-2", "verifier-1"
     kill_every = args.kill_every or min(60.0, args.soak / 2)
     with Stack(cfg) as stack:
-        print(f"soak: stack up (logs in {stack.run_dir}); {args.soak:.0f}s at concurrency "
-              f"{args.concurrency}, SIGKILL + restart of {victim} every {kill_every:.0f}s",
-              flush=True)  # fmt: skip
+        print(
+            f"soak: stack up (logs in {stack.run_dir}); {args.soak:.0f}s at concurrency "
+            f"{args.concurrency}, SIGKILL + restart of {victim} every {kill_every:.0f}s",
+            flush=True,
+        )
         return asyncio.run(_soak(stack, args, victim, keeper, kill_every))
 
 
@@ -378,14 +380,21 @@ async def _soak(
             # spawned from this (the main) thread, so the child dies with us if we are killed
             stack.start_service(victim, wait=False)
             ok = await _ready(stack.services[victim].url, 120.0)
-            restarts.append({"killed_at_s": round(t_kill, 1),
-                             "ready_after_s": round(time.perf_counter() - t0 - t_kill, 1),
-                             "ready": ok})  # fmt: skip
+            restarts.append(
+                {
+                    "killed_at_s": round(t_kill, 1),
+                    "ready_after_s": round(time.perf_counter() - t0 - t_kill, 1),
+                    "ready": ok,
+                }
+            )
             if ok:
                 stack.services[victim].was_ready = True
-            print(f"soak: t={t_kill:.0f}s killed {victim}; back after "
-                  f"{restarts[-1]['ready_after_s']}s; {progress[0]} requests, "
-                  f"{progress[1]} errors so far", flush=True)  # fmt: skip
+            print(
+                f"soak: t={t_kill:.0f}s killed {victim}; back after "
+                f"{restarts[-1]['ready_after_s']}s; {progress[0]} requests, "
+                f"{progress[1]} errors so far",
+                flush=True,
+            )
 
     bg = [asyncio.create_task(sampler_task()), asyncio.create_task(chaos())]
     result = await run_load(

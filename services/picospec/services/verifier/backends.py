@@ -111,15 +111,21 @@ class VllmBackend:
         await self.runner.submit(vs.prefill(), key="warm-up")
         timed.append((len(prompt), time.perf_counter() - t0))
         block = DraftBlock(
-            session=vs.session, epoch=0, seq=0, pos=len(prompt), prefix=(),
-            tokens=tuple(prompt[:4]), q=(1.0,) * len(prompt[:4]),
+            session=vs.session,
+            epoch=0,
+            seq=0,
+            pos=len(prompt),
+            prefix=(),
+            tokens=tuple(prompt[:4]),
+            q=(1.0,) * len(prompt[:4]),
             vocab_size=self.model.vocab_size,
-        )  # fmt: skip
+        )
         t0 = time.perf_counter()
         await self.runner.submit(vs.verify(block), key="warm-up")
         timed.append((len(block.tokens), time.perf_counter() - t0))
-        ar = VerifierSession(self.model, b"\1" * 16, prompt, greedy, SpecConfig(mode=Mode.AR),
-                             prefill=False)  # fmt: skip
+        ar = VerifierSession(
+            self.model, b"\1" * 16, prompt, greedy, SpecConfig(mode=Mode.AR), prefill=False
+        )
         await self.runner.submit(ar.prefill(), key="warm-up")
         await self.start_ar(ar, 4, set(), "warm-up", lambda _t: None)
         return timed

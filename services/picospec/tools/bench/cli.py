@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,11 @@ from picospec import (
 from picospec.tools.bench.concurrency import CONCURRENCY_MODES, parse_levels, run_concurrency
 from picospec.tools.bench.fleet import parse_acceptances
 from picospec.tools.bench.report import (
+    BenchReport,
     _progress_factory,
     concurrency_plot,
     concurrency_table,
+    emit,
     plots,
     sweep_plot,
     table,
@@ -71,14 +73,70 @@ def _sweep_arg(value: str) -> str:
     return ",".join(v.strip() for v in value.split(","))
 
 
-def _print_result(name: str, result: dict[str, Any], as_json: bool) -> int:
+def _modes_arg(value: str) -> list[str]:
+    """``--modes``: the comma-separated modes, as a list (the run says which it does not know)."""
+    return [m.strip() for m in value.split(",")]
+
+
+_Mode = Callable[[argparse.Namespace, Any], BenchReport | None]
+
+
+def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    if as_json:
-        print(json.dumps({name: result}, indent=1))
-    else:
-        Console().print_json(json.dumps(result))
-    return 0
+    report = _mode(args)(args, Console(stderr=True))
+    return 2 if report is None else emit(report, args)
+
+
+def _mode(args: argparse.Namespace) -> _Mode:
+    """The mode the flags ask for: the first of these that is given, else the comparison of
+    modes over each link profile. Each returns its report, or None where the request is bad
+    (said on the console it is given)."""
+    if args.overhead:
+        return _overhead
+    if args.prefill is not None:
+        return _prefill
+    if args.fleet:
+        return _fleet
+    if args.colocation is not None:
+        return _colocation
+    if args.map:
+        return _speedup_map
+    if args.concurrency:
+        return _concurrency
+    return _profiles
+
+
+def _overhead(args: argparse.Namespace, console: Any) -> BenchReport:
+    """``--overhead``: the software cost of one verification round, without the model's compute
+    (picospec.tools.bench.overhead)."""
+    from picospec.tools.bench.overhead import measure
+
+    return BenchReport({"overhead": measure(args)})
+
+
+def _prefill(args: argparse.Namespace, console: Any) -> BenchReport | None:
+    """``--prefill``: a long prompt's prefill on the cloud's CPUs (picospec.tools.bench.prefill)."""
+    from picospec.tools.bench.prefill import measure
+
+    cpus = _cpu_sets(args, console)
+    if cpus is None:
+        return None
+    return BenchReport({"prefill": measure(args, cpus["cloud"])})
+
+
+def _colocation(args: argparse.Namespace, console: Any) -> BenchReport | None:
+    """``--colocation``: the cloud's prefill with the edge idle and busy on the same machine
+    (picospec.tools.bench.colocation)."""
+    from picospec.tools.bench.colocation import measure
+
+    prompts = load_prompts(args.prompts, args.quick, args.workload)
+    cpus = _cpu_sets(args, console)
+    if cpus is None:
+        return None
+    return BenchReport(
+        {"colocation": measure(args, prompts[:QUICK_PROMPTS], cpus, args.colocation)}
+    )
 
 
 def _cpu_sets(args: argparse.Namespace, console: Any) -> dict[str, frozenset[int]] | None:
@@ -100,93 +158,44 @@ def _cpu_sets(args: argparse.Namespace, console: Any) -> dict[str, frozenset[int
     return cpus
 
 
-def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
+def _profiles(args: argparse.Namespace, console: Any) -> BenchReport | None:
+    """The default: every mode over each link profile, on a fresh stack per profile."""
+    report = _measured(args, console, _run_modes)
+    return None if report is None else BenchReport(report, table, _profile_plots)
 
-    console = Console(stderr=True)
-    if args.overhead:
-        from picospec.tools.bench.overhead import measure
 
-        return _print_result("overhead", measure(args), args.json)
-    if args.prefill is not None:
-        from picospec.tools.bench.prefill import measure as prefill
+def _concurrency(args: argparse.Namespace, console: Any) -> BenchReport | None:
+    """``--concurrency``: throughput as users are added (picospec.tools.bench.concurrency)."""
+    report = _measured(args, console, _run_concurrency)
+    return None if report is None else BenchReport(report, concurrency_table, _concurrency_plots)
 
-        cpus = _cpu_sets(args, console)
-        if cpus is None:
-            return 2
-        return _print_result("prefill", prefill(args, cpus["cloud"]), args.json)
+
+def _speedup_map(args: argparse.Namespace, console: Any) -> BenchReport | None:
+    """``--map``: every draft over every profile against ar, next to the paper's Table 1
+    (picospec.tools.bench.speedup_map)."""
+    report = _measured(args, console, _run_map)
+    if report is None:
+        return None
+    report["model_curves"] = model_curves(report, args)
+    report["paper_table1"] = PAPER_TABLE1
+    report["paper_implied_acceptance"] = paper_implied_acceptance(
+        list(report["config"]["profiles"])
+    )
+    return BenchReport(report, map_table, _map_plots)
+
+
+_Fill = Callable[[argparse.Namespace, list[str], dict[str, Any], Any], None]
+
+
+def _measured(args: argparse.Namespace, console: Any, fill: _Fill) -> dict[str, Any] | None:
+    """The report of a run over the link profiles: ``fill`` fills it in (its progress on
+    ``console``), then the run's config and notes are added. None (said on ``console``) where
+    the flags ask for an unknown mode or profile, or for ones that do not go together."""
     prompts = load_prompts(args.prompts, args.quick, args.workload)
-    if args.fleet:
-        return _fleet(args, prompts, console)
-    if args.colocation is not None:
-        from picospec.tools.bench.colocation import measure as colocation
-
-        cpus = _cpu_sets(args, console)
-        if cpus is None:
-            return 2
-        result = colocation(args, prompts[:QUICK_PROMPTS], cpus, args.colocation)
-        return _print_result("colocation", result, args.json)
     checked = _modes_profiles_device(args, console)
     if checked is None:
-        return 2
-    profiles, device = checked
-    report = _run_modes(args, prompts, profiles, console)
-    report["config"] = _config(args, len(prompts), profiles, device)
-    report["notes"].extend(_notes(args, device))
-    if args.map:
-        report["model_curves"] = model_curves(report, args)
-        report["paper_table1"] = PAPER_TABLE1
-        report["paper_implied_acceptance"] = paper_implied_acceptance(
-            list(report["config"]["profiles"])
-        )
-    if args.plot_dir:
-        report["plots"] = _plots(report, args, Path(args.plot_dir))
-    if args.json:
-        print(json.dumps(report, indent=1))
-    elif args.concurrency:
-        concurrency_table(report, Console())
-    elif args.map:
-        map_table(report, Console())
-    else:
-        table(report, Console())
-    return 0
-
-
-def _modes_profiles_device(args: argparse.Namespace, console: Any) -> tuple[list[str], Any] | None:
-    """The modes (into ``args.modes``, as a list), the link profiles and the device profile
-    the run asks for; None (said on ``console``) where one is unknown or they do not go
-    together."""
-    from picospec.runtime.devices import DeviceProfileError, load_profile
-
-    if args.modes is None:
-        default = CONCURRENCY_MODES if args.concurrency else MAP_MODES if args.map else MODES
-        args.modes = ",".join(default)
-    args.modes = [m.strip() for m in args.modes.split(",")]
-    bad = [m for m in args.modes if m not in MODES]
-    if args.drafter == SUFFIX and set(args.modes) - {"ar", "picospec"}:
-        console.print("[red]--drafter suffix (no draft model) runs --modes ar,picospec only[/red]")
         return None
-    if args.profiles is None:
-        args.profiles = "loopback" if args.concurrency else DEFAULT_PROFILES
-    profiles = [p.strip() for p in args.profiles.split(",")]
-    bad += [p for p in profiles if p not in PROFILES]
-    if bad:
-        console.print(f"[red]unknown mode/profile: {', '.join(bad)}[/red]")
-        return None
-    if not args.device_profile:
-        return profiles, None
-    try:
-        return profiles, load_profile(args.device_profile)
-    except DeviceProfileError as e:
-        console.print(f"[red]{e}[/red]")
-        return None
-
-
-def _run_modes(
-    args: argparse.Namespace, prompts: list[str], profiles: list[str], console: Any
-) -> dict[str, Any]:
-    """The speedup map, the concurrency levels, or every mode over each link profile (their
-    progress on ``console``)."""
+    args, profiles, device = checked
     progress = _progress_factory(console)
     report: dict[str, Any] = {
         "profiles": {},
@@ -195,30 +204,80 @@ def _run_modes(
         "profiles_requested": profiles,
     }
     try:
-        if args.map:
-            report["map"] = speedup_map(report, args, prompts, progress)
-        elif args.concurrency:
-            report["concurrency"] = {
-                name: run_concurrency(name, args, prompts, progress, report["placement"])
-                for name in profiles
-            }
-        else:
-            for name in profiles:
-                rows = run_profile(name, args, prompts, progress, placement=report["placement"])
-                sweep = rows.pop("_draft_len_sweep", None)
-                drafts = rows.pop("_drafts", None)
-                report["profiles"][name] = rows
-                if drafts:
-                    report.setdefault("drafts", {})[name] = drafts
-                if sweep:
-                    report.setdefault("draft_len_sweep", {})[name] = {
-                        g: r["tokens_per_s"] for g, r in sweep.items()
-                    }
-                    report.setdefault("draft_len_sweep_detail", {})[name] = sweep
+        fill(args, prompts, report, progress)
     finally:
         progress.stop()
     del report["profiles_requested"]
+    report["config"] = _config(args, len(prompts), profiles, device)
+    report["notes"].extend(_notes(args, device))
     return report
+
+
+def _modes_profiles_device(
+    args: argparse.Namespace, console: Any
+) -> tuple[argparse.Namespace, list[str], Any] | None:
+    """The run's flags with its modes (``--modes``, else the default of its kind: a copy,
+    ``args`` stays as parsed), the link profiles and the device profile the run asks for;
+    None (said on ``console``) where one is unknown or they do not go together."""
+    from picospec.runtime.devices import DeviceProfileError, load_profile
+
+    if args.modes is None:
+        default = CONCURRENCY_MODES if args.concurrency else MAP_MODES if args.map else MODES
+        args = argparse.Namespace(**{**vars(args), "modes": list(default)})
+    bad = [m for m in args.modes if m not in MODES]
+    if args.drafter == SUFFIX and set(args.modes) - {"ar", "picospec"}:
+        console.print("[red]--drafter suffix (no draft model) runs --modes ar,picospec only[/red]")
+        return None
+    if args.profiles is not None:
+        names = args.profiles
+    else:
+        names = "loopback" if args.concurrency else DEFAULT_PROFILES
+    profiles = [p.strip() for p in names.split(",")]
+    bad += [p for p in profiles if p not in PROFILES]
+    if bad:
+        console.print(f"[red]unknown mode/profile: {', '.join(bad)}[/red]")
+        return None
+    if not args.device_profile:
+        return args, profiles, None
+    try:
+        return args, profiles, load_profile(args.device_profile)
+    except DeviceProfileError as e:
+        console.print(f"[red]{e}[/red]")
+        return None
+
+
+def _run_modes(
+    args: argparse.Namespace, prompts: list[str], report: dict[str, Any], progress: Any
+) -> None:
+    """Every mode over each link profile, into ``report``: a row per mode, and picospec's rows
+    with each draft and at each swept draft length."""
+    for name in report["profiles_requested"]:
+        run = run_profile(name, args, prompts, progress, placement=report["placement"])
+        report["profiles"][name] = run.rows
+        if run.drafts:
+            report.setdefault("drafts", {})[name] = run.drafts
+        if run.draft_len_sweep:
+            report.setdefault("draft_len_sweep", {})[name] = {
+                g: r["tokens_per_s"] for g, r in run.draft_len_sweep.items()
+            }
+            report.setdefault("draft_len_sweep_detail", {})[name] = run.draft_len_sweep
+
+
+def _run_concurrency(
+    args: argparse.Namespace, prompts: list[str], report: dict[str, Any], progress: Any
+) -> None:
+    """Every mode at each concurrency level, over each link profile, into ``report``."""
+    report["concurrency"] = {
+        name: run_concurrency(name, args, prompts, progress, report["placement"])
+        for name in report["profiles_requested"]
+    }
+
+
+def _run_map(
+    args: argparse.Namespace, prompts: list[str], report: dict[str, Any], progress: Any
+) -> None:
+    """The speedup map, into ``report``."""
+    report["map"] = speedup_map(report, args, prompts, progress)
 
 
 def _config(
@@ -287,31 +346,36 @@ def _notes(args: argparse.Namespace, device: Any) -> list[str]:
     return notes
 
 
-def _plots(report: dict[str, Any], args: argparse.Namespace, out: Path) -> list[str]:
-    """The run's plots, written to ``out``."""
-    if args.concurrency:
-        return [str(concurrency_plot(report, out))]
-    if args.map:
-        paths = [str(map_plot(report, out))]
-        for label, d in report["map"].items():
-            if "draft_len_sweep" in d:
-                paths.append(str(sweep_plot(report, out, label)))
-        return paths
+def _profile_plots(report: dict[str, Any], out: Path) -> list[str]:
+    """Tokens/s against RTT and bytes per token (and the draft-length sweep), written to ``out``."""
     paths = [str(p) for p in plots(report, out)]
     if "draft_len_sweep" in report:
         paths.append(str(sweep_plot(report, out)))
     return paths
 
 
-def _fleet(args: argparse.Namespace, prompts: list[str], console: Any) -> int:
-    """``--fleet``: one verifier replica against emulated edges (picospec.tools.bench.fleet)."""
-    from rich.console import Console
+def _concurrency_plots(report: dict[str, Any], out: Path) -> list[str]:
+    """Throughput against concurrent users, written to ``out``."""
+    return [str(concurrency_plot(report, out))]
 
+
+def _map_plots(report: dict[str, Any], out: Path) -> list[str]:
+    """The speedup map (and each draft's draft-length sweep), written to ``out``."""
+    paths = [str(map_plot(report, out))]
+    for label, d in report["map"].items():
+        if "draft_len_sweep" in d:
+            paths.append(str(sweep_plot(report, out, label)))
+    return paths
+
+
+def _fleet(args: argparse.Namespace, console: Any) -> BenchReport | None:
+    """``--fleet``: one verifier replica against emulated edges (picospec.tools.bench.fleet)."""
     from picospec.tools.bench.fleet import EMULATED_EDGES, fleet_plot, fleet_table, run_fleet
 
+    prompts = load_prompts(args.prompts, args.quick, args.workload)
     if args.profiles is not None and (args.profiles not in PROFILES or "," in args.profiles):
         console.print(f"[red]--fleet takes one network profile of {', '.join(PROFILES)}[/red]")
-        return 2
+        return None
     progress = _progress_factory(console)
     try:
         result = run_fleet(args, prompts, progress)
@@ -338,13 +402,7 @@ def _fleet(args: argparse.Namespace, prompts: list[str], console: Any) -> int:
             "prompt_source": args.prompts or args.workload,
         },
     }
-    if args.plot_dir:
-        report["plots"] = [str(fleet_plot(report, Path(args.plot_dir)))]
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        fleet_table(report, Console())
-    return 0
+    return BenchReport(report, fleet_table, lambda data, out: [str(fleet_plot(data, out))])
 
 
 def register(sub: Any) -> None:
@@ -360,6 +418,7 @@ def register(sub: Any) -> None:
     )
     b.add_argument(
         "--modes",
+        type=_modes_arg,
         default=None,
         help=f"default: {','.join(MODES)} ({','.join(MAP_MODES)} with --map)",
     )

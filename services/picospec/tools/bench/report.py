@@ -1,12 +1,55 @@
-"""What a benchmark run prints and draws: the tables and the PNG plots."""
+"""What a benchmark run prints and draws: the report of a mode (:class:`BenchReport`, put out by
+:func:`emit`), the tables and the PNG plots."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from picospec.tools.bench.run import MODES, PROFILES
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+@dataclass
+class BenchReport:
+    """What one mode of ``picospec bench`` measured, and how it is shown.
+
+    ``data`` is the JSON document ``--json`` prints. ``table`` prints it for a person; None: the
+    document is one named result, ``{name: result}``, and the result alone is printed as pretty
+    JSON. ``plot`` writes the mode's plots into a folder and returns their paths (None: the mode
+    draws none)."""
+
+    data: dict[str, Any]
+    table: Callable[[dict[str, Any], Console], None] | None = None
+    plot: Callable[[dict[str, Any], Path], list[str]] | None = None
+
+
+def emit(report: BenchReport, args: argparse.Namespace, console: Console | None = None) -> int:
+    """Put a mode's report out: its plots into ``--plot-dir`` when given (their paths go into
+    the document as ``plots``), then the document as JSON on stdout (``--json``) or its table
+    on ``console`` (default: stdout). The command's exit status: 0."""
+    if report.plot is not None and args.plot_dir:
+        report.data["plots"] = report.plot(report.data, Path(args.plot_dir))
+    if args.json:
+        print(json.dumps(report.data, indent=1))
+        return 0
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+    if report.table is not None:
+        report.table(report.data, console)
+    else:
+        (result,) = report.data.values()
+        console.print_json(json.dumps(result))
+    return 0
 
 
 def _progress_factory(console: Any) -> Any:

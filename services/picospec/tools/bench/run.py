@@ -343,6 +343,17 @@ def stack_config(
     return cfg
 
 
+@dataclass
+class ProfileRun:
+    """What :func:`run_profile` measured over one network profile: a row per mode of
+    ``args.modes``, and picospec's rows at each ``--draft-len-sweep`` length and with each
+    ``--drafts`` draft (empty where not asked for)."""
+
+    rows: dict[str, dict[str, Any]]
+    draft_len_sweep: dict[str, dict[str, Any]] = field(default_factory=dict)
+    drafts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 def run_profile(
     name: str,
     args: argparse.Namespace,
@@ -352,7 +363,7 @@ def run_profile(
     quantize: str | None = None,
     placement: dict[str, Any] | None = None,
     draft_dtype: str | None = None,
-) -> dict[str, Any]:
+) -> ProfileRun:
     """Every mode of ``args.modes`` over one network profile, on one fresh stack. Fills
     ``placement`` (when given) with the CPUs each side had."""
     from picospec.tools.stack.up import Stack
@@ -417,15 +428,12 @@ def run_profile(
         b = bound(p["draft_step_s"], p["token_acceptance"], gamma, p["verify_round_trip_s"])
         p["bound_tokens_per_s"] = b
         p["bound_ratio"] = p["decode_tokens_per_s"] / b if p["decode_tokens_per_s"] else None
-    if sweep:
-        out["_draft_len_sweep"] = {g: r.summary(g, len(prompts)) for g, r in sweep.items()}
-    if drafts:
-        rows = {d: r.summary(args.draft_len, len(prompts)) for d, r in drafts.items()}
-        ar = out.get("ar", {}).get("tokens_per_s")
-        for row in rows.values():
-            row["speedup_vs_ar"] = row["tokens_per_s"] / ar if ar else None
-        out["_drafts"] = rows
-    return out
+    swept = {g: r.summary(g, len(prompts)) for g, r in sweep.items()}
+    rows = {d: r.summary(args.draft_len, len(prompts)) for d, r in drafts.items()}
+    ar = out.get("ar", {}).get("tokens_per_s")
+    for row in rows.values():
+        row["speedup_vs_ar"] = row["tokens_per_s"] / ar if ar else None
+    return ProfileRun(out, draft_len_sweep=swept, drafts=rows)
 
 
 def _drafts(args: argparse.Namespace) -> list[str]:

@@ -99,10 +99,12 @@ def speedup_map(
         rows: dict[str, Any] = {}
         sweeps: dict[str, Any] = {}
         for name in report["profiles_requested"]:
-            modes = run_profile(
+            run = run_profile(
                 name, args, prompts, progress, drafter, quantize, report["placement"], dtype
             )
-            sweep = modes.pop("_draft_len_sweep", None)
+            # the map has always listed --drafts' rows among the modes, as "_drafts"
+            modes = {**run.rows, **({"_drafts": run.drafts} if run.drafts else {})}
+            sweep = run.draft_len_sweep
             if sweep:
                 sweeps[name] = {g: r["tokens_per_s"] for g, r in sweep.items()}
                 sweeps[name]["_auto_draft_len_rounds"] = sweep.get("auto", {}).get(

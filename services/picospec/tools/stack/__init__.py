@@ -6,7 +6,9 @@
 - :mod:`picospec.tools.stack.config`: :class:`StackConfig` (topology, models, ports, CPU sets).
 - :mod:`picospec.tools.stack.supervisor`: :class:`Stack`, the running processes.
 - :mod:`picospec.tools.stack.up`: ``picospec up`` (its flags and the demo request).
-- :mod:`picospec.tools.stack.procs`: spawning (pinned to CPUs), log tails, stopping in order.
+- :mod:`picospec.tools.stack.procs`: the one way to run a child process: spawning (pinned to
+  CPUs), waiting until it is ready (:func:`~picospec.tools.stack.procs.wait_until` and its
+  probes), log tails, stopping in order.
 
 Submodules are imported lazily, so ``python -m picospec.tools.stack.up`` and ``-m
 picospec.tools.stack.netem`` run cleanly and importing the CLI stays cheap.
@@ -57,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     n = subparsers.add_parser(
         "netem",
         help="emulate a WAN link: a TCP proxy with delay, bandwidth cap and partition",
-        description="TCP proxy adding delay and a bandwidth cap; SIGUSR1 cuts, SIGUSR2 restores.",
+        description="TCP proxy adding delay and a bandwidth cap; cut and restored over HTTP.",
     )
     netem.add_arguments(n)
     n.set_defaults(func=netem.cmd_netem)

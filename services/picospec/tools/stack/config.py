@@ -50,6 +50,7 @@ class StackConfig:
     edge_nats_port: int = 4223  # edge-cloud: the leaf node's client port
     leaf_port: int = 7422  # edge-cloud: the hub's leafnode port
     link_port: int = 7423  # edge-cloud: the link emulator, in front of leaf_port
+    link_control_port: int = 7424  # edge-cloud: the link emulator's HTTP control endpoint
     monitor_port: int = 8222  # nats monitoring of the single server / hub
     edge_monitor_port: int = 8223  # nats monitoring of the leaf node
     api_port: int = 8000  # the drafter's OpenAI-compatible API
@@ -153,6 +154,7 @@ class StackConfig:
             "edge_nats_port",
             "leaf_port",
             "link_port",
+            "link_control_port",
             "monitor_port",
             "edge_monitor_port",
             "api_port",

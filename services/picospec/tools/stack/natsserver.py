@@ -11,15 +11,14 @@ types) and ``tls`` (:class:`TlsFiles`, e.g. from :func:`make_pki`, a throwaway C
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -28,7 +27,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from picospec.tools.stack.procs import child_preexec, log_tail
+from picospec.tools.stack.procs import (
+    NotReady,
+    log_tail,
+    spawn,
+    tcp_ready,
+    terminate_all,
+    wait_until,
+)
 
 HOST = "127.0.0.1"
 
@@ -72,13 +78,8 @@ def free_ports(n: int, host: str = HOST) -> list[int]:
             s.close()
 
 
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    """True if a TCP connection to ``host:port`` is accepted."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+#: True if a TCP connection to ``host:port`` is accepted (the stack's readiness probe).
+port_open = tcp_ready
 
 
 def _q(value: str) -> str:
@@ -467,35 +468,21 @@ class NatsServer:
         with os.fdopen(fd, "w") as f:
             f.write(self.config_text())
         self.conf_path.chmod(0o600)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it from here
+        argv = [str(self.binary), "-c", str(self.conf_path)]
+        self.proc = spawn(argv, self.log_path, dict(os.environ), self.run_dir, self.cpus)
         try:
-            self.proc = subprocess.Popen(
-                [str(self.binary), "-c", str(self.conf_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.run_dir,
-                start_new_session=True,
-                preexec_fn=child_preexec(self.cpus),
+            wait_until(
+                self._accepting,
+                timeout,
+                f"nats-server {self.name}",
+                proc=self.proc,
+                log_path=self.log_path,
             )
-        finally:
-            log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise NatsServerError(
-                    f"nats-server {self.name} exited with code {self.proc.returncode} "
-                    f"(config {self.conf_path}):\n{log_tail(self.log_path)}"
-                )
-            if self._accepting():
-                return self
-            if time.monotonic() > deadline:
+        except NotReady as e:
+            if e.returncode is None:  # still running, not accepting: do not leave it behind
                 self.stop()
-                raise NatsServerError(
-                    f"nats-server {self.name} did not accept connections on "
-                    f"{self.host}:{self.port} within {timeout:.0f}s:\n{log_tail(self.log_path)}"
-                )
-            time.sleep(0.05)
+            raise NatsServerError(str(e)) from None
+        return self
 
     def _accepting(self) -> bool:
         """Does the client port accept? With TLS, ask the monitoring port (``/healthz``)
@@ -510,23 +497,20 @@ class NatsServer:
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds. Config and log stay in run_dir."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            terminate_all([proc], timeout)
 
     def restart(self, timeout: float = 10.0) -> NatsServer:
         """Stop and start again on the same ports with the same configuration."""
         self.stop()
-        # the old listener may linger a moment; wait for the port to be free again
-        deadline = time.monotonic() + timeout
-        while port_open(self.host, self.port, timeout=0.1) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # the old listener may linger a moment; wait for the port to be free again (if it
+        # stays busy, start() says so)
+        with contextlib.suppress(NotReady):
+            wait_until(
+                lambda: not port_open(self.host, self.port, timeout=0.1),
+                timeout,
+                f"port {self.port} of nats-server {self.name} to be free",
+            )
         return self.start(timeout=timeout)
 
     def __enter__(self) -> NatsServer:
@@ -558,18 +542,20 @@ class NatsServer:
 
     def wait_leafnodes(self, count: int = 1, timeout: float = 10.0) -> None:
         """Wait until this server has at least ``count`` leaf connections."""
-        deadline = time.monotonic() + timeout
-        while True:
+        seen = [-1]
+
+        def enough() -> bool:
             if not self.running:
                 raise NatsServerError(
                     f"nats-server {self.name} is not running:\n{log_tail(self.log_path)}"
                 )
-            n = self.leafnode_count()
-            if n >= count:
-                return
-            if time.monotonic() > deadline:
-                raise NatsServerError(
-                    f"nats-server {self.name}: {max(n, 0)} leaf connection(s) after "
-                    f"{timeout:.0f}s, expected {count}:\n{log_tail(self.log_path)}"
-                )
-            time.sleep(0.05)
+            seen[0] = self.leafnode_count()
+            return seen[0] >= count
+
+        try:
+            wait_until(enough, timeout, f"{count} leaf connection(s) on nats-server {self.name}")
+        except NotReady:
+            raise NatsServerError(
+                f"nats-server {self.name}: {max(seen[0], 0)} leaf connection(s) after "
+                f"{timeout:.0f}s, expected {count}:\n{log_tail(self.log_path)}"
+            ) from None

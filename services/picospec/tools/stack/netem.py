@@ -16,9 +16,18 @@ is being serialized and while too much data is in flight, so TCP backpressure re
 ``cut()`` partitions the link: every open connection is closed and new ones are closed as soon as
 they are accepted, until ``restore()``.
 
-Command line (foreground until SIGTERM/SIGINT; SIGUSR1 cuts the link, SIGUSR2 restores it)::
+Command line (foreground until SIGTERM/SIGINT)::
 
-    picospec netem --listen 7423 --target 127.0.0.1:7422 --rtt-ms 60 --bandwidth-mbit 20
+    picospec netem --listen 7423 --target 127.0.0.1:7422 --rtt-ms 60 --bandwidth-mbit 20 \
+        --control-port 7424
+
+With ``--control-port`` the link is controlled over HTTP on the loopback interface (JSON
+answers; each carries the link's state after the call: ``cut``, ``bytes_up``, ``bytes_down``,
+``connections``, ``refused``)::
+
+    curl http://127.0.0.1:7424/link               # the state
+    curl -X POST http://127.0.0.1:7424/link/cut      # partition now
+    curl -X POST http://127.0.0.1:7424/link/restore  # accept connections again
 """
 
 from __future__ import annotations
@@ -26,8 +35,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MAX_CHUNK = 65536
@@ -181,6 +192,16 @@ class LinkEmulator:
         for conn in list(self._conns):
             conn.abort()
 
+    def state(self) -> dict[str, int | bool]:
+        """What the control endpoint answers: whether the link is cut, and the counters."""
+        return {
+            "cut": self.is_cut,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "connections": self.connections,
+            "refused": self.refused,
+        }
+
     # -- forwarding --------------------------------------------------------------------------
 
     async def _accept(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
@@ -284,6 +305,74 @@ class LinkEmulator:
                     await sender
 
 
+# -- control endpoint --------------------------------------------------------------------------
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+
+
+class ControlServer:
+    """The link's HTTP control endpoint (loopback): ``GET /link`` the state, ``POST /link/cut``
+    and ``POST /link/restore``. Every answer is JSON; a change answers the state after it, so
+    the caller needs no other confirmation. ``say`` reports each change (the process's log)."""
+
+    def __init__(self, emu: LinkEmulator, say: Callable[[str], None] = lambda _m: None) -> None:
+        self.emu = emu
+        self.say = say
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> ControlServer:
+        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+    def handle(self, method: str, path: str) -> tuple[int, dict[str, object]]:
+        """The status and JSON body for one request."""
+        actions = {
+            "/link/cut": (self.emu.cut_nowait, CUT_MESSAGE),
+            "/link/restore": (self.emu.restore_nowait, RESTORE_MESSAGE),
+        }
+        if path == "/link":
+            if method != "GET":
+                return 405, {"error": f"{method} {path}: use GET"}
+            return 200, dict(self.emu.state())
+        if path in actions:
+            if method != "POST":
+                return 405, {"error": f"{method} {path}: use POST"}
+            act, message = actions[path]
+            act()
+            self.say(message)
+            return 200, dict(self.emu.state())
+        return 404, {"error": f"no {path}: GET /link, POST /link/cut, POST /link/restore"}
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            if len(parts) == 3 and parts[2].startswith("HTTP/"):
+                status, body = self.handle(parts[0], parts[1].split("?", 1)[0])
+            else:
+                status, body = 400, {"error": "not an HTTP request line"}
+            payload = json.dumps(body).encode()
+            writer.write(
+                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass  # a client that went away or never sent a request: nothing to answer
+        finally:
+            writer.close()
+
+
 # -- command line ------------------------------------------------------------------------------
 
 
@@ -301,6 +390,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtt-ms", type=float, default=0.0, help="added round trip (half each way)")
     p.add_argument(
         "--bandwidth-mbit", type=float, default=None, help="capacity of each direction, Mbit/s"
+    )
+    p.add_argument(
+        "--control-port",
+        type=int,
+        default=None,
+        help="serve the HTTP control endpoint on this loopback port (0: any free): "
+        "GET /link, POST /link/cut, POST /link/restore",
     )
 
 
@@ -321,31 +417,26 @@ async def serve(args: argparse.Namespace) -> int:
         bandwidth_mbit=args.bandwidth_mbit,
     )
     await emu.start()
+    control = None
+    if args.control_port is not None:
+        control = await ControlServer(emu, _say).start(port=args.control_port)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
-
-    def cut() -> None:
-        emu.cut_nowait()
-        _say(CUT_MESSAGE)
-
-    def restore() -> None:
-        emu.restore_nowait()
-        _say(RESTORE_MESSAGE)
-
     loop.add_signal_handler(signal.SIGTERM, done.set)
     loop.add_signal_handler(signal.SIGINT, done.set)
-    loop.add_signal_handler(signal.SIGUSR1, cut)
-    loop.add_signal_handler(signal.SIGUSR2, restore)
     bw = f"{args.bandwidth_mbit:g} Mbit/s" if args.bandwidth_mbit else "unlimited"
+    ctl = f", control http://127.0.0.1:{control.port}" if control is not None else ""
     _say(
         f"{READY_MESSAGE} {args.listen_host}:{emu.port} -> {host}:{port}, "
-        f"rtt {args.rtt_ms:g} ms, bandwidth {bw}"
+        f"rtt {args.rtt_ms:g} ms, bandwidth {bw}{ctl}"
     )
     try:
         await done.wait()
     finally:
+        if control is not None:
+            await control.stop()
         await emu.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     _say(
         f"netem: stopped; bytes up {emu.bytes_up}, down {emu.bytes_down}, "

@@ -1,18 +1,32 @@
-"""Small helpers for the child processes of a local stack: spawning, log tails, stopping."""
+"""The one way the stack's tools and tests run a child process: :func:`spawn` it (in its own
+session, pinned to CPUs, dying with its parent), :func:`wait_until` it is ready (with the probes
+:func:`tcp_ready`, :func:`http_ready` and :func:`log_has`, or any callable), read its
+:func:`log_tail`, and stop it with :func:`terminate_all` / :func:`terminate_each`.
+
+(``mirakuru`` does this too, but always sets its own ``preexec_fn``: a child could then be
+neither pinned to its CPUs before exec nor tied to its parent's death.)
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
+import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _PR_SET_PDEATHSIG = 1
 _libc: ctypes.CDLL | None = None
@@ -90,6 +104,84 @@ def log_tail(path: str | os.PathLike[str], lines: int = 40, max_bytes: int = 163
         return f"(no log at {p})"
     text = data.decode("utf-8", "replace").splitlines()[-lines:]
     return "\n".join(f"  | {line}" for line in text) if text else f"(empty log {p})"
+
+
+class NotReady(TimeoutError):
+    """:func:`wait_until` gave up: its condition did not hold in time (``returncode`` None), or
+    the process it watched exited first (``returncode``: its exit code)."""
+
+    def __init__(self, message: str, *, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+def wait_until(
+    ready: Callable[[], T | None | bool],
+    timeout: float,
+    what: str,
+    *,
+    proc: subprocess.Popen[Any] | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    interval: float = 0.05,
+) -> T:
+    """Call ``ready()`` every ``interval`` seconds until it returns something truthy; return that.
+
+    ``ready`` runs at least once (even with ``timeout <= 0``), and what it raises propagates.
+    After ``timeout`` seconds: :class:`NotReady` ("timed out after ... waiting for <what>").
+    With ``proc``, checked before each try: :class:`NotReady` at once when it has exited
+    ("<what> exited with code N", so ``what`` names that process, e.g. ``nats-server hub``).
+    Both messages end with the tail of ``log_path`` when given.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise NotReady(
+                f"{what} exited with code {proc.returncode}{_log_note(log_path)}",
+                returncode=proc.returncode,
+            )
+        got = ready()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            last = "" if got is None or got is False else f" (last: {got!r})"
+            raise NotReady(
+                f"timed out after {timeout:g}s waiting for {what}{last}{_log_note(log_path)}"
+            )
+        time.sleep(interval)
+
+
+def _log_note(log_path: str | os.PathLike[str] | None) -> str:
+    return "" if log_path is None else f" (log {log_path}):\n{log_tail(log_path)}"
+
+
+def tcp_ready(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether a TCP connection to ``host:port`` is accepted right now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def http_ready(url: str, expect: int = 200, timeout: float = 1.0) -> bool:
+    """Whether a GET of ``url`` answers with status ``expect``; False when nothing answers (or
+    the answer is not HTTP)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback
+            return int(resp.status) == expect
+    except urllib.error.HTTPError as e:
+        e.close()
+        return int(e.code) == expect
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+
+
+def log_has(path: str | os.PathLike[str], text: str) -> bool:
+    """Whether the log at ``path`` contains ``text`` (False while it does not exist)."""
+    try:
+        return text in Path(path).read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def spawn(

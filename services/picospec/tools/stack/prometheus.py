@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, Protocol
 import yaml
 
 from picospec.tools.stack.natsserver import HOST, port_open
-from picospec.tools.stack.procs import log_tail, spawn, terminate_all
+from picospec.tools.stack.procs import NotReady, http_ready, spawn, terminate_all, wait_until
 
 DEFAULT_PORT = 9090
 DEFAULT_NAMESPACE = "local"
@@ -301,28 +301,19 @@ class Prometheus:
             "--web.enable-lifecycle",
         ]
         self.proc = spawn(argv, self.log_path, dict(os.environ), self.run_dir)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise PrometheusError(
-                    f"prometheus exited with code {self.proc.returncode} (log {self.log_path}):"
-                    f"\n{log_tail(self.log_path)}"
-                )
-            if self._ready():
-                return self
-            if time.monotonic() > deadline:
+        try:
+            wait_until(
+                self._ready, timeout, "prometheus", proc=self.proc, log_path=self.log_path,
+                interval=0.1,
+            )  # fmt: skip
+        except NotReady as e:
+            if e.returncode is None:  # still running, not ready: do not leave it behind
                 self.stop()
-                raise PrometheusError(
-                    f"prometheus not ready within {timeout:.0f}s:\n{log_tail(self.log_path)}"
-                )
-            time.sleep(0.1)
+            raise PrometheusError(str(e)) from None
+        return self
 
     def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
-                return r.status == 200
-        except (OSError, ValueError):
-            return False
+        return http_ready(f"{self.url}/-/ready")
 
     @property
     def running(self) -> bool:
@@ -380,32 +371,31 @@ class Prometheus:
         ``since`` (Unix time, default now), so that rates over that time see two samples."""
         since = time.time() if since is None else since
         need = since + (count - 1) * self.scrape_interval
-        deadline = time.monotonic() + timeout
-        while True:
-            targets = self.active_targets()
-            lagging = [
-                t["labels"].get("replica") or t["scrapeUrl"]
-                for t in targets
-                if t["health"] != "up" or _parse_time(t["lastScrape"]) < need
-            ]
-            if targets and not lagging:
-                return
-            if time.monotonic() > deadline:
-                detail = {
-                    t["scrapeUrl"]: (t["health"], t["lastScrape"], t.get("lastError"))
-                    for t in targets
-                }
-                raise PrometheusError(f"targets not scraped {count}x in time: {detail}")
-            time.sleep(0.1)
+        targets: list[dict[str, Any]] = []
+
+        def scraped() -> bool:
+            targets[:] = self.active_targets()
+            return bool(targets) and all(
+                t["health"] == "up" and _parse_time(t["lastScrape"]) >= need for t in targets
+            )
+
+        try:
+            wait_until(scraped, timeout, f"every target scraped {count}x", interval=0.1)
+        except NotReady:
+            detail = {
+                t["scrapeUrl"]: (t["health"], t["lastScrape"], t.get("lastError")) for t in targets
+            }
+            raise PrometheusError(f"targets not scraped {count}x in time: {detail}") from None
 
     def wait_for_rule_evaluation(self, since: float | None = None, timeout: float = 30.0) -> None:
         """Wait until every rule group has been evaluated after ``since`` (default now)."""
         since = time.time() if since is None else since
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def evaluated() -> bool:
             groups = self.api("rules")["groups"]
-            if all(_parse_time(g.get("lastEvaluation", "")) > since for g in groups):
-                return
-            if time.monotonic() > deadline:
-                raise PrometheusError("rule groups not evaluated in time")
-            time.sleep(0.1)
+            return all(_parse_time(g.get("lastEvaluation", "")) > since for g in groups)
+
+        try:
+            wait_until(evaluated, timeout, "every rule group evaluated", interval=0.1)
+        except NotReady:
+            raise PrometheusError("rule groups not evaluated in time") from None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 import os
 import secrets
 import signal
@@ -31,12 +33,14 @@ from picospec.tools.stack.natsserver import (
     make_pki,
     port_open,
 )
-from picospec.tools.stack.netem import CUT_MESSAGE, READY_MESSAGE, RESTORE_MESSAGE
 from picospec.tools.stack.procs import (
+    NotReady,
+    http_ready,
     log_tail,
     spawn,
     terminate_all,
     terminate_each,
+    wait_until,
 )
 
 EDGE_STOP_TIMEOUT_S = 10.0
@@ -97,44 +101,44 @@ def http_status(url: str, timeout: float = 1.0) -> int | None:
         return None
 
 
-def _count_lines(path: Path, text: str) -> int:
-    try:
-        return path.read_text(errors="replace").count(text)
-    except OSError:
-        return 0
-
-
 class LinkControl:
-    """Partition and heal the edge-cloud link by signalling the link emulator process."""
+    """Partition and heal the edge-cloud link through the link emulator's control endpoint
+    (``POST /link/cut``, ``POST /link/restore``), whose answer confirms the change."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path, url: str) -> None:
         self.proc = proc
         self.log_path = log_path
+        self.url = url  # the control endpoint, http://127.0.0.1:<port>
         self.is_cut = False
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def _signal(self, sig: int, marker: str, timeout: float) -> None:
+    def state(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The link's state: ``cut`` and its counters (bytes each way, connections, refused)."""
+        return self._call("GET", "/link", timeout)
+
+    def _call(self, method: str, path: str, timeout: float) -> dict[str, Any]:
         if self.proc.poll() is not None:
             raise StackError(f"the link emulator has exited:\n{log_tail(self.log_path)}")
-        before = _count_lines(self.log_path, marker)
-        self.proc.send_signal(sig)
-        deadline = time.monotonic() + timeout
-        while _count_lines(self.log_path, marker) <= before:
-            if time.monotonic() > deadline:
-                raise StackError(f"the link emulator did not confirm {marker!r}")
-            time.sleep(0.01)
+        req = urllib.request.Request(self.url + path, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:  # loopback
+                return dict(json.load(resp))
+        except (OSError, ValueError) as e:
+            raise StackError(f"the link emulator's {method} {path} failed: {e}") from e
 
     def cut(self, timeout: float = 5.0) -> None:
-        """Close every connection through the link and refuse new ones (SIGUSR1)."""
-        self._signal(signal.SIGUSR1, CUT_MESSAGE, timeout)
+        """Close every connection through the link and refuse new ones."""
+        if not self._call("POST", "/link/cut", timeout)["cut"]:
+            raise StackError("the link emulator did not cut the link")
         self.is_cut = True
 
     def restore(self, timeout: float = 5.0) -> None:
-        """Accept connections again (SIGUSR2); the leaf node redials within about a second."""
-        self._signal(signal.SIGUSR2, RESTORE_MESSAGE, timeout)
+        """Accept connections again; the leaf node redials within about a second."""
+        if self._call("POST", "/link/restore", timeout)["cut"]:
+            raise StackError("the link emulator did not restore the link")
         self.is_cut = False
 
 
@@ -455,6 +459,7 @@ class Stack:
         ports = {p: name for name, server in self.nats.items() for p in server.ports}
         if self.config.link_enabled:
             ports[self.config.link_port] = "netem"
+            ports[self.config.link_control_port] = "netem control"
         ports.update({svc.port: name for name, svc in self.services.items()})
         busy = [f"{p} ({name})" for p, name in ports.items() if port_open(HOST, p, timeout=0.2)]
         if busy:
@@ -481,33 +486,23 @@ class Stack:
         cfg = self.config
         log_path = self.log_path("netem")
         argv = [
-            sys.executable,
-            "-m",
-            "picospec.tools.stack.netem",
-            "--listen",
-            str(cfg.link_port),
-            "--target",
-            f"{HOST}:{cfg.leaf_port}",
-            "--rtt-ms",
-            str(cfg.rtt_ms or 0.0),
-        ]
+            sys.executable, "-m", "picospec.tools.stack.netem", "--listen", str(cfg.link_port),
+            "--target", f"{HOST}:{cfg.leaf_port}", "--rtt-ms", str(cfg.rtt_ms or 0.0),
+            "--control-port", str(cfg.link_control_port),
+        ]  # fmt: skip
         if cfg.bandwidth_mbit is not None:
             argv += ["--bandwidth-mbit", str(cfg.bandwidth_mbit)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        before = _count_lines(log_path, READY_MESSAGE)
         # pinned with the cloud: under emulation the cloud's CPUs mostly wait out padding, and
         # the link's timers must not steal the edge's compute
         self.netem = spawn(argv, log_path, env, self.run_dir, self._side_cpus("cloud"))
-        self.link = LinkControl(self.netem, log_path)
-        deadline = time.monotonic() + 15.0
-        while _count_lines(log_path, READY_MESSAGE) <= before:
-            if self.netem.poll() is not None:
-                raise StackError(
-                    f"netem exited with code {self.netem.returncode}:\n{log_tail(log_path)}"
-                )
-            if time.monotonic() > deadline:
-                raise StackError(f"netem did not start within 15s:\n{log_tail(log_path)}")
-            time.sleep(0.02)
+        url = f"http://{HOST}:{cfg.link_control_port}"
+        self.link = LinkControl(self.netem, log_path, url)
+        ready = functools.partial(http_ready, url + "/link", timeout=0.5)  # once it answers
+        try:
+            wait_until(ready, 15.0, "netem", proc=self.netem, log_path=log_path, interval=0.02)
+        except NotReady as e:
+            raise StackError(str(e)) from None
 
     def _get_service(self, name: str) -> Service:
         try:
@@ -532,8 +527,8 @@ class Stack:
     def wait_ready(self, names: list[str] | None = None, timeout: float = 300.0) -> None:
         """Poll each service's ``/ready`` until 200; fail on exit or timeout with its log."""
         pending = list(self.services if names is None else names)
-        deadline = time.monotonic() + timeout
-        while pending:
+
+        def all_ready() -> bool:
             for name in list(pending):
                 svc = self._get_service(name)
                 if svc.proc is None:
@@ -543,19 +538,21 @@ class Stack:
                         f"{name} exited with code {svc.proc.returncode} before it was ready "
                         f"(log {svc.log_path}):\n{log_tail(svc.log_path)}"
                     )
-                if http_status(f"{svc.url}/ready") == 200:
+                if http_ready(f"{svc.url}/ready"):
                     svc.was_ready = True
                     pending.remove(name)
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                tails = "\n".join(
-                    f"{n} (log {self._get_service(n).log_path}):\n"
-                    f"{log_tail(self._get_service(n).log_path, lines=20)}"
-                    for n in pending
-                )
-                raise StackError(f"not ready after {timeout:.0f}s: {', '.join(pending)}\n{tails}")
-            time.sleep(0.2)
+            return not pending
+
+        try:
+            wait_until(all_ready, timeout, ", ".join(pending), interval=0.2)
+        except NotReady:
+            tails = "\n".join(
+                f"{n} (log {self._get_service(n).log_path}):\n"
+                f"{log_tail(self._get_service(n).log_path, lines=20)}"
+                for n in pending
+            )
+            msg = f"not ready after {timeout:.0f}s: {', '.join(pending)}\n{tails}"
+            raise StackError(msg) from None
 
     def exited(self) -> dict[str, int]:
         """Services and servers that have exited on their own (not via stop/kill): name -> code."""

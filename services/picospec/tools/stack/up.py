@@ -259,6 +259,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-nats-port", type=int, default=None, help="leaf client port")
     p.add_argument("--leaf-port", type=int, default=7422, help="the hub's leafnode port")
     p.add_argument("--link-port", type=int, default=7423, help="the link emulator's port")
+    p.add_argument(
+        "--link-control-port", type=int, default=7424, help="the link emulator's control endpoint"
+    )
     p.add_argument("--monitor-port", type=int, default=8222, help="NATS monitoring (the leaf: +1)")
     p.add_argument("--verifier-port", type=int, default=8101, help="verifier i: this + i - 1")
     p.add_argument("--sampler-port", type=int, default=8201, help="the sampler's HTTP port")
@@ -351,6 +354,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         edge_nats_port=args.edge_nats_port or args.nats_port + 1,
         leaf_port=args.leaf_port,
         link_port=args.link_port,
+        link_control_port=args.link_control_port,
         monitor_port=args.monitor_port,
         edge_monitor_port=args.monitor_port + 1,
         verifier_port=args.verifier_port,

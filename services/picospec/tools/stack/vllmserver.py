@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 from picospec.runtime.vllm_env import VllmUnavailable, model_dir, preload_env, vllm_python
-from picospec.tools.stack.procs import child_preexec, terminate_all
+from picospec.tools.stack.procs import NotReady, http_ready, spawn, terminate_all, wait_until
 
 
 @contextlib.contextmanager
@@ -40,28 +37,16 @@ def serve(
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on a CPU
     if cpus:
         env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(cpus))
-    log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        argv,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-        preexec_fn=child_preexec(cpus),
-    )
+    proc = spawn(argv, log_path or Path(os.devnull), env, Path.cwd(), cpus)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise VllmUnavailable(f"vllm serve exited with code {proc.returncode} ({log_path})")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/models", timeout=2):  # loopback
-                    break
-            if time.monotonic() > deadline:
-                raise VllmUnavailable(f"vllm serve not ready within {ready_timeout:.0f}s")
-            time.sleep(1.0)
+        try:
+            wait_until(
+                lambda: http_ready(f"{url}/models", timeout=2), ready_timeout, "vllm serve",
+                proc=proc, log_path=log_path, interval=1.0,
+            )  # fmt: skip
+        except NotReady as e:
+            raise VllmUnavailable(str(e)) from None
         yield url
     finally:
         terminate_all([proc], timeout=30)
-        log.close()
