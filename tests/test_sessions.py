@@ -328,3 +328,32 @@ def test_a_session_handed_over_to_the_verifier_ends_with_the_target_answer(
     left = n - len(d.generated)
     run(v.ar_stream(left, set()), streamed.append)
     assert d.generated + streamed == want
+
+
+@pytest.mark.parametrize("drafted", [0, 1, 5])
+def test_a_session_handed_over_as_it_opens_ends_with_the_target_answer(
+    target: LanguageModel, draft: LanguageModel, drafted: int
+) -> None:
+    """The open reply says the replica is saturated and speculating does not pay there:
+    speculation stops before any block was sent, with the blocks drafted while the session
+    opened (none, one being drafted, several sealed) still to verify. They are verified, then
+    the lead block hands the session over. The answer is the target's alone."""
+    from picospec.runtime.scheduler import run
+    from picospec.speculation.engine import generate
+
+    n = 24
+    want = generate(target, None, PROMPT, GREEDY, SpecConfig(mode=Mode.AR), n).tokens
+    d, v = _pair(target, draft, SpecConfig(mode=Mode.PICOSPEC, draft_len=2, lookahead=3), n)
+    for _ in range(drafted):  # what the draft model did while the open was on its way
+        run(d.draft(), lambda _b: None)
+    _, held = d.accept_first(v.first_token())
+    d.stop_speculating()
+    for b in held:
+        for verdict in v.submit(b):
+            d.on_verdict(verdict)
+    assert not d.inflight
+    lead = d.hand_over()
+    assert v.submit(lead) == [] and v.led
+    streamed: list[int] = []
+    run(v.ar_stream(n - len(d.generated), set()), streamed.append)
+    assert d.generated + streamed == want

@@ -394,11 +394,21 @@ def test_saturation_has_hysteresis_and_ignores_silent_verifiers() -> None:
     sat.observe(LOAD_LOW - 0.01, 4)
     assert not sat.saturated
     # one session keeps a replica busy with its own work: that is nobody else's share
-    sat.observe(1.0, 1, 1)
+    sat.observe(1.0, 1, 1, now=10.0)
     assert not sat.saturated
-    sat.observe(1.0, 1, 2)
+    sat.observe(1.0, 1, 2, now=10.1)
     assert sat.saturated
-    sat.observe(1.0, 1, 1)
+    # a wave of answers that ended together: the next wave's first session opens alone for
+    # a moment, the others join it on the same busy replica, which stays saturated
+    sat.observe(1.0, 1, 1, now=11.0)
+    sat.observe(1.0, 1, 1, now=11.0 + sat.alone_s / 2)
+    assert sat.saturated
+    sat.observe(1.0, 4, 4, now=11.0 + sat.alone_s * 0.9)
+    assert sat.saturated
+    # down to one session for a while: that user alone again, not saturated
+    sat.observe(1.0, 1, 1, now=20.0)
+    assert sat.saturated
+    sat.observe(1.0, 1, 1, now=20.0 + sat.alone_s)
     assert not sat.saturated
 
 

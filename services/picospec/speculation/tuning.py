@@ -73,6 +73,7 @@ follows.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -275,18 +276,37 @@ def speculation_pays(
 class Saturation:
     """Whether the verifier is saturated, from the load its verdicts report, with hysteresis:
     saturated from ``LOAD_HIGH`` busy, and again not below ``LOAD_LOW``. A replica that holds
-    one session is not: it is busy with that session's own work, which takes nobody's share
-    (one user decoding cloud-only keeps a CPU replica busy all the time)."""
+    one session does not become saturated: it is busy with that session's own work, which
+    takes nobody's share (one user decoding cloud-only keeps a CPU replica busy all the time).
+    A saturated one stays so while it is down to one session for less than ``alone_s``: when
+    a wave of answers ends together, the first of the next wave opens alone for a moment, and
+    the others then open on the same busy replica."""
 
     saturated: bool = False
     load: tuple[float, int, int] | None = None  # (busy, batch, sessions), as last told
+    alone_s: float = 1.0
+    _alone_since: float | None = None  # when the replica was last seen down to one session
 
-    def observe(self, busy: float | None, batch: int | None, sessions: int | None = None) -> None:
+    def observe(
+        self,
+        busy: float | None,
+        batch: int | None,
+        sessions: int | None = None,
+        now: float | None = None,
+    ) -> None:
         if busy is None or batch is None:
             return  # a verifier that does not say
         sessions = sessions if sessions is not None else batch
+        now = time.monotonic() if now is None else now
         self.load = (busy, batch, sessions)
-        if busy < LOAD_LOW or sessions <= 1:
+        if sessions > 1:
+            self._alone_since = None
+        elif self._alone_since is None:
+            self._alone_since = now
+        alone = self._alone_since is not None and (
+            not self.saturated or now - self._alone_since >= self.alone_s
+        )
+        if busy < LOAD_LOW or alone:
             self.saturated = False
         elif busy >= LOAD_HIGH:
             self.saturated = True

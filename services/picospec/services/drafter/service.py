@@ -452,6 +452,7 @@ class Generation(CloudLink):
                     for block in opening.held:
                         await self._publish_block(block)
                     opening.held.clear()
+                    continue  # speculation may have stopped at the open: nothing to wait for
                 if not self._queue.empty():
                     verdict = self._took(self._queue.get_nowait())
                 elif session.can_draft():

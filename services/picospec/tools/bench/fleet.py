@@ -150,7 +150,11 @@ class Level:
             else None,
             "itl_p50_s": _percentile(itl, 50),
             "itl_p99_s": _percentile(itl, 99),
+            "itl_max_s": max(itl) if itl else None,
             "ttft_p50_s": _percentile(ttft, 50),
+            # sessions moved to another replica (or re-opened on the same one): with one
+            # healthy replica any is a stall, a lost message waited out (verify_timeout_s)
+            "migrations": sum(r.stats.get("migrations") or 0 for r in ok),
             "identical_to_ar": None
             if reference is None
             else all(reference.get(r.prompt) == r.text for r in ok) and len(ok) > 0,
@@ -315,6 +319,19 @@ def run_fleet(args: argparse.Namespace, prompts: list[str], progress: Any) -> di
     }
 
 
+_TABLE_COLUMNS = (
+    "α",
+    "users",
+    "ar tok/s",
+    "picospec tok/s",
+    "ratio",
+    "verifier s/token (picospec/ar)",
+    "ITL p50 ar / picospec",
+    "greedy = ar",
+    "migrated",
+)
+
+
 def fleet_table(report: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
@@ -324,8 +341,7 @@ def fleet_table(report: dict[str, Any], console: Any) -> None:
             f"{by_alpha['pace']:.2f} x t_v1 = {by_alpha['t_d_s'] * 1e3:.1f} ms per draft token; "
             f"ITL target {by_alpha['itl_target_s'] * 1e3:.0f} ms"
         )
-        for col in ("α", "users", "ar tok/s", "picospec tok/s", "ratio", "verifier s/token "
-                    "(picospec/ar)", "ITL p50 ar / picospec", "greedy = ar"):  # fmt: skip
+        for col in _TABLE_COLUMNS:
             t.add_column(col)
         for alpha, rows in by_alpha.items():
             if not isinstance(rows, dict) or "users_at_target" not in rows:
@@ -343,6 +359,7 @@ def fleet_table(report: dict[str, Any], console: Any) -> None:
                     f"{p['verifier_s_per_token'] / a['verifier_s_per_token']:.2f}x",
                     f"{a['itl_p50_s'] * 1e3:.0f} / {p['itl_p50_s'] * 1e3:.0f} ms",
                     str(p["identical_to_ar"] and a["identical_to_ar"]),
+                    str(a["migrations"] + p["migrations"]),  # one healthy replica: a stall
                 )
             held = rows["users_at_target"]
             t.add_row(
@@ -352,6 +369,7 @@ def fleet_table(report: dict[str, Any], console: Any) -> None:
                 f"{held['picospec']:.1f} users",
                 f"{rows['capacity_gain']:.2f}x" if rows["capacity_gain"] else "-",
                 f"bound {rows['bound']:.2f}x" if rows["bound"] else "-",
+                "",
                 "",
                 "",
             )
