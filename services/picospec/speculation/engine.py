@@ -188,15 +188,9 @@ def _cloud_led(
         run = hints.on_token(prompt + tokens, len(prompt), hinted)
         if run:
             block = DraftBlock(
-                session=verifier.session,
-                epoch=0,
-                seq=0,
-                pos=len(prompt) + len(tokens),
-                prefix=(),
-                tokens=tuple(run),
-                q=(1.0,) * len(run),
-                vocab_size=vocab,
-            )
+                session=verifier.session, epoch=0, seq=0, pos=len(prompt) + len(tokens),
+                prefix=(), tokens=tuple(run), q=(1.0,) * len(run), vocab_size=vocab,
+            )  # fmt: skip
             verifier.hint = wire.carry(block, "up")
 
     reason = "length"
@@ -207,15 +201,9 @@ def _cloud_led(
     if tokens and tokens[-1] in verifier.model.eos_ids:
         reason = "stop"
     return Result(
-        spec.mode,
-        len(prompt),
-        tokens,
-        reason,
-        time.perf_counter() - t0,
-        wire,
-        speculation=stats,
-        verifier_forwards=verifier.stats.forwards,
-    )
+        spec.mode, len(prompt), tokens, reason, time.perf_counter() - t0, wire,
+        speculation=stats, verifier_forwards=verifier.stats.forwards,
+    )  # fmt: skip
 
 
 class _Stopped(Exception):
