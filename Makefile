@@ -44,10 +44,13 @@ bench-overhead: setup
 	$(BIN)/picospec bench --overhead --json > docs/results/bench-overhead.json
 
 # Edge users per verifier replica: one replica against EMULATED EDGES (a paced replay of the
-# target's answers at acceptance α), picospec against cloud-only decoding (about 10 minutes).
+# target's answers at acceptance α), picospec against cloud-only decoding (about 10 minutes);
+# FLEET_BACKEND=vllm after `make vllm-setup`. The plot shows every backend measured so far.
 FLEET_ARGS ?= --fleet 1,4,16,64 --acceptance 0.6,0.9 --repeat 2
+FLEET_BACKEND ?= transformers
 bench-fleet: setup
-	$(BIN)/picospec bench $(FLEET_ARGS) --json --plot-dir docs/results > docs/results/bench-fleet-transformers.json
+	$(BIN)/picospec bench $(FLEET_ARGS) --verifier-backend $(FLEET_BACKEND) --json > docs/results/bench-fleet-$(FLEET_BACKEND).json
+	$(BIN)/python -c 'from pathlib import Path; from picospec.tools.bench.fleet import plot_folder; print(plot_folder(Path("docs/results")))'
 
 # Every role in one process, no NATS: the quickest look at the algorithm.
 generate: setup

@@ -209,8 +209,8 @@ def test_netem_command_line_and_its_control_endpoint() -> None:
     restores the link, each answer the state after the change, and refuses what it does not
     serve; SIGTERM exits 0 (run here as ``python -m picospec.tools.stack.netem``)."""
 
-    def call(url: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(url, method=method)
+    def call(url: str, method: str = "GET", data: bytes | None = None) -> tuple[int, Any]:
+        req = urllib.request.Request(url, method=method, data=data)
         try:
             with urllib.request.urlopen(req, timeout=5) as r:
                 return r.status, json.load(r)
@@ -254,8 +254,8 @@ def test_netem_command_line_and_its_control_endpoint() -> None:
             # what it does not serve: a clear JSON error, and the link unchanged
             assert (await asyncio.to_thread(call, ctl + "/link/cut"))[0] == 405
             assert (await asyncio.to_thread(call, ctl + "/link", "POST"))[0] == 405
-            status, body = await asyncio.to_thread(call, ctl + "/nope", "POST")
-            assert status == 404 and "POST /link/cut" in body["error"]
+            status, body = await asyncio.to_thread(call, ctl + "/nope", "POST", b"{}" * 4096)
+            assert status == 404 and "POST /link/cut" in body["error"]  # its body read first
             assert (await asyncio.to_thread(call, ctl + "/link"))[1]["cut"] is False
             proc.send_signal(signal.SIGTERM)
             rest = await asyncio.wait_for(proc.stdout.read(), 10)

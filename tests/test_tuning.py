@@ -10,6 +10,7 @@ import pytest
 
 from picospec.speculation import tuning
 from picospec.speculation.tuning import (
+    LOAD_FRESH_S,
     LOAD_HIGH,
     LOAD_LOW,
     OPEN_MARGIN,
@@ -278,26 +279,43 @@ def test_load_meter_is_the_busy_fraction_of_the_last_window() -> None:
     assert m.load(5.0) == (0.0, 0)
     m.observe(10.0, 0.3, 4)
     m.observe(10.5, 0.2, 2)
-    assert m.load(10.5) == pytest.approx((0.5, 3))
+    # busy 0.5 s of the 0.8 s since the window's first forward (the idle before it is the
+    # time before the load came)
+    assert m.load(10.5) == pytest.approx((0.5 / 0.8, 3))
     # overlapping forwards (vLLM's concurrent requests) count once; a long one is clipped to
     # the window
     m.observe(10.6, 0.5, 1)
-    assert m.load(10.6)[0] == pytest.approx(0.3 + 0.5)
+    assert m.load(10.6)[0] == pytest.approx((0.3 + 0.5) / 0.9)
     assert m.load(12.0) == (0.0, 0)  # everything left the window
 
 
 def test_load_meter_reads_a_wave_on_an_idle_replica_from_its_first_forward() -> None:
     m = LoadMeter(window_s=1.0, lead_s=0.25)
-    m.observe(20.03, 0.03, 4)  # a replica idle for long, then one forward
-    assert m.load(20.03)[0] == pytest.approx(0.03 / 0.25)  # no saturation from one forward
-    for i in range(2, 11):  # then continuous work: busy all the time since the load came
-        m.observe(20.0 + 0.03 * i, 0.03, 4)
-    assert m.load(20.3)[0] == pytest.approx(1.0)
-    # a steady load whose gaps are shorter than lead_s reads over the whole window
+    m.observe(20.3, 0.3, 4)  # a replica idle for long, then one long forward (a prefill)
+    assert m.load(20.3)[0] == pytest.approx(0.3)  # one forward is not a load
     m = LoadMeter(window_s=1.0, lead_s=0.25)
-    for i in range(10):
-        m.observe(40.1 + 0.1 * i, 0.05, 2)
-    assert m.load(41.0)[0] == pytest.approx(0.5)
+    readings = []
+    for i in range(1, 61):  # continuous work from 20.0 on, read after every forward
+        m.observe(20.0 + 0.03 * i, 0.03, 4)
+        readings.append(m.load(20.0 + 0.03 * i)[0])
+    assert readings[1] == pytest.approx(0.06 / 0.25)  # two forwards: over at least lead_s
+    assert all(r == pytest.approx(1.0) for r in readings[8:])  # from 0.25 s on: saturated
+    assert readings == sorted(readings)  # rises with the load and never steps back down
+    # a steady load whose gaps are short reads within one gap of the whole window's fraction
+    m = LoadMeter(window_s=1.0, lead_s=0.25)
+    for i in range(30):
+        m.observe(40.092 + 0.1 * i, 0.092, 2)
+    assert 0.92 - 1e-9 <= m.load(42.992)[0] <= 0.92 / 0.9
+    with pytest.raises(ValueError, match="lead_s"):
+        LoadMeter(window_s=1.0, lead_s=0.0)
+
+
+def test_a_load_told_long_ago_decides_nothing() -> None:
+    sat = Saturation()
+    assert not sat.fresh(now=5.0)
+    sat.observe(1.0, 4, 4, now=10.0)
+    assert sat.saturated and sat.fresh(now=10.0 + LOAD_FRESH_S)
+    assert not sat.fresh(now=10.0 + LOAD_FRESH_S + 0.01)
 
 
 def simulate_capacity(inp: Inputs, gamma: int, batch: int, blocks: int = 200_000) -> float:

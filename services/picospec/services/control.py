@@ -39,7 +39,12 @@ class OpenSession(_Strict):
     )
 
 
-class OpenReply(_Strict):
+class OpenReply(BaseModel):
+    """Verifier -> drafter. Fields a newer verifier adds are ignored, so that a drafter on an
+    edge device keeps working while the cloud is upgraded first."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
     verifier: str
     session: str
     first_token: int | None = Field(

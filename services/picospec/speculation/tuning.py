@@ -98,6 +98,7 @@ DEFAULT_GAMMA = 4
 HAZARD_POSITIONS = 8  # per-position acceptance estimates: 0..6 since a rejection, and 7+
 LOAD_HIGH = 0.9  # a verifier busy this much of the time is saturated: draft for its capacity
 LOAD_LOW = 0.7  # below this again: draft for the session's own speed
+LOAD_FRESH_S = 2.0  # a load told longer ago than this does not decide a new session's path
 # a session hands itself over to cloud-only decoding for its own speed only where that is
 # predicted this much faster than its best draft length: its estimates after a few rounds are
 # noisy (at 0.6 on the embedded runtime, where speculation is ~1.1x, a 5% margin handed over
@@ -285,7 +286,15 @@ class Saturation:
     saturated: bool = False
     load: tuple[float, int, int] | None = None  # (busy, batch, sessions), as last told
     alone_s: float = 1.0
+    seen: float | None = None  # when the load was last told (time.monotonic())
     _alone_since: float | None = None  # when the replica was last seen down to one session
+
+    def fresh(self, now: float | None = None) -> bool:
+        """Whether the load was told recently enough to decide on (within a load window and
+        the hold): a drafter whose sessions have all ended keeps the last load it was told,
+        which says nothing of the replica minutes later."""
+        now = time.monotonic() if now is None else now
+        return self.seen is not None and now - self.seen <= LOAD_FRESH_S
 
     def observe(
         self,
@@ -298,7 +307,7 @@ class Saturation:
             return  # a verifier that does not say
         sessions = sessions if sessions is not None else batch
         now = time.monotonic() if now is None else now
-        self.load = (busy, batch, sessions)
+        self.load, self.seen = (busy, batch, sessions), now
         if sessions > 1:
             self._alone_since = None
         elif self._alone_since is None:
@@ -584,14 +593,23 @@ class LoadMeter:
     engine was running forwards (overlapping forwards counted once), and the sessions per
     forward. What every verdict tells its drafter (``Verdict.busy``, ``Verdict.batch``).
 
-    An idle stretch of at least ``lead_s`` at the window's start is the time before the load
-    came, not part of it: the fraction is then taken from the first forward on (over at least
-    ``lead_s``). So a wave of sessions that meets an idle replica sees it saturated after a
-    quarter of a second of continuous work, not after a whole window; a steady load, whose
-    gaps are shorter, reads the same either way."""
+    The idle time at the window's start, before its first forward, is the time before the load
+    came, not part of it: with two forwards or more in the window, the fraction is taken from
+    the first one on (over at least ``lead_s``). So a wave of sessions that meets an idle
+    replica reads as saturated after a quarter of a second of continuous work, not after a
+    whole window, and the reading rises with the load instead of stepping; a steady load reads
+    within one of its gaps of the whole window's fraction; a single forward, however long (a
+    long prompt's prefill), is not a load."""
 
     window_s: float = 1.0
     lead_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lead_s <= self.window_s:
+            raise ValueError(
+                f"LoadMeter: 0 < lead_s <= window_s, got {self.lead_s}, {self.window_s}"
+            )
+
     _forwards: deque[tuple[float, float, int]] = field(default_factory=deque)  # end, s, sessions
 
     def observe(self, end: float, seconds: float, sessions: int) -> None:
@@ -613,7 +631,7 @@ class LoadMeter:
                 busy += end - max(begin, covered)
                 covered = end
         span = self.window_s
-        if spans and spans[0][0] - start >= self.lead_s:  # the load came within the window
+        if len(spans) > 1 and spans[0][0] > start:  # the load came within the window
             span = max(self.lead_s, now - spans[0][0])
         n = len(self._forwards)
         batch = round(sum(f[2] for f in self._forwards) / n) if n else 0

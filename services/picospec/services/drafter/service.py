@@ -222,7 +222,9 @@ class Generation(CloudLink):
 
     def _speculation_off(self) -> bool:
         """Whether this session should not speculate at all: an adaptive picospec session
-        while the verifiers' verdicts say they are saturated and no draft length, at the
+        while the verifiers' verdicts or open replies of the last seconds say they are
+        saturated (:meth:`~picospec.speculation.tuning.Saturation.fresh`) and no draft length,
+        at the
         acceptance this site's sessions saw, costs them at least 5% less per token than
         cloud-only decoding (:func:`~picospec.speculation.tuning.speculation_pays`). It then runs
         cloud-led without drafts, as ``ar`` does; sessions opened once the load falls below
@@ -232,7 +234,7 @@ class Generation(CloudLink):
             return False
         if self._reproducible:
             return False
-        if not sat.saturated or sat.load is None:
+        if not sat.saturated or sat.load is None or not sat.fresh():
             return False
         inp = DraftLenController(prior=self.svc.site(self.site_key)).inputs()
         _, batch, sessions = sat.load

@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import statistics
 from pathlib import Path
@@ -419,3 +420,14 @@ def fleet_plot(report: dict[str, Any], out_dir: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_folder(folder: Path) -> Path:
+    """The fleet plot of every backend measured in ``folder`` (its ``bench-fleet-*.json``, as
+    ``make bench-fleet`` writes them), beside them."""
+    merged: dict[str, Any] = {}
+    for path in sorted(folder.glob("bench-fleet-*.json")):
+        merged.update(json.loads(path.read_text())["fleet"])
+    if not merged:
+        raise SystemExit(f"no bench-fleet-*.json in {folder}")
+    return fleet_plot({"fleet": merged}, folder)

@@ -481,7 +481,8 @@ class NatsServer:
         except NotReady as e:
             if e.returncode is None:  # still running, not accepting: do not leave it behind
                 self.stop()
-            raise NatsServerError(str(e)) from None
+            where = f"config {self.conf_path}, client port {self.host}:{self.port}"
+            raise NatsServerError(f"{e}\n({where})") from None
         return self
 
     def _accepting(self) -> bool:

@@ -310,6 +310,29 @@ class LinkEmulator:
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
 
 
+MAX_CONTROL_BODY = 65536
+# a client that went away, never sent a whole request, or sent a bad length: nothing to answer
+_CLIENT_ERRORS = (
+    OSError,
+    ValueError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    TimeoutError,
+)
+
+
+def _content_length(headers: list[str]) -> int:
+    """A request's Content-Length (0 without one); ValueError past ``MAX_CONTROL_BODY``."""
+    for line in headers:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            n = int(value.strip())
+            if not 0 <= n <= MAX_CONTROL_BODY:
+                raise ValueError(f"Content-Length {n}")
+            return n
+    return 0
+
+
 class ControlServer:
     """The link's HTTP control endpoint (loopback): ``GET /link`` the state, ``POST /link/cut``
     and ``POST /link/restore``. Every answer is JSON; a change answers the state after it, so
@@ -355,7 +378,11 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            lines = head.decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ")
+            length = _content_length(lines[1:])
+            if length:  # a body nobody asked for: read it, so the answer is not reset
+                await asyncio.wait_for(reader.readexactly(length), 5.0)
             if len(parts) == 3 and parts[2].startswith("HTTP/"):
                 status, body = self.handle(parts[0], parts[1].split("?", 1)[0])
             else:
@@ -364,11 +391,11 @@ class ControlServer:
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-                + payload
+                + (b"" if parts[0] == "HEAD" else payload)
             )
             await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            pass  # a client that went away or never sent a request: nothing to answer
+        except _CLIENT_ERRORS:
+            pass
         finally:
             writer.close()
 

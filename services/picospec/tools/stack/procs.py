@@ -143,6 +143,8 @@ def wait_until(
         if got:
             return got
         if time.monotonic() > deadline:
+            if proc is not None and proc.poll() is not None:  # it exited in the last interval
+                continue  # said as an exit, above
             last = "" if got is None or got is False else f" (last: {got!r})"
             raise NotReady(
                 f"timed out after {timeout:g}s waiting for {what}{last}{_log_note(log_path)}"

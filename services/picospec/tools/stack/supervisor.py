@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import http.client
 import json
 import os
 import secrets
@@ -126,7 +127,7 @@ class LinkControl:
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # loopback
                 return dict(json.load(resp))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, http.client.HTTPException) as e:
             raise StackError(f"the link emulator's {method} {path} failed: {e}") from e
 
     def cut(self, timeout: float = 5.0) -> None:
