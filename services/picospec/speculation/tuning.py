@@ -603,14 +603,13 @@ class LoadMeter:
 
     window_s: float = 1.0
     lead_s: float = 0.25
+    _forwards: deque[tuple[float, float, int]] = field(default_factory=deque)  # end, s, sessions
 
     def __post_init__(self) -> None:
         if not 0 < self.lead_s <= self.window_s:
             raise ValueError(
                 f"LoadMeter: 0 < lead_s <= window_s, got {self.lead_s}, {self.window_s}"
             )
-
-    _forwards: deque[tuple[float, float, int]] = field(default_factory=deque)  # end, s, sessions
 
     def observe(self, end: float, seconds: float, sessions: int) -> None:
         self._forwards.append((end, seconds, sessions))

@@ -35,11 +35,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
 
 MAX_CHUNK = 65536
 MAX_IN_FLIGHT = 8 * 1024 * 1024  # bytes read but not yet delivered, per connection and direction
@@ -307,97 +309,57 @@ class LinkEmulator:
 
 # -- control endpoint --------------------------------------------------------------------------
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-
-
-MAX_CONTROL_BODY = 65536
-# a client that went away, never sent a whole request, or sent a bad length: nothing to answer
-_CLIENT_ERRORS = (
-    OSError,
-    ValueError,
-    asyncio.IncompleteReadError,
-    asyncio.LimitOverrunError,
-    TimeoutError,
-)
-
-
-def _content_length(headers: list[str]) -> int:
-    """A request's Content-Length (0 without one); ValueError past ``MAX_CONTROL_BODY``."""
-    for line in headers:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
-            n = int(value.strip())
-            if not 0 <= n <= MAX_CONTROL_BODY:
-                raise ValueError(f"Content-Length {n}")
-            return n
-    return 0
-
 
 class ControlServer:
-    """The link's HTTP control endpoint (loopback): ``GET /link`` the state, ``POST /link/cut``
-    and ``POST /link/restore``. Every answer is JSON; a change answers the state after it, so
-    the caller needs no other confirmation. ``say`` reports each change (the process's log)."""
+    """The link's HTTP control endpoint (loopback, aiohttp): ``GET /link`` the state,
+    ``POST /link/cut`` and ``POST /link/restore``. Every answer is JSON, errors included; a
+    change answers the state after it, so the caller needs no other confirmation. ``say``
+    reports each change (the process's log)."""
 
     def __init__(self, emu: LinkEmulator, say: Callable[[str], None] = lambda _m: None) -> None:
         self.emu = emu
         self.say = say
         self.port = 0
-        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> ControlServer:
-        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        app = web.Application(middlewares=[_json_errors])
+        app.router.add_get("/link", self._state)
+        app.router.add_post("/link/cut", self._change(self.emu.cut_nowait, CUT_MESSAGE))
+        app.router.add_post("/link/restore", self._change(self.emu.restore_nowait, RESTORE_MESSAGE))
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        self.port = int(self._runner.addresses[0][1])
         return self
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            self._server = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
-    def handle(self, method: str, path: str) -> tuple[int, dict[str, object]]:
-        """The status and JSON body for one request."""
-        actions = {
-            "/link/cut": (self.emu.cut_nowait, CUT_MESSAGE),
-            "/link/restore": (self.emu.restore_nowait, RESTORE_MESSAGE),
-        }
-        if path == "/link":
-            if method != "GET":
-                return 405, {"error": f"{method} {path}: use GET"}
-            return 200, dict(self.emu.state())
-        if path in actions:
-            if method != "POST":
-                return 405, {"error": f"{method} {path}: use POST"}
-            act, message = actions[path]
+    async def _state(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.emu.state())
+
+    def _change(self, act: Callable[[], None], message: str) -> Any:
+        async def handler(_request: web.Request) -> web.Response:
             act()
             self.say(message)
-            return 200, dict(self.emu.state())
-        return 404, {"error": f"no {path}: GET /link, POST /link/cut, POST /link/restore"}
+            return web.json_response(self.emu.state())
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-            lines = head.decode("latin-1").split("\r\n")
-            parts = lines[0].split(" ")
-            length = _content_length(lines[1:])
-            if length:  # a body nobody asked for: read it, so the answer is not reset
-                await asyncio.wait_for(reader.readexactly(length), 5.0)
-            if len(parts) == 3 and parts[2].startswith("HTTP/"):
-                status, body = self.handle(parts[0], parts[1].split("?", 1)[0])
-            else:
-                status, body = 400, {"error": "not an HTTP request line"}
-            payload = json.dumps(body).encode()
-            writer.write(
-                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-                + (b"" if parts[0] == "HEAD" else payload)
-            )
-            await writer.drain()
-        except _CLIENT_ERRORS:
-            pass
-        finally:
-            writer.close()
+        return handler
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """What the endpoint does not serve (404, 405) answered as JSON, naming what it serves."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        served = "GET /link, POST /link/cut, POST /link/restore"
+        body = {"error": f"{request.method} {request.path}: {e.reason}; this serves {served}"}
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        return web.json_response(body, status=e.status, headers=allow)
 
 
 # -- command line ------------------------------------------------------------------------------

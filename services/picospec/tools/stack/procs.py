@@ -165,17 +165,21 @@ def tcp_ready(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def http_ready(url: str, expect: int = 200, timeout: float = 1.0) -> bool:
-    """Whether a GET of ``url`` answers with status ``expect``; False when nothing answers (or
-    the answer is not HTTP)."""
+def http_status(url: str, timeout: float = 1.0) -> int | None:
+    """The HTTP status of a GET of ``url``; None when nothing answers (or not in HTTP)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback
-            return int(resp.status) == expect
+            return int(resp.status)
     except urllib.error.HTTPError as e:
         e.close()
-        return int(e.code) == expect
+        return int(e.code)
     except (OSError, ValueError, http.client.HTTPException):
-        return False
+        return None
+
+
+def http_ready(url: str, expect: int = 200, timeout: float = 1.0) -> bool:
+    """Whether a GET of ``url`` answers with status ``expect``."""
+    return http_status(url, timeout) == expect
 
 
 def log_has(path: str | os.PathLike[str], text: str) -> bool:

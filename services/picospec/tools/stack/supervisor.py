@@ -91,17 +91,6 @@ def _has_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def http_status(url: str, timeout: float = 1.0) -> int | None:
-    """The HTTP status of a GET, or None if nothing answered."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback
-            return int(resp.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
-    except (OSError, ValueError):
-        return None
-
-
 class LinkControl:
     """Partition and heal the edge-cloud link through the link emulator's control endpoint
     (``POST /link/cut``, ``POST /link/restore``), whose answer confirms the change."""

@@ -56,6 +56,7 @@ from picospec.tools.stack.natsserver import (
     NatsServerError,
 )
 from picospec.tools.stack.procs import (
+    http_status,
     log_tail,
     parse_cpus,
 )
@@ -65,7 +66,7 @@ from picospec.tools.stack.prometheus import (
     default_rule_files,
     stack_targets,
 )
-from picospec.tools.stack.supervisor import LinkControl, Stack, http_status
+from picospec.tools.stack.supervisor import LinkControl, Stack
 
 __all__ = [
     "LinkControl",
